@@ -1,0 +1,116 @@
+"""Shared fixtures: datasets built once per session with data/prepare_data.py, a tiny model config,
+and helpers to run train_gpt.py in-process (CPU runtime) or as a subprocess."""
+
+import json
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train_gpt as tg  # noqa: E402
+
+PY = sys.executable
+CORPUS = REPO / "data" / "corpus" / "docs_selected.jsonl.xz"
+
+# A model small enough for a 2-core CPU that still exercises every component.
+TINY = dict(NUM_LAYERS=3, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=64,
+            TRAIN_BATCH_TOKENS=4096, ITERATIONS=6, WARMUP_STEPS=1, WARMDOWN_ITERS=3, MAX_WALLCLOCK_SECONDS=0,
+            VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=1, VAL_MAX_TOKENS=4096, VAL_BATCH_SIZE=1024, VE_LAYERS="1,2",
+            VE_DIM=16, XSA_LAST_N=2, BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, ROPE_DIMS=8, EVAL_STRIDE=32,
+            TTT_CHUNK_TOKENS=1024, TTT_EPOCHS=1, EMA_DECAY=0.9, LATE_QAT_THRESHOLD=0.5, SEED=1337)
+
+
+def run_prepare(out: Path, *args: str) -> None:
+    proc = subprocess.run([PY, str(REPO / "data" / "prepare_data.py"), "--out-dir", str(out), *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def embedded_data(tmp_path_factory):
+    """The embedded default corpus, built exactly as the README's main job builds it (sp1024)."""
+    out = tmp_path_factory.mktemp("embedded")
+    run_prepare(out)
+    return dict(DATA_PATH=str(out / "datasets" / "pdmix_sp1024"),
+                TOKENIZER_PATH=str(out / "tokenizers" / "pdmix_1024_bpe.model"), VOCAB_SIZE="1024")
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """600 docs of the embedded corpus (100 val), a 512-piece tokenizer, several train shards."""
+    out = tmp_path_factory.mktemp("small")
+    with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(600)]
+    docs = out / "docs.jsonl"
+    docs.write_text("".join(lines), encoding="utf-8")
+    run_prepare(out, "--docs", str(docs), "--val-docs", "100", "--vocab-size", "512", "--shard-tokens", "150000",
+                "--name", "small")
+    return dict(DATA_PATH=str(out / "datasets" / "small_sp512"),
+                TOKENIZER_PATH=str(out / "tokenizers" / "small_512_bpe.model"), VOCAB_SIZE="512")
+
+
+def make_env(data: dict, **over) -> dict:
+    env = {k: str(v) for k, v in {**TINY, **data}.items()}
+    env.update({k: str(v) for k, v in over.items()})
+    return env
+
+
+def hparams(data: dict, **over) -> tg.Hyperparameters:
+    return tg.Hyperparameters.from_env(make_env(data, **over))
+
+
+def cpu_runtime(rank: int = 0, world: int = 1) -> tg.Runtime:
+    return tg.Runtime(rank, world, 0, torch.device("cpu"), False)
+
+
+SILENT = tg.Log(None)
+
+
+def run_script(env: dict, cwd: Path, script: Path = REPO / "train_gpt.py", nproc: int = 0, timeout: int = 300):
+    """Run train_gpt.py in a clean environment (only PATH/HOME plus `env`), optionally under torchrun."""
+    full = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    full.update(env, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+                PYTHONUNBUFFERED="1")
+    cmd = ([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+           if nproc else [PY, str(script)])
+    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def log_lines(cwd: Path, run_id: str, prefix: str) -> list[str]:
+    return [l for l in (cwd / "logs" / f"{run_id}.txt").read_text().splitlines() if l.startswith(prefix)]
+
+
+def summary(cwd: Path, run_id: str) -> dict:
+    return json.loads((cwd / "logs" / f"{run_id}.json").read_text())
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_entry(rank, world, port, fn, args, out_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def run_distributed(fn, world: int, tmp_path: Path, *args):
+    """Run fn(rank, world, *args) in `world` gloo processes; return each rank's result."""
+    import torch.multiprocessing as mp
+    mp.spawn(_spawn_entry, args=(world, _free_port(), fn, args, str(tmp_path)), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"{r}.pt") for r in range(world)]

@@ -1,0 +1,131 @@
+"""The script as users run it: python3 and torchrun, logs, artifact accounting, eval-only, packing."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PY, REPO, log_lines, make_env, run_script, summary, tg
+
+sys.path.insert(0, str(REPO / "tools"))
+from pack_script import unpack  # noqa: E402
+
+
+def finals(text: str) -> dict:
+    return dict(re.findall(r"^(\S+_exact) (val_loss:\S+ val_bpb:\S+)", text, re.M))
+
+
+def losses(text: str) -> list[float]:
+    return [float(v) for v in re.findall(r"^step:\d+/\d+ train_loss:(\S+)", text, re.M)]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, small_data):
+    cwd = tmp_path_factory.mktemp("smoke")
+    env = make_env(small_data, RUN_ID="smoke", ARTIFACT_PATH=cwd / "model.ptz", VAL_LOSS_EVERY=4)
+    proc = run_script(env, cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return cwd, env, proc.stdout
+
+
+def test_smoke_run_logs_the_official_lines(smoke):
+    cwd, _, out = smoke
+    log = (cwd / "logs" / "smoke.txt").read_text()
+    assert log.startswith('"""\nParameter Golf')  # the log opens with the full source
+    for line in ("model_params:", "world_size:1 grad_accum_steps:8", "step:0/6 val_loss:", "step:4/6 val_loss:", "step:6/6 val_loss:",
+                 "late_qat:enabled",
+                 "weights:applying ema", "DIAGNOSTIC post_ema", "final_int6_roundtrip val_loss:",
+                 "final_int6_sliding_window val_loss:", "legal_ttt val_loss:", "final_int8_zlib_roundtrip_exact",
+                 "compliance:ttt_legal PASS", "compliance:train_val_disjoint PASS", "compliance:eval_time PASS"):
+        assert line in out and line in log, line
+    assert "compliance:full_val FAIL" in out  # VAL_MAX_TOKENS scores a prefix: flagged as not a record
+    assert len(finals(out)) == 4 and len(losses(out)) == 6
+    s = summary(cwd, "smoke")
+    assert s["final"]["stage"] == "ttt" and s["train"]["steps"] == 6 and s["seed"] == 1337
+    assert set(s["eval"]["results"]) == {"roundtrip", "sliding", "ttt"}
+
+
+def test_budget_accounting_equals_bytes_on_disk(smoke):
+    cwd, env, out = smoke
+    model = int(re.search(r"^Serialized model int6\+zstd: (\d+) bytes", out, re.M).group(1))
+    code = int(re.search(r"^Code size: (\d+) bytes", out, re.M).group(1))
+    total = int(re.search(r"^Total submission size int6\+zstd: (\d+) bytes", out, re.M).group(1))
+    packed = int(re.search(r"^Code size packed: (\d+) bytes", out, re.M).group(1))
+    assert model == os.path.getsize(env["ARTIFACT_PATH"]) and code == len((REPO / "train_gpt.py").read_bytes())
+    assert total == model + code and packed == len(tg.packed_code((REPO / "train_gpt.py").read_text()).encode())
+    assert summary(cwd, "smoke")["bytes"]["total"] == total
+
+
+def test_same_seed_same_run(smoke, tmp_path):
+    _, env, out = smoke
+    proc = run_script({**env, "RUN_ID": "again", "ARTIFACT_PATH": str(tmp_path / "m.ptz")}, tmp_path)
+    assert losses(proc.stdout) == losses(out) and finals(proc.stdout) == finals(out)
+
+
+def test_torchrun_two_processes_match_one(smoke, tmp_path):
+    _, env, out = smoke
+    proc = run_script({**env, "RUN_ID": "two", "ARTIFACT_PATH": str(tmp_path / "m.ptz")}, tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size:2 grad_accum_steps:4" in proc.stdout
+    assert losses(proc.stdout) == pytest.approx(losses(out), abs=2e-4)
+    for key, value in finals(out).items():
+        bpb = float(value.split("val_bpb:")[1])
+        assert float(finals(proc.stdout)[key].split("val_bpb:")[1]) == pytest.approx(bpb, abs=2e-3), key
+
+
+def test_eval_only_reproduces_the_score_from_the_artifact(smoke, tmp_path):
+    _, env, out = smoke
+    proc = run_script({**env, "RUN_ID": "verify", "EVAL_ONLY_ARTIFACT": env["ARTIFACT_PATH"], "NUM_LAYERS": "9"},
+                      tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval_only:" in proc.stdout and "step:" not in proc.stdout  # architecture from the artifact
+    assert finals(proc.stdout) == finals(out)
+    assert "compliance:train_time SKIP" in proc.stdout
+
+
+def test_eval_only_refuses_a_broken_artifact(smoke, tmp_path):
+    _, env, _ = smoke
+    broken = tmp_path / "cut.ptz"
+    broken.write_bytes(open(env["ARTIFACT_PATH"], "rb").read()[:-10])
+    proc = run_script({**env, "EVAL_ONLY_ARTIFACT": str(broken)}, tmp_path)
+    assert proc.returncode != 0 and "cut.ptz: sha256 mismatch" in proc.stderr
+
+
+def test_packed_script_behaves_identically(smoke, tmp_path):
+    _, env, out = smoke
+    packed = tmp_path / "train_gpt.py"
+    subprocess.run([PY, str(REPO / "tools" / "pack_script.py"), "--output", str(packed)], check=True,
+                   capture_output=True)
+    assert unpack(packed.read_text()) == (REPO / "train_gpt.py").read_text()
+    proc = run_script({**env, "RUN_ID": "packed", "ARTIFACT_PATH": str(tmp_path / "m.ptz")}, tmp_path, script=packed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(proc.stdout) == losses(out) and finals(proc.stdout) == finals(out)
+    assert f"Code size: {packed.stat().st_size} bytes" in proc.stdout  # it pays its own, packed, size
+
+
+def test_full_gptq_reads_training_data_only_inside_the_cap(small_data, tmp_path):
+    env = make_env(small_data, RUN_ID="gptq", ARTIFACT_PATH=tmp_path / "m.ptz", QUANT_METHOD="full", ITERATIONS=10000,
+                   MAX_WALLCLOCK_SECONDS=12, GPTQ_RESERVE_SECONDS=4, GPTQ_CALIB_BATCHES=4, TTT_ENABLED=0,
+                   EVAL_SLIDING=0, WARMDOWN_ITERS=20)
+    proc = run_script(env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stop = float(re.search(r"stopping_early: wallclock_cap train_time:(\d+)ms", proc.stdout).group(1))
+    last_read = float(re.search(r"last training-data read at train_time:(\d+)ms", proc.stdout).group(1))
+    # training stops near cap - reserve (8 s; one slow CPU step may pass it) and calibrates inside the cap
+    assert 6000 < stop < last_read <= 12000
+    assert "gptq:calibrated 19 matrices" in proc.stdout and "compliance:train_time PASS" in proc.stdout
+    assert summary(tmp_path, "gptq")["train"]["train_ms"] == pytest.approx(last_read, abs=1)
+
+
+def test_over_budget_fails_loudly_or_fits(small_data, tmp_path):
+    # MODEL_DIM=192 gives int6/int8 tensors (the tiny config keeps everything fp16): ~987 KB in total
+    base = make_env(small_data, TTT_ENABLED=0, EVAL_SLIDING=0, MODEL_DIM=192, BYTE_BUDGET=900000)
+    proc = run_script({**base, "RUN_ID": "over", "ARTIFACT_PATH": str(tmp_path / "a.ptz")}, tmp_path)
+    assert proc.returncode == 0 and "budget:FAIL" in proc.stdout and "OVER THE CAP" in proc.stdout
+    proc = run_script({**base, "RUN_ID": "fit", "AUTO_FIT": "1", "ARTIFACT_PATH": str(tmp_path / "b.ptz")}, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "budget:PASS" in proc.stdout and re.search(r"auto_fit: pruned \d+ int values, roundtrip val_bpb", proc.stdout)
+    total = int(re.search(r"^Total submission size int6\+zstd: (\d+) bytes", proc.stdout, re.M).group(1))
+    assert total <= 900000

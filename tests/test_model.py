@@ -1,0 +1,117 @@
+"""The model: causality with every component on, document boundaries, recurrence schedules, counts."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tg
+
+# every component on: BigramHash, SmearGate, XSA, VE, partial RoPE, recurrence (shared + looped), lanes
+FULL = dict(VOCAB_SIZE=128, NUM_LAYERS=4, UNIQUE_LAYERS=3, LOOP_START=1, LOOP_END=2, LOOP_REPEATS=2,
+            LOOP_ENABLE_AT="0.3,0.6", MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=32,
+            TRAIN_BATCH_TOKENS=256, BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8, VE_LAYERS="2,5", VE_DIM=8, XSA_LAST_N=3,
+            ROPE_DIMS=4, PARALLEL_START=5, TTT_CHUNK_TOKENS=64, EVAL_STRIDE=16)
+
+
+def full_model(**over) -> tg.GPT:
+    torch.manual_seed(0)
+    model = tg.GPT(tg.Hyperparameters.from_env({k: str(v) for k, v in {**FULL, **over}.items()}))
+    with torch.no_grad():  # leave no component at an identity init (zero projections, zero tables)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    model.set_stage(model.n_stages - 1)
+    return model
+
+
+def test_causality_with_every_component():
+    model = full_model()
+    assert model.value_embed is not None and model.bigram is not None and any(model.xsa)
+    assert any(c.lane_mix is not None for c in model.controls) and len(model.active) == 8
+    ids = torch.randint(2, 128, (2, 32))
+    ids[:, 10] = tg.BOS_ID
+    base = model.logits(ids)
+    for t in (0, 9, 10, 11, 31):
+        changed = ids.clone()
+        changed[:, t] = (changed[:, t] + 7) % 126 + 2
+        out = model.logits(changed)
+        assert torch.equal(out[:, :t], base[:, :t]), t
+        assert not torch.allclose(out[:, t:], base[:, t:]), t  # the change is visible from t on
+
+
+def test_smeargate_never_mixes_across_a_bos():
+    smear = tg.SmearGate(8)
+    torch.nn.init.normal_(smear.gate)
+    x = torch.randn(1, 6, 8)
+    starts = torch.tensor([[True, False, False, True, False, False]])
+    y = smear(x, starts)
+    x2 = x.clone()
+    x2[0, 2] += 1.0  # the token before the BOS at position 3
+    y2 = smear(x2, starts)
+    assert torch.equal(y2[0, 3], y[0, 3]) and torch.equal(y[0, 3], x[0, 3])
+    assert not torch.allclose(y2[0, 2], y[0, 2])
+
+
+def test_input_path_at_a_bos_ignores_the_previous_document():
+    """BigramHash and SmearGate at a BOS see nothing of the previous document's last token."""
+    model = full_model()
+    ids = torch.randint(2, 128, (1, 12))
+    ids[0, 6] = tg.BOS_ID
+
+    def embed_path(t):
+        starts = (t == tg.BOS_ID) | (torch.arange(t.size(1)) == 0)
+        x = tg.rms_norm(model.tok_emb(t) + model.bigram(t, starts))
+        return model.smear(x, starts)
+
+    changed = ids.clone()
+    changed[0, 5] = (changed[0, 5] + 3) % 126 + 2
+    a, b = embed_path(ids), embed_path(changed)
+    assert torch.equal(a[0, 6], b[0, 6]) and not torch.equal(a[0, 5], b[0, 5])
+
+
+def test_r23_parameter_count():
+    h = tg.Hyperparameters.from_env({"BIGRAM_VOCAB_SIZE": "1536", "VE_LAYERS": "9,10"})
+    assert sum(p.numel() for p in tg.GPT(h).parameters()) == 26_928_220
+
+
+def test_schedule_shared_cores_form():
+    h = tg.Hyperparameters.from_env({"NUM_LAYERS": "11", "UNIQUE_LAYERS": "10"})
+    model = tg.GPT(h)
+    assert [p for p, _ in model.slots] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    assert len(model.blocks) == 10 and len(model.controls) == 11 and model.active == tuple(range(11))
+    assert [i for i, on in enumerate(model.xsa) if on] == [7, 8, 9, 10]  # logical, so layer 10 (core 0) too
+
+
+def test_schedule_looped_range_form():
+    h = tg.Hyperparameters.from_env({"LOOP_START": "3", "LOOP_END": "5", "LOOP_REPEATS": "2",
+                                     "LOOP_ENABLE_AT": "0.5,0.65", "VE_LAYERS": "15,16"})
+    model = tg.GPT(h)
+    assert [p for p, _ in model.slots] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert [s for _, s in model.slots] == [0] * 6 + [1] * 3 + [2] * 3 + [0] * 5
+    assert len(model.blocks) == 11 and len(model.controls) == 17 and len(model.skip_weights) == 8
+    assert [model.slots[i][0] for i in model.active] == list(range(11))
+    model.set_stage(1)
+    assert [model.slots[i][0] for i in model.active] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    model.set_stage(2)
+    assert len(model.active) == 17
+
+
+def test_distribution_is_normalized_and_starts_near_uniform():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.Hyperparameters.from_env({k: str(v) for k, v in FULL.items()}))
+    ids = torch.randint(0, 128, (2, 32))
+    probs = model.logits(ids).softmax(-1)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 32), atol=1e-5)
+    assert abs(model(ids, torch.randint(0, 128, (2, 32))).item() - math.log(128)) < 0.05
+    for block in model.blocks:
+        assert not block.attn.proj.weight.any() and not block.mlp.proj.weight.any()
+
+
+@pytest.mark.parametrize("eval_len", [32, 64])
+def test_rope_tables_cover_eval_length_with_ntk(eval_len):
+    h = tg.Hyperparameters.from_env({k: str(v) for k, v in {**FULL, "EVAL_SEQ_LEN": eval_len}.items()})
+    rot = tg.GPT(h).rotary
+    cos, _ = rot(eval_len)
+    assert cos.shape == (eval_len, 2)
+    if eval_len > 32:  # stretched base: lower frequency in the rotated pair than at the train length
+        assert not torch.allclose(cos[:32], rot(32)[0])

@@ -1,0 +1,106 @@
+"""Muon (Newton-Schulz, sharded across ranks), AdamW grouping, LR schedule, EMA/SWA."""
+
+import pytest
+import torch
+
+from conftest import SILENT, cpu_runtime, run_distributed, tg
+from test_model import FULL, full_model
+
+
+@pytest.mark.parametrize("polar, lo, hi", [(False, 0.6, 1.25), (True, 0.85, 1.15)])
+def test_newton_schulz_orthogonalizes(polar, lo, hi):
+    torch.manual_seed(0)
+    G = torch.randn(4, 64, 32) @ torch.diag(torch.logspace(0, -2, 32))  # condition number 100
+    X = tg.newton_schulz(G, 5, polar)
+    s = torch.linalg.svdvals(X)
+    assert X.shape == G.shape and s.min() > lo and s.max() < hi
+    assert torch.allclose(tg.newton_schulz(G.mT, 5, polar), X.mT, atol=1e-5)  # tall and wide agree
+
+
+SHAPES = [(16, 8)] * 3 + [(8, 24)] * 2 + [(12, 12)]
+
+
+def muon_run(rank, world, row_normalize):
+    rt = tg.Runtime(rank, world, 0, torch.device("cpu"), False)
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = tg.Muon(params, lr=0.05, momentum=0.9, weight_decay=0.1, steps=5, polar=False,
+                  row_normalize=row_normalize, rt=rt)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("row_normalize", [False, True])
+def test_muon_two_ranks_equal_one(tmp_path, row_normalize):
+    single = muon_run(0, 1, row_normalize)
+    for result in run_distributed(muon_run, 2, tmp_path, row_normalize):
+        for a, b in zip(result, single):
+            assert torch.allclose(a, b, atol=1e-6)
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(1)) for s in SHAPES[:1]]
+    assert not torch.allclose(single[0], start[0])  # the step did something
+
+
+def test_muon_update_is_scaled_orthogonal_with_decay():
+    rt = cpu_runtime()
+    p = torch.nn.Parameter(torch.randn(24, 8))
+    before = p.detach().clone()
+    p.grad = torch.randn(24, 8)
+    tg.Muon([p], lr=0.1, momentum=0.0, weight_decay=0.5, steps=5, polar=True, row_normalize=False, rt=rt).step()
+    update = (before * (1 - 0.1 * 0.5) - p.detach()) / (0.1 * 3 ** 0.5)  # sqrt(rows/cols) = sqrt(3)
+    s = torch.linalg.svdvals(update)
+    assert s.min() > 0.8 and s.max() < 1.2
+
+
+def test_parameter_groups_cover_every_parameter_once():
+    model = full_model()
+    muon, adam = tg.build_optimizers(model, tg.Hyperparameters.from_env({}), cpu_runtime())
+    groups = [muon.param_groups[0]["params"], adam.param_groups[0]["params"], adam.param_groups[1]["params"]]
+    ids = [id(p) for g in groups for p in g]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert all(p.ndim == 2 for p in groups[0]) and len(groups[0]) == 6 * len(model.blocks)
+    assert {id(p) for p in groups[1]} == {id(model.tok_emb.weight), id(model.bigram.embed.weight),
+                                           id(model.value_embed.embed.weight)}
+    assert id(model.bigram.proj.weight) in {id(p) for p in groups[2]}
+
+
+def test_lr_schedule_with_a_fake_clock():
+    h = tg.Hyperparameters.from_env({"WARMDOWN_ITERS": "10", "ITERATIONS": "100"})
+    # wallclock: 10 ms/step, cap 1000 ms -> the last 100 ms decay linearly
+    assert tg.lr_multiplier(50, 500.0, 1000.0, h) == 1.0
+    assert tg.lr_multiplier(95, 950.0, 1000.0, h) == pytest.approx(0.5)
+    assert tg.lr_multiplier(100, 1000.0, 1000.0, h) == 0.0
+    assert tg.lr_multiplier(99, 990.0, 1000.0, tg.Hyperparameters.from_env({"WARMDOWN_ITERS": "10", "MIN_LR": "0.2"})) == 0.2
+    # no cap: iteration-based
+    assert tg.lr_multiplier(95, 0.0, 0.0, h) == pytest.approx(0.5)
+    assert tg.lr_multiplier(10, 0.0, 0.0, h) == 1.0
+
+
+def test_ema_and_swa_math_and_export():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    h = tg.Hyperparameters.from_env({"EMA_DECAY": "0.5", "SWA_EVERY": "2", "SWA_START_LRMUL": "0.5"})
+    avg = tg.WeightAverager(model, h)
+    ema, snapshots = 0.0, []
+    for step, (w, lr_mul) in enumerate([(1.0, 1.0), (2.0, 0.4), (3.0, 0.3), (4.0, 0.2)], start=1):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        avg.update(step, lr_mul, SILENT)
+        ema = 0.5 * ema + 0.5 * w
+        if lr_mul < 0.5 and step % 2 == 0:
+            snapshots.append(ema)
+        assert avg.ema[0].item() == pytest.approx(ema)
+    assert avg.swa_count == 2 and snapshots == [1.25, 3.0625]
+    label = avg.apply_final(SILENT)
+    assert label.startswith("swa(2 snapshots of ema") and model.weight.item() == pytest.approx(sum(snapshots) / 2)
+    # EMA alone is exported when SWA is off
+    h2 = tg.Hyperparameters.from_env({"EMA_DECAY": "0.5"})
+    avg2 = tg.WeightAverager(model, h2)
+    with torch.no_grad():
+        model.weight.fill_(10.0)
+    avg2.update(1, 1.0, SILENT)
+    before = avg2.ema[0].item()
+    assert avg2.apply_final(SILENT).startswith("ema") and model.weight.item() == pytest.approx(before)
