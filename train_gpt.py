@@ -934,7 +934,7 @@ class WeightAverager:
 # =====================================================================================================
 # QUANTIZATION AND SERIALIZATION
 # Pure functions: state dict -> quantized tensors -> bytes -> quantized tensors -> state dict.
-# Block matrices get int6 per-row scales, embedding tables int8, tensors of <= 65,536 values fp16. The
+# Block matrices get int6 per-row scales, embedding tables int8, the small rest fp16. The
 # scale of each row comes from a clip search over fractions of the row's max |w| (GPTQ-lite, chosen per
 # row, no 1/qmax floor); late QAT fake-quantizes on exactly this grid. Full GPTQ keeps the grid and
 # rounds columns in act-order with Hessian error feedback. The artifact is magic + codec + sha256 +
@@ -1021,9 +1021,11 @@ class QTensor:
 
 
 def tensor_bits(name: str, t: Tensor, h: Hyperparameters) -> int:
-    if t.numel() <= SMALL_NUMEL:
-        return 0
-    return h.quant_bits if name.startswith("blocks.") else h.embed_bits
+    """Block matrices: QUANT_BITS at any size (the grid late QAT trains on). Other tensors above
+    65,536 values (the embedding tables): EMBED_BITS. The rest (vectors, gains, small projections) fp16."""
+    if name.startswith("blocks.") and t.ndim == 2:
+        return h.quant_bits
+    return h.embed_bits if t.numel() > SMALL_NUMEL else 0
 
 
 def quantize_state(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[str, Tensor] | None = None):
@@ -1147,7 +1149,7 @@ def prune_to_fit(qstate: dict[str, QTensor], originals: dict[str, Tensor], limit
     pruned value are measured on each pass, not guessed."""
     names = [n for n, q in qstate.items() if q.bits]
     if not names:
-        raise ConfigError("AUTO_FIT: nothing to prune, no tensor is int-quantized (all <= 65,536 values)")
+        raise ConfigError("AUTO_FIT: nothing to prune, no tensor is int-quantized")
     costs, which, flat_idx = [], [], []
     for k, n in enumerate(names):
         q = qstate[n]

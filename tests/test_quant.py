@@ -38,6 +38,8 @@ def test_quantize_kinds():
     kinds = {name: q.bits for name, q in qstate.items()}
     assert kinds["tok_emb.weight"] == 8 and kinds["blocks.0.mlp.fc.weight"] == 6
     assert kinds["bigram.embed.weight"] == 0  # 600 x 8 values: small enough to stay fp16
+    tiny = tg.quantize_state({"blocks.0.attn.c_k.weight": torch.randn(8, 16), "blocks.0.attn.q_gain": torch.ones(4)}, H)
+    assert tiny["blocks.0.attn.c_k.weight"].bits == 6 and tiny["blocks.0.attn.q_gain"].bits == 0  # QAT's grid
     assert all(b == 0 for n, b in kinds.items() if n.startswith("controls."))
 
 
