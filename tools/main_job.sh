@@ -12,16 +12,14 @@ PY=.venv/bin/python
 "$PY" data/prepare_data.py --if-missing
 
 # The record stack (BigramHash, SmearGate, XSA, VE, partial RoPE, EMA, late QAT, int6 GPTQ-lite,
-# sliding window, legal TTT) at 4 x 128: ~2.5 min of training and ~2 min of eval on 2 CPU cores.
+# sliding window, legal TTT) at 4 x 128 (tools/cpu_scale.env): ~2.5 min of training and ~2.5 min of
+# eval on 2 CPU cores.
 export DATA_PATH="${DATA_PATH:-./data/datasets/pdmix_sp1024}" TOKENIZER_PATH="${TOKENIZER_PATH:-./data/tokenizers/pdmix_1024_bpe.model}"
 export RUN_ID="${RUN_ID:-main_job_$(date +%Y%m%d_%H%M%S)}" ARTIFACT_PATH="${ARTIFACT_PATH:-final_model.int6.ptz}"
-for kv in NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=3 TRAIN_SEQ_LEN=256 TRAIN_BATCH_TOKENS=8192 \
-          ITERATIONS=100000 MAX_WALLCLOCK_SECONDS=150 WARMUP_STEPS=0 WARMDOWN_ITERS=100 VAL_LOSS_EVERY=0 \
-          TRAIN_LOG_EVERY=50 VE_LAYERS=2,3 VE_DIM=64 XSA_LAST_N=2 BIGRAM_VOCAB_SIZE=1024 BIGRAM_DIM=64 \
-          ROPE_DIMS=16 EMA_DECAY=0.98 EVAL_STRIDE=128 VAL_BATCH_SIZE=8192 TTT_CHUNK_TOKENS=16384 TTT_EPOCHS=1 \
-          TTT_LR=0.005 EVAL_BUDGET_SECONDS=240; do
-  name="${kv%%=*}"; export "$name=${!name:-${kv#*=}}"  # an env var already set wins
-done
+while IFS='=' read -r name value; do
+  [[ -z "$name" || "$name" == \#* ]] && continue
+  export "$name=${!name-$value}"  # an env var already set (even to "") wins
+done < tools/cpu_scale.env
 "$PY" train_gpt.py
 echo "---- $RUN_ID: logs/$RUN_ID.txt, logs/$RUN_ID.json, $ARTIFACT_PATH"
 grep -E "^(final_int6_roundtrip_exact|final_int6_sliding_window_exact|legal_ttt_exact|Total submission size)" "logs/$RUN_ID.txt"

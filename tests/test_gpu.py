@@ -1,0 +1,42 @@
+"""GPU checks (skipped without CUDA): bf16 + torch.compile numerics, and the whole pipeline on the
+record configuration. Run them on a GPU machine with: python -m pytest -q tests/test_gpu.py"""
+
+import re
+
+import pytest
+import torch
+
+from conftest import log_lines, run_script, tg
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_bf16_compiled_forward_matches_fp32_eager():
+    torch.manual_seed(0)
+    h = tg.Hyperparameters.from_env({})  # the record model
+    model = tg.GPT(h).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ids = torch.randint(0, h.vocab_size, (4, 2048), device="cuda")
+    reference = model.token_nll(ids, ids)
+    compiled = torch.compile(model.token_nll, dynamic=False, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = compiled(ids, ids)
+    assert torch.isfinite(fast).all()
+    assert (fast - reference).abs().mean() / reference.abs().mean() < 2e-2
+    assert abs(fast.mean().item() - reference.mean().item()) < 5e-3 * reference.mean().item()
+
+
+def test_record_config_pipeline(embedded_data, tmp_path):
+    """Train a few steps -> export -> round-trip from disk -> sliding -> TTT, at the record's shapes."""
+    env = dict(embedded_data, RUN_ID="gpu_pipeline", ARTIFACT_PATH=str(tmp_path / "m.ptz"), ITERATIONS="6",
+               WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", VAL_MAX_TOKENS="131072",
+               TTT_EPOCHS="1", WARMDOWN_ITERS="3")
+    proc = run_script(env, tmp_path, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "model_params:26928220" in out and "compliance:ttt_legal PASS" in out
+    for name in ("final_int6_roundtrip", "final_int6_sliding_window", "legal_ttt"):
+        bpb = float(re.search(rf"^{name}_exact val_loss:\S+ val_bpb:(\S+)", out, re.M).group(1))
+        assert 0 < bpb < 10

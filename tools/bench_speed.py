@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Throughput of training, evaluation and export on this machine's device, as a table and JSON.
+
+  python3 tools/bench_speed.py                  # record + naive-baseline configs (meant for one H100)
+  python3 tools/bench_speed.py --tiny           # a small config that runs on a CPU in a minute
+
+Per config: compile time; training micro-batch tokens/s and step time at the record's per-GPU
+micro-batch (48 x 2048 tokens; the baseline's 64 x 1024), model FLOPs utilization, peak memory;
+sliding-window (stride 64) and 3-epoch TTT scored tokens/s with projections to the full 62,021,632-
+token FineWeb val on 8 GPUs; export (quantize + zstd-22) time. Tokens are random: throughput does
+not depend on them. CPU numbers are for keeping the tool working, never a speed claim.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchlib import REPO, markdown_table
+
+sys.path.insert(0, str(REPO))
+import train_gpt as tg  # noqa: E402
+
+FINEWEB_VAL_TARGETS = 62_021_632
+H100_BF16_DENSE_FLOPS = 989e12
+CONFIGS = {
+    "record": dict(micro_seqs=48),
+    "baseline": dict(micro_seqs=64, NUM_LAYERS=9, MLP_MULT=2, MLP_NEG_SLOPE=0, ROPE_DIMS=0, LN_SCALE=0, XSA_LAST_N=0,
+                     BIGRAM_VOCAB_SIZE=0, SMEAR_GATE=0, VE_LAYERS="", TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524288),
+    "tiny": dict(micro_seqs=4, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VE_LAYERS="1", XSA_LAST_N=1,
+                 BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, VE_DIM=16, ROPE_DIMS=8, TRAIN_SEQ_LEN=128,
+                 TRAIN_BATCH_TOKENS=4096, TTT_CHUNK_TOKENS=1024),
+}
+
+
+def timed(fn, rt, repeat: int) -> float:
+    rt.sync()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    rt.sync()
+    return (time.perf_counter() - t) / repeat
+
+
+def flops_per_token(model: tg.GPT, h: tg.Hyperparameters) -> float:
+    """Training FLOPs per token: 6 x matmul params (blocks, tied head, projections) + causal attention."""
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed." not in n)
+    attention = 6 * h.train_seq_len * h.model_dim * len(model.active)
+    return 6 * matmul + attention
+
+
+def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -> dict:
+    over = dict(over)
+    micro_seqs = over.pop("micro_seqs")
+    h = tg.Hyperparameters.from_env({k: str(v) for k, v in over.items()})
+    torch.manual_seed(0)
+    model = tg.GPT(h).to(rt.device)
+    L = h.train_seq_len
+    x = torch.randint(0, h.vocab_size, (micro_seqs, L), device=rt.device)
+    compiled = tg.compile_model(model, rt)
+    opts = tg.build_optimizers(model, h, rt)
+
+    def micro_step():
+        with rt.autocast():
+            compiled(x, x).backward()
+
+    def optimizer_step():
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    compile_s = timed(micro_step, rt, 1)
+    micro_step()
+    optimizer_step()  # warms the optimizer (and Muon's compiled Newton-Schulz)
+    micro_s = timed(micro_step, rt, steps)
+    opt_s = timed(lambda: (micro_step(), optimizer_step()), rt, max(2, steps // 4)) - micro_s
+    tokens = micro_seqs * L
+    train_tps = tokens / micro_s
+    row = dict(config=name, params=sum(p.numel() for p in model.parameters()), micro_batch=f"{micro_seqs}x{L}",
+               compile_s=round(compile_s, 1), micro_step_ms=round(micro_s * 1000, 2), optimizer_ms=round(opt_s * 1000, 2),
+               train_tokens_per_s=round(train_tps))
+    row["mfu"] = round(flops_per_token(model, h) * train_tps / H100_BF16_DENSE_FLOPS, 4) if rt.device.type == "cuda" else ""
+    if rt.device.type == "cuda":
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
+    # evaluation throughput, on a fresh model as the artifact would give it
+    luts = tuple(t.to(rt.device) for t in (torch.ones(h.vocab_size, dtype=torch.int32),
+                                           torch.zeros(h.vocab_size, dtype=torch.bool), torch.zeros(h.vocab_size, dtype=torch.bool)))
+    val = torch.randint(2, h.vocab_size, (eval_tokens + 1,), device=rt.device, dtype=torch.int32)
+    eval_model = tg.GPT(h).to(rt.device)
+    score = tg.make_score_fn(eval_model, rt)
+    batch = max(1, h.val_batch_size // (rt.world_size * L))
+    windows = tg.plan_windows(eval_tokens, L, h.eval_stride)
+    tg.score_windows(score, val, windows[:batch], L, batch, luts, rt)  # compile warm-up
+    sliding_s = timed(lambda: tg.score_windows(score, val, windows, L, batch, luts, rt), rt, 1)
+    row["sliding_tokens_per_s"] = round(eval_tokens / sliding_s)
+    h3 = tg.dataclasses.replace(h, ttt_epochs=3)
+    tg.eval_ttt(eval_model, val[: 2 * h.ttt_chunk_tokens + 1], h3, rt, luts, tg.Log(None), 1e9)  # compile warm-up
+    ttt_s = timed(lambda: tg.eval_ttt(eval_model, val, h3, rt, luts, tg.Log(None), 1e9), rt, 1)
+    row["ttt3_tokens_per_s"] = round(eval_tokens / ttt_s)
+    row["sliding_8gpu_full_val_s"] = round(FINEWEB_VAL_TARGETS / (8 * row["sliding_tokens_per_s"]), 1)
+    row["ttt3_8gpu_full_val_s"] = round(FINEWEB_VAL_TARGETS / (8 * row["ttt3_tokens_per_s"]), 1)
+    t = time.perf_counter()
+    blob = tg.pack_artifact(tg.quantize_state(model.state_dict(), h), {}, "zstd")
+    row["export_s"] = round(time.perf_counter() - t, 2)
+    row["artifact_bytes"] = len(blob)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="only the small CPU-sized config")
+    p.add_argument("--steps", type=int, default=20, help="timed training micro-steps")
+    p.add_argument("--eval-tokens", type=int, default=0, help="val tokens to score (default 4 TTT chunks)")
+    p.add_argument("--json", type=Path, default=REPO / "logs" / "bench_speed.json")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    rt = tg.Runtime(0, 1, 0, torch.device("cuda" if cuda else "cpu"), cuda)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch._dynamo.config.cache_size_limit = 32
+    names = ["tiny"] if args.tiny else ["record", "baseline"]
+    rows = []
+    for name in names:
+        chunk = int(CONFIGS[name].get("TTT_CHUNK_TOKENS", 32768))
+        rows.append(bench(name, CONFIGS[name], rt, args.steps if not args.tiny else 3, args.eval_tokens or 4 * chunk))
+        print(json.dumps(rows[-1]), flush=True)
+    device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, date=datetime.date.today().isoformat())
+    args.json.parent.mkdir(exist_ok=True)
+    args.json.write_text(json.dumps(dict(meta, rows=rows), indent=1))
+    print(f"device {device}, torch {torch.__version__}, cuda {torch.version.cuda}, {meta['date']}")
+    print(markdown_table(rows, [c for c in rows[0] if c not in ("params",)]))
+
+
+if __name__ == "__main__":
+    main()

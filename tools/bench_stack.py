@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""The record stack at CPU scale: baseline vs full stack vs each component removed (and the two
+optional extras added), each trained for the same token budget on the embedded corpus.
+
+  python3 tools/bench_stack.py                      # ~45 min on 2 cores; prints a markdown table
+  python3 tools/bench_stack.py --only full,no_xsa --tokens 500000
+
+Columns: post-EMA pre-quant bpb, the int6 artifact's non-overlapping (roundtrip), sliding-window and
+legal-TTT bpb, all on the first --val-tokens of the embedded val split, and training tokens/s. A 4x128
+model trained on 1.5M tokens of 19th-century prose is a CPU-scale signal about the components, not a
+prediction of their effect on 8xH100 FineWeb runs.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from benchlib import REPO, EMBEDDED, cpu_scale_env, ensure_embedded_data, markdown_table, run_train
+
+# The official naive baseline's choices at the same scale: relu^2 MLP 2x, full RoPE, no LN scale, no
+# BigramHash/SmearGate/XSA/VE, no EMA/QAT, its Muon/Adam settings, int8 export, non-overlapping eval.
+BASELINE = dict(MLP_MULT=2, MLP_NEG_SLOPE=0, ROPE_DIMS=0, LN_SCALE=0, XSA_LAST_N=0, BIGRAM_VOCAB_SIZE=0,
+                SMEAR_GATE=0, VE_LAYERS="", EMA_DECAY=0, LATE_QAT_THRESHOLD=0, MATRIX_LR=0.04, SCALAR_LR=0.04,
+                TIED_EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
+                MUON_MOMENTUM_WARMUP_STEPS=500, MUON_WD=0, ADAM_WD=0, GRAD_CLIP_NORM=0, QUANT_BITS=8,
+                EVAL_SLIDING=0, TTT_ENABLED=0)
+VARIANTS = {
+    "baseline": BASELINE,
+    "full": {},
+    "no_bigram": dict(BIGRAM_VOCAB_SIZE=0),
+    "no_smeargate": dict(SMEAR_GATE=0),
+    "no_xsa": dict(XSA_LAST_N=0),
+    "no_value_embed": dict(VE_LAYERS=""),
+    "full_rope": dict(ROPE_DIMS=0),
+    "no_ln_scale": dict(LN_SCALE=0),
+    "relu2": dict(MLP_NEG_SLOPE=0),
+    "no_ema": dict(EMA_DECAY=0),
+    "no_late_qat": dict(LATE_QAT_THRESHOLD=0),
+    "plus_loop": dict(LOOP_START=1, LOOP_END=2, LOOP_REPEATS=1, LOOP_ENABLE_AT=0.4),
+    "plus_lanes": dict(PARALLEL_START=2),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=1_500_000, help="training tokens per variant")
+    p.add_argument("--val-tokens", type=int, default=131072)
+    p.add_argument("--only", help="comma-separated variant names")
+    p.add_argument("--json", type=Path, default=REPO / "logs" / "bench_stack.json")
+    args = p.parse_args()
+    ensure_embedded_data()
+    base = {**cpu_scale_env(), **EMBEDDED, "MAX_WALLCLOCK_SECONDS": 0, "VAL_MAX_TOKENS": args.val_tokens}
+    base["ITERATIONS"] = args.tokens // int(base["TRAIN_BATCH_TOKENS"])
+    base["WARMDOWN_ITERS"] = base["ITERATIONS"] // 2
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            t = time.time()
+            env = {**base, **VARIANTS[name], "RUN_ID": f"bench_{name}", "ARTIFACT_PATH": f"{tmp}/{name}.ptz"}
+            s = run_train(env, Path(tmp))
+            res = s["eval"]["results"]
+            row = dict(variant=name, params=None, pre_quant=s["train"]["pre_quant"]["val_bpb"],
+                       roundtrip=res["roundtrip"]["val_bpb"], sliding=res.get("sliding", {}).get("val_bpb", ""),
+                       ttt=res.get("ttt", {}).get("val_bpb", ""),
+                       tokens_per_s=round(s["train"]["steps"] * int(base["TRAIN_BATCH_TOKENS"]) / (s["train"]["train_ms"] / 1000)),
+                       model_bytes=s["bytes"]["model"], wall_s=round(time.time() - t))
+            row["params"] = next(int(l.split(":")[1]) for l in (Path(tmp) / "logs" / f"bench_{name}.txt").read_text().splitlines()
+                                 if l.startswith("model_params:"))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    full = next((r for r in rows if r["variant"] == "full"), None)
+    if full:
+        for r in rows:
+            best = r["ttt"] if r["ttt"] != "" else r["sliding"] if r["sliding"] != "" else r["roundtrip"]
+            r["final_vs_full"] = f"{best - full['ttt']:+.4f}"
+    args.json.parent.mkdir(exist_ok=True)
+    args.json.write_text(json.dumps(dict(tokens=args.tokens, val_tokens=args.val_tokens, rows=rows), indent=1))
+    print(markdown_table(rows, ["variant", "params", "pre_quant", "roundtrip", "sliding", "ttt", "final_vs_full",
+                                "tokens_per_s", "model_bytes"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Shared by the benchmark tools: the CPU-scale config, running train_gpt.py, printing tables."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = dict(DATA_PATH=str(REPO / "data" / "datasets" / "pdmix_sp1024"),
+                TOKENIZER_PATH=str(REPO / "data" / "tokenizers" / "pdmix_1024_bpe.model"))
+
+
+def cpu_scale_env() -> dict:
+    """tools/cpu_scale.env as a dict (the main job's configuration)."""
+    env = {}
+    for line in (REPO / "tools" / "cpu_scale.env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            env[key] = value
+    return env
+
+
+def ensure_embedded_data() -> None:
+    subprocess.run([sys.executable, str(REPO / "data" / "prepare_data.py"), "--if-missing"], check=True,
+                   capture_output=True)
+
+
+def run_train(env: dict, workdir: Path) -> dict:
+    """Run train_gpt.py with exactly `env` (plus PATH/HOME) in workdir; return its JSON summary."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    full = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "OMP_NUM_THREADS") if k in os.environ}
+    full.update({k: str(v) for k, v in env.items()})
+    proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, env=full,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"train_gpt.py failed ({env.get('RUN_ID')}):\n{proc.stderr[-3000:]}")
+    return json.loads((workdir / "logs" / f"{env['RUN_ID']}.json").read_text())
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
