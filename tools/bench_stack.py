@@ -48,12 +48,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1_500_000, help="training tokens per variant")
     p.add_argument("--val-tokens", type=int, default=131072)
     p.add_argument("--only", help="comma-separated variant names")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     p.add_argument("--json", type=Path, default=REPO / "logs" / "bench_stack.json")
     args = p.parse_args()
     ensure_embedded_data()
     base = {**cpu_scale_env(), **EMBEDDED, "MAX_WALLCLOCK_SECONDS": 0, "VAL_MAX_TOKENS": args.val_tokens}
     base["ITERATIONS"] = args.tokens // int(base["TRAIN_BATCH_TOKENS"])
     base["WARMDOWN_ITERS"] = base["ITERATIONS"] // 2
+    base.update(kv.split("=", 1) for kv in args.set)
     names = args.only.split(",") if args.only else list(VARIANTS)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +79,7 @@ def main() -> None:
             best = r["ttt"] if r["ttt"] != "" else r["sliding"] if r["sliding"] != "" else r["roundtrip"]
             r["final_vs_full"] = f"{best - full['ttt']:+.4f}"
     args.json.parent.mkdir(exist_ok=True)
-    args.json.write_text(json.dumps(dict(tokens=args.tokens, val_tokens=args.val_tokens, rows=rows), indent=1))
+    args.json.write_text(json.dumps(dict(tokens=args.tokens, val_tokens=args.val_tokens, set=args.set, rows=rows), indent=1))
     print(markdown_table(rows, ["variant", "params", "pre_quant", "roundtrip", "sliding", "ttt", "final_vs_full",
                                 "tokens_per_s", "model_bytes"]))
 
