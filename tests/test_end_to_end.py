@@ -44,6 +44,7 @@ def test_smoke_run_logs_the_official_lines(smoke):
                  "compliance:ttt_legal PASS", "compliance:train_val_disjoint PASS", "compliance:eval_time PASS"):
         assert line in out and line in log, line
     assert "compliance:full_val FAIL" in out  # VAL_MAX_TOKENS scores a prefix: flagged as not a record
+    assert log.rstrip().splitlines()[-1] == "final_int8_zlib_roundtrip_exact " + finals(out)["legal_ttt_exact"]
     assert len(finals(out)) == 4 and len(losses(out)) == 6
     s = summary(cwd, "smoke")
     assert s["final"]["stage"] == "ttt" and s["train"]["steps"] == 6 and s["seed"] == 1337
