@@ -899,16 +899,16 @@ class WeightAverager:
     final() says which weights get exported: SWA if it has snapshots, else EMA, else the raw weights."""
 
     def __init__(self, model: GPT, h: Hyperparameters):
-        self.h, self.params = h, [p for p in model.parameters()]
-        self.ema = [p.detach().float().clone() for p in self.params] if h.ema_decay else None
+        self.h, self.params = h, [p.detach() for p in model.parameters()]  # views: they follow the weights
+        self.ema = [p.float().clone() for p in self.params] if h.ema_decay else None
         self.swa, self.swa_count = None, 0
 
     @torch.no_grad()
     def update(self, step: int, lr_mul: float, log: Log) -> None:
         if self.ema is not None:
-            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - self.h.ema_decay)
+            torch._foreach_lerp_(self.ema, self.params, 1 - self.h.ema_decay)
         if self.h.swa_every and lr_mul < self.h.swa_start_lrmul and step % self.h.swa_every == 0:
-            source = self.ema if self.ema is not None else [p.detach().float() for p in self.params]
+            source = self.ema if self.ema is not None else self.params
             if self.swa is None:
                 self.swa = [torch.zeros_like(t) for t in source]
                 log(f"swa:start step:{step}")
@@ -1235,7 +1235,6 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
     reserve = h.gptq_reserve_seconds if h.quant_method == "full" else 0.0
     cap_ms = max(h.max_wallclock_seconds - reserve, 0.0) * 1000 if h.max_wallclock_seconds else 0.0
     enable_at = [h.loop_enable_at[min(r, len(h.loop_enable_at) - 1)] for r in range(h.loop_repeats)]
-    val_batch = max(1, h.val_batch_size // (rt.world_size * h.train_seq_len))
 
     def train_step(step: int, lr_mul: float) -> Tensor:
         for opt in optimizers:
@@ -1258,8 +1257,12 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             opt.zero_grad(set_to_none=True)
         return total / rt.grad_accum
 
+    def val_score() -> tuple[float, float]:  # non-overlapping, at the training length
+        batch = eval_batch(h, rt.world_size, h.train_seq_len)
+        return loss_and_bpb(evaluate(score_fn, val_tokens, h.train_seq_len, h.train_seq_len, batch, luts, rt))
+
     def validate(step: int, train_ms: float) -> None:
-        loss, bpb = loss_and_bpb(evaluate(score_fn, val_tokens, h.train_seq_len, h.train_seq_len, val_batch, luts, rt))
+        loss, bpb = val_score()
         log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
             f"step_avg:{train_ms / max(step, 1):.2f}ms")
 
@@ -1341,7 +1344,7 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
         log(f"gptq:calibrated {len(hessians)} matrices on {h.gptq_calib_batches} batches/rank, "
             f"last training-data read at train_time:{train_ms:.0f}ms")
     t = now()
-    loss, bpb = loss_and_bpb(evaluate(score_fn, val_tokens, h.train_seq_len, h.train_seq_len, val_batch, luts, rt))
+    loss, bpb = val_score()
     log(f"DIAGNOSTIC post_{weights.split('(')[0]} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{(now() - t) * 1000:.0f}ms")
     return dict(steps=step, train_ms=train_ms, weights=weights, hessians=hessians,
                 stopped_early=stop_after is not None and step < h.iterations, pre_quant=dict(val_loss=loss, val_bpb=bpb))
@@ -1370,6 +1373,11 @@ def plan_windows(n_targets: int, seq_len: int, stride: int, chunk_tokens: int = 
     merge = (start == 0) & np.r_[False, start[:-1] == 0] & np.r_[False, chunk[1:] == chunk[:-1]]
     first = np.flatnonzero(~merge)
     return np.stack((start[first], lo[first], np.maximum.reduceat(hi, first)), axis=1)
+
+
+def eval_batch(h: Hyperparameters, world_size: int, seq_len: int) -> int:
+    """Windows per forward on each rank: VAL_BATCH_SIZE tokens over all ranks."""
+    return max(1, h.val_batch_size // (world_size * seq_len))
 
 
 def rank_share(windows: np.ndarray, rt: Runtime) -> np.ndarray:
@@ -1435,7 +1443,7 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
     else:
         opt = torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2), weight_decay=0.0)
     score_fn, train_fn = make_score_fn(model, rt), compile_model(model, rt)
-    batch = max(1, h.val_batch_size // (rt.world_size * L))
+    batch = eval_batch(h, rt.world_size, L)
     log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(windows)} stride={h.eval_stride} "
         f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} optimizer={h.ttt_optimizer}")
     log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in params)} frozen={n_frozen}")
@@ -1509,7 +1517,7 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
     """The timed evaluation of the dequantized artifact. Compile warm-up on random tokens (never val
     tokens) happens before the timer, as the contest counts it; scoring and TTT are inside."""
     L, bits = h.eval_len, h.quant_bits
-    batch = max(1, h.val_batch_size // (rt.world_size * L))
+    batch = eval_batch(h, rt.world_size, L)
     score_fn = make_score_fn(model, rt)
     if rt.compile:
         noise = torch.randint(0, h.vocab_size, (batch, L), device=rt.device)
@@ -1595,7 +1603,7 @@ def export_artifact(model: GPT, h: Hyperparameters, rt: Runtime, log: Log, code:
     pruned = 0
     if len(blob) + code_bytes > limit and h.auto_fit:
         n_eval = val_tokens.numel() - 1
-        batch = max(1, h.val_batch_size // h.train_seq_len)
+        batch = eval_batch(h, 1, h.train_seq_len)  # rank 0 alone
 
         def roundtrip_bpb() -> float:
             trial = model_from_qstate(qstate, h, rt, meta["stage"])
@@ -1696,7 +1704,8 @@ def run(h: Hyperparameters, rt: Runtime, code: str) -> dict:
         torch.manual_seed(h.seed)
         np.random.seed(h.seed)
         model = GPT(h).to(rt.device)
-        log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+        summary["model_params"] = sum(p.numel() for p in model.parameters())
+        log(f"model_params:{summary['model_params']}")
         log(f"layer_schedule:{len(model.slots)} logical on {len(model.blocks)} physical "
             f"(logical:physical[@stage]) {describe_schedule(model)}")
         log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, on in enumerate(model.xsa) if on]}")

@@ -82,10 +82,6 @@ def run_script(env: dict, cwd: Path, script: Path = REPO / "train_gpt.py", nproc
     return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
 
-def log_lines(cwd: Path, run_id: str, prefix: str) -> list[str]:
-    return [l for l in (cwd / "logs" / f"{run_id}.txt").read_text().splitlines() if l.startswith(prefix)]
-
-
 def summary(cwd: Path, run_id: str) -> dict:
     return json.loads((cwd / "logs" / f"{run_id}.json").read_text())
 

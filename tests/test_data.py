@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SILENT, cpu_runtime, hparams, make_env, run_script, tg
+from conftest import cpu_runtime, hparams, make_env, run_script, tg
 
 
 def write_shard(path, tokens, magic=20240520, version=1, count=None, extra=b""):

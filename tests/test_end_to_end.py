@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import PY, REPO, log_lines, make_env, run_script, summary, tg
+from conftest import PY, REPO, make_env, run_script, summary, tg
 
 sys.path.insert(0, str(REPO / "tools"))
 from pack_script import unpack  # noqa: E402

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import log_lines, run_script, tg
+from conftest import run_script, tg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import SILENT, cpu_runtime, run_distributed, tg
-from test_model import FULL, full_model
+from test_model import full_model
 
 
 @pytest.mark.parametrize("polar, lo, hi", [(False, 0.6, 1.25), (True, 0.85, 1.15)])

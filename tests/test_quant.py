@@ -5,8 +5,8 @@ import hashlib
 import pytest
 import torch
 
-from conftest import SILENT, cpu_runtime, tg
-from test_model import FULL, full_model
+from conftest import SILENT, tg
+from test_model import full_model
 
 H = tg.Hyperparameters.from_env({})
 

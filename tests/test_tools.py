@@ -1,6 +1,5 @@
 """tools/: submission aggregation and its t-test, record packaging and verification, benchmarks, plots."""
 
-import copy
 import json
 import math
 import shutil

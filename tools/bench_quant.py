@@ -89,7 +89,7 @@ def main() -> None:
     hessians = tg.collect_hessians(model, loader, h, rt)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
-    batch = max(1, h.val_batch_size // h.train_seq_len)
+    batch = tg.eval_batch(h, 1, h.train_seq_len)
     float_bpb = tg.loss_and_bpb(tg.evaluate(model.token_nll, val, h.train_seq_len, h.train_seq_len, batch, luts, rt))[1]
     rows = []
     for bits in [int(b) for b in args.bits.split(",")]:

@@ -95,7 +95,7 @@ def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -
     val = torch.randint(2, h.vocab_size, (eval_tokens + 1,), device=rt.device, dtype=torch.int32)
     eval_model = tg.GPT(h).to(rt.device)
     score = tg.make_score_fn(eval_model, rt)
-    batch = max(1, h.val_batch_size // (rt.world_size * L))
+    batch = tg.eval_batch(h, rt.world_size, L)
     windows = tg.plan_windows(eval_tokens, L, h.eval_stride)
     tg.score_windows(score, val, windows[:batch], L, batch, luts, rt)  # compile warm-up
     sliding_s = timed(lambda: tg.score_windows(score, val, windows, L, batch, luts, rt), rt, 1)

@@ -64,13 +64,11 @@ def main() -> None:
             env = {**base, **VARIANTS[name], "RUN_ID": f"bench_{name}", "ARTIFACT_PATH": f"{tmp}/{name}.ptz"}
             s = run_train(env, Path(tmp))
             res = s["eval"]["results"]
-            row = dict(variant=name, params=None, pre_quant=s["train"]["pre_quant"]["val_bpb"],
+            row = dict(variant=name, params=s["model_params"], pre_quant=s["train"]["pre_quant"]["val_bpb"],
                        roundtrip=res["roundtrip"]["val_bpb"], sliding=res.get("sliding", {}).get("val_bpb", ""),
                        ttt=res.get("ttt", {}).get("val_bpb", ""),
                        tokens_per_s=round(s["train"]["steps"] * int(base["TRAIN_BATCH_TOKENS"]) / (s["train"]["train_ms"] / 1000)),
                        model_bytes=s["bytes"]["model"], wall_s=round(time.time() - t))
-            row["params"] = next(int(l.split(":")[1]) for l in (Path(tmp) / "logs" / f"bench_{name}.txt").read_text().splitlines()
-                                 if l.startswith("model_params:"))
             rows.append(row)
             print(json.dumps(row), flush=True)
     full = next((r for r in rows if r["variant"] == "full"), None)
