@@ -32,6 +32,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -1184,25 +1185,35 @@ def packed_code(code: str) -> str:
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, loader: TrainLoader, h: Hyperparameters, rt: Runtime) -> dict[str, Tensor]:
+def collect_hessians(model: GPT, loader: TrainLoader, h: Hyperparameters, rt: Runtime,
+                     may_read=lambda: True) -> dict[str, Tensor]:
     """X^T X of the input of every block matrix, and of the final hidden state for the tied embedding
-    (it is the output head), over GPTQ_CALIB_BATCHES training micro-batches per rank, summed over ranks."""
+    (it is the output head), summed over up to GPTQ_CALIB_BATCHES training micro-batches per rank (fewer
+    once may_read() says the training-time cap has come) and over ranks. Matrices that read the same
+    input (c_q, c_k, c_v) share one product per forward."""
     hessians: dict[str, Tensor] = {}
+    products: dict[int, tuple[Tensor, Tensor]] = {}  # id(input) -> (input, X^T X), one forward's worth
 
     def hook_for(name: str, use_output: bool):
         def hook(module, inputs, output):
-            x = (output if use_output else inputs[0]).detach().float()
-            x = x.reshape(-1, x.size(-1))
-            hessians[name] = hessians[name].addmm_(x.T, x) if name in hessians else x.T @ x
+            x = output if use_output else inputs[0]
+            if id(x) not in products:
+                flat = x.detach().float().reshape(-1, x.size(-1))
+                products[id(x)] = (x, flat.T @ flat)
+            xtx = products[id(x)][1]
+            hessians[name] = hessians[name].add_(xtx) if name in hessians else xtx.clone()
         return hook
 
     hooks = [m.register_forward_hook(hook_for(f"blocks.{n}.weight", False))
              for n, m in model.blocks.named_modules() if isinstance(m, CastedLinear)]
     hooks.append(model.final_norm.register_forward_hook(hook_for("tok_emb.weight", True)))
     for _ in range(h.gptq_calib_batches):
+        if not may_read():
+            break
         x, _ = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
         with rt.autocast():
             model.hidden(x)
+        products.clear()
     for hook in hooks:
         hook.remove()
     for name in sorted(hessians):
@@ -1221,6 +1232,14 @@ def collect_hessians(model: GPT, loader: TrainLoader, h: Hyperparameters, rt: Ru
 
 def compile_model(model: GPT, rt: Runtime):
     return torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
+
+
+def compiled_graphs(rt: Runtime) -> int:
+    """Graphs torch.compile has built so far in this process (dynamo's counter; 0 when not compiling)."""
+    if not rt.compile:
+        return 0
+    from torch._dynamo.utils import counters  # torch._dynamo is slow to import: only when compiling
+    return counters["stats"]["unique_graphs"]
 
 
 def make_score_fn(model: GPT, rt: Runtime):
@@ -1287,7 +1306,7 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             log(f"warmup: {len(variants) - h.warmup_steps} graph variants will compile inside the timed run")
 
     averager = WeightAverager(model, h)
-    train_ms, step, stop_after, qat_on = 0.0, 0, None, False
+    train_ms, step, stop_after, qat_on, graphs = 0.0, 0, None, False, compiled_graphs(rt)
     rt.sync()
     t0 = now()
     while True:
@@ -1328,6 +1347,9 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
                 f"step_avg:{elapsed / step:.2f}ms")
 
+    graphs = compiled_graphs(rt) - graphs
+    if rt.compile:
+        log(f"train_compiles: {graphs} graphs compiled after warm-up")
     if rt.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2 ** 20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2 ** 20} MiB")
@@ -1336,17 +1358,32 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
     model.set_qat(0)
     weights = averager.apply_final(log)
     hessians = None
-    if h.quant_method == "full":  # calibration reads training data, so it is training time
-        t = now()
-        hessians = collect_hessians(model, loader, h, rt)
+    if h.quant_method == "full":  # calibration reads training data, so it is training time: inside the cap
+        t, reads = now(), []  # the times of granted reads
+        limit_ms = h.max_wallclock_seconds * 1000 if h.max_wallclock_seconds else math.inf
+
+        def may_read() -> bool:  # room for twice the last batch (the first: a training micro-step, fwd+bwd)
+            rt.sync()
+            t_now = now()
+            batch_ms = (t_now - reads[-1]) * 1000 if reads else train_ms / max(step * rt.grad_accum, 1)
+            ok = torch.tensor(float(train_ms + (t_now - t) * 1000 + 2 * batch_ms <= limit_ms), device=rt.device)
+            granted = bool(rt.all_reduce(ok, dist.ReduceOp.MIN).item())
+            if granted:
+                reads.append(t_now)
+            return granted
+
+        hessians = collect_hessians(model, loader, h, rt, may_read)
         rt.sync()
         train_ms += (now() - t) * 1000
-        log(f"gptq:calibrated {len(hessians)} matrices on {h.gptq_calib_batches} batches/rank, "
+        log(f"gptq:calibrated {len(hessians)} matrices on {len(reads)}/{h.gptq_calib_batches} batches/rank, "
             f"last training-data read at train_time:{train_ms:.0f}ms")
+        if len(reads) < h.gptq_calib_batches:
+            log(f"gptq:calibration stopped at the {h.max_wallclock_seconds:.0f}s training cap"
+                + ("; no batch fit, exporting with GPTQ-lite rounding" if not reads else ""))
     t = now()
     loss, bpb = val_score()
     log(f"DIAGNOSTIC post_{weights.split('(')[0]} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{(now() - t) * 1000:.0f}ms")
-    return dict(steps=step, train_ms=train_ms, weights=weights, hessians=hessians,
+    return dict(steps=step, train_ms=train_ms, weights=weights, hessians=hessians, compiled_after_warmup=graphs,
                 stopped_early=stop_after is not None and step < h.iterations, pre_quant=dict(val_loss=loss, val_bpb=bpb))
 
 
@@ -1385,13 +1422,19 @@ def rank_share(windows: np.ndarray, rt: Runtime) -> np.ndarray:
     return windows[rt.rank * n // rt.world_size: (rt.rank + 1) * n // rt.world_size]
 
 
+def score_batch(n_windows: int, batch: int) -> int:
+    """The batch shape score_windows runs n_windows at: `batch`, or the power of two that holds them
+    all when fewer (no padding far past the work). The eval warm-up compiles exactly these shapes."""
+    return min(batch, 1 << max(n_windows - 1, 0).bit_length())
+
+
 def score_windows(score_fn, tokens: Tensor, windows: np.ndarray, seq_len: int, batch: int, luts, rt: Runtime,
                   observer=None) -> Tensor:
     """(NLL sum, byte sum, target count) in float64 over the windows' scored targets, this rank only,
     under inference_mode. Batches are padded to a few shapes (padding rows score nothing), so compiled
     graphs are reused; observer(kind, target_indices, nll) sees exactly what was scored."""
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    batch = min(batch, 1 << max(len(windows) - 1, 0).bit_length())  # no padding far past the work
+    batch = score_batch(len(windows), batch)
     offsets = torch.arange(seq_len, device=rt.device)
     with torch.inference_mode():
         for i in range(0, len(windows), batch):
@@ -1430,13 +1473,76 @@ def ttt_params(model: GPT, freeze: int) -> tuple[list[Tensor], int]:
     return params, sum(p.numel() for p in model.parameters() if id(p) in frozen)
 
 
+def ttt_plan(n_targets: int, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TTT's window plan, each chunk's slice of it (windows[bounds[c]:bounds[c + 1]]), and the start
+    offsets within a chunk of its training sequences."""
+    C = h.ttt_chunk_tokens
+    windows = plan_windows(n_targets, h.eval_len, h.eval_stride, C)
+    bounds = np.searchsorted(windows[:, 1] // C, np.arange(-(-n_targets // C) + 1))
+    return windows, bounds, np.arange(0, C, min(h.eval_len, C))
+
+
+def ttt_backward(train_fn, tokens: Tensor, starts: Tensor, seq: int, weight: float, rt: Runtime) -> Tensor:
+    """One TTT micro-step's forward and backward on tokens[start:start+seq+1] per row; returns the
+    input positions it read."""
+    idx = starts[:, None] + torch.arange(seq, device=rt.device)
+    with rt.autocast():
+        loss = train_fn(tokens[idx].long(), tokens[idx + 1].long())
+    (loss * weight).backward()
+    return idx
+
+
+class TTTBudgetGuard:
+    """Chooses each chunk's TTT epochs so the pass ends inside the eval budget. Per-chunk scoring and
+    per-epoch times are estimated by the median of the last few chunks, chunk 1 excluded, so a one-off
+    (a compile, a cold cache) cannot inflate them; the chunk-epochs that fit are spread over the chunks
+    still to train, so every affordable epoch is used. When none fit for a while, one epoch is probed if
+    the fastest epoch ever measured fits: a stale estimate then comes down instead of starving TTT."""
+
+    MARGIN, WINDOW, PROBE_EVERY = 0.02, 5, 8
+
+    def __init__(self, max_epochs: int, n_chunks: int, budget_s: float):
+        self.max_epochs, self.n_chunks, self.budget_s = max_epochs, n_chunks, budget_s
+        self.score_s, self.epoch_s = [], []  # (chunk, seconds) samples
+        self.trained, self.probes, self.last_sample = 0, 0, 0
+        self.planned = max_epochs * max(n_chunks - 1, 0)
+
+    def estimate(self, samples: list) -> float:
+        """Median over the last WINDOW chunks that have samples (chunk 1 never counts)."""
+        newest = samples[-1][0]
+        return statistics.median([s for c, s in samples if c > 0 and c > newest - self.WINDOW])
+
+    def epochs_for(self, chunk: int, elapsed_s: float, score_s: float, last_epoch_s: float | None) -> int:
+        """Epochs to train on `chunk`, just scored in score_s seconds, at elapsed_s seconds into the pass;
+        last_epoch_s is the previous chunk's time per epoch (None if it was not trained)."""
+        self.score_s.append((chunk, score_s))
+        if last_epoch_s is not None:
+            self.epoch_s.append((chunk - 1, last_epoch_s))
+            self.last_sample = chunk - 1
+        rest = self.n_chunks - 1 - chunk  # chunks still to score, and to train with this one
+        if rest == 0 or not self.max_epochs:
+            return 0
+        if chunk == 0:  # nothing measured but chunk 1 itself
+            epochs = self.max_epochs
+        else:
+            left = self.budget_s * (1 - self.MARGIN) - elapsed_s - rest * self.estimate(self.score_s)
+            if not any(c > 0 for c, _ in self.epoch_s):  # only chunk 1's epochs timed: this chunk must fit
+                epochs = min(self.max_epochs, int(left // self.epoch_s[0][1])) if left > 0 and self.epoch_s else 0
+            else:
+                fit = int(left // max(self.estimate(self.epoch_s), 1e-9)) if left > 0 else 0
+                epochs = min(self.max_epochs, -(-fit // rest))
+                if not epochs and chunk - self.last_sample > self.PROBE_EVERY and min(s for _, s in self.epoch_s) <= left:
+                    epochs, self.probes = 1, self.probes + 1
+        self.trained += epochs
+        return epochs
+
+
 def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, log: Log, budget_s: float,
              observer=None) -> tuple[Tensor, dict]:
-    L, C, n = h.eval_len, h.ttt_chunk_tokens, tokens.numel() - 1
-    seq = min(L, C)
-    windows = plan_windows(n, L, h.eval_stride, C)
-    n_chunks = -(-n // C)
-    bounds = np.searchsorted(windows[:, 1] // C, np.arange(n_chunks + 1))
+    C, n = h.ttt_chunk_tokens, tokens.numel() - 1
+    L, seq = h.eval_len, min(h.eval_len, h.ttt_chunk_tokens)
+    windows, bounds, offsets = ttt_plan(n, h)
+    n_chunks = len(bounds) - 1
     params, n_frozen = ttt_params(model, h.ttt_freeze_blocks)
     if h.ttt_optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
@@ -1448,7 +1554,7 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
         f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} optimizer={h.ttt_optimizer}")
     log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in params)} frozen={n_frozen}")
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    epochs, score_times, epoch_times, cuts, scored_upto = h.ttt_epochs, [], [], [], 0
+    guard, epochs, changes, epoch_s = TTTBudgetGuard(h.ttt_epochs, n_chunks, budget_s), h.ttt_epochs, [], -1.0
     t_start = now()
     model.eval()
     for c in range(n_chunks):
@@ -1460,24 +1566,31 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
             raise RuntimeError(f"TTT chunk {c}: {int(chunk[2].item())} targets scored, not the whole chunk")
         scored_upto = min((c + 1) * C, n)
         t1 = now()
-        if c < n_chunks - 1 and epochs:
+        # the slowest rank's timings, so that every rank takes the same decision
+        score_s, epoch_s, elapsed = rt.all_reduce(torch.tensor([t1 - t0, epoch_s, t1 - t_start], device=rt.device,
+                                                               dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+        chosen = guard.epochs_for(c, elapsed, score_s, epoch_s if epoch_s >= 0 else None)
+        if chosen != epochs and c < n_chunks - 1:
+            changes.append((c + 1, epochs, chosen))
+            if len(changes) <= 20:
+                log(f"ttt_budget: chunk {c + 1}/{n_chunks} epochs {epochs}->{chosen} at {elapsed:.1f}s of {budget_s:.1f}s")
+            epochs = chosen
+        epoch_s = -1.0
+        if chosen:
             for g in opt.param_groups:
                 g["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
-            starts = c * C + np.arange(0, C, seq)
+            starts = c * C + offsets
             if starts[-1] + seq > scored_upto:
                 raise RuntimeError(f"TTT chunk {c} would train on targets up to {starts[-1] + seq}, scored: {scored_upto}")
             model.train()
-            for _ in range(epochs):
+            for _ in range(chosen):
                 for b in range(0, len(starts), h.ttt_batch_seqs):
                     group = starts[b: b + h.ttt_batch_seqs]
                     mine = torch.as_tensor(group[rt.rank:: rt.world_size], device=rt.device)
-                    if len(mine):
-                        idx = mine[:, None] + torch.arange(seq, device=rt.device)
+                    if len(mine):  # mean over the whole group's tokens
+                        idx = ttt_backward(train_fn, tokens, mine, seq, len(mine) / len(group), rt)
                         if observer is not None:
                             observer("train", idx, None)
-                        with rt.autocast():
-                            loss = train_fn(tokens[idx].long(), tokens[idx + 1].long())
-                        (loss * (len(mine) / len(group))).backward()  # mean over the whole group's tokens
                     for p in params:
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
@@ -1487,51 +1600,65 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
                     opt.step()
                     opt.zero_grad(set_to_none=True)
             model.eval()
-        rt.sync()
-        t2 = now()
-        # budget guard: slowest rank's timings, so every rank takes the same decision
-        stats = rt.all_reduce(torch.tensor([t1 - t0, (t2 - t1) / max(epochs, 1), t2 - t_start], device=rt.device,
-                                           dtype=torch.float64), dist.ReduceOp.MAX).tolist()
-        score_times.append(stats[0])
-        if c < n_chunks - 1 and epochs:
-            epoch_times.append(stats[1])
-        if c < n_chunks - 2 and epoch_times:
-            ts, te = sum(score_times) / len(score_times), sum(epoch_times) / len(epoch_times)
-            left = budget_s - stats[2] - 0.02 * budget_s - ts
-            to_score, to_train = n_chunks - 1 - c, n_chunks - 2 - c
-            fit = max([e for e in range(h.ttt_epochs + 1) if to_score * ts + to_train * e * te <= left], default=0)
-            if fit != epochs:
-                cuts.append((c + 1, epochs, fit))
-                log(f"ttt_budget: after chunk {c + 1}/{n_chunks} epochs {epochs}->{fit} (projected "
-                    f"{to_score * ts + to_train * fit * te:.1f}s for the rest, {left:.1f}s left after margin)")
-                epochs = fit
+            rt.sync()
+            epoch_s = (now() - t1) / chosen
         if (c + 1) % 10 == 0 or c == 0 or c == n_chunks - 1:
             loss, bpb = loss_and_bpb(totals)
             log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={now() - t_start:.1f}s")
     for p in model.parameters():
         p.requires_grad_(True)
-    return totals, dict(chunks=n_chunks, epoch_cuts=cuts, final_epochs=epochs, legal=True)  # checked per chunk
+    log(f"ttt_budget: trained {guard.trained}/{guard.planned} chunk-epochs ({len(changes)} changes, "
+        f"{guard.probes} probes; budget {budget_s:.1f}s)")
+    return totals, dict(chunks=n_chunks, epoch_changes=changes, trained=guard.trained, planned=guard.planned,
+                        probes=guard.probes, legal=True)  # legality is checked per chunk, above
+
+
+def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, luts) -> int:
+    """Compile, before the eval timer, every graph the timed eval runs: each scoring batch shape of each
+    pass (a last partial batch included) and each TTT training shape, called through the same code
+    with the same modes (eval/train, inference mode, frozen params, distinct ids and targets), on random
+    tokens. Weights are untouched (no optimizer step); returns the number of shapes."""
+    L, batch = h.eval_len, eval_batch(h, rt.world_size, h.eval_len)
+    shares = [rank_share(plan_windows(n_targets, L, L), rt)]
+    if h.eval_sliding and h.eval_stride < L:
+        shares.append(rank_share(plan_windows(n_targets, L, h.eval_stride), rt))
+    train_shapes = set()
+    if h.ttt_enabled:
+        windows, bounds, offsets = ttt_plan(n_targets, h)
+        shares += [rank_share(windows[a:b], rt) for a, b in zip(bounds[:-1], bounds[1:])]
+        if len(bounds) > 2:  # a chunk is trained
+            train_shapes = {len(offsets[b: b + h.ttt_batch_seqs][rt.rank:: rt.world_size])
+                            for b in range(0, len(offsets), h.ttt_batch_seqs)} - {0}
+    noise = torch.randint(0, h.vocab_size, (L + 1,), device=rt.device).to(torch.int32)
+    score_fn, score_shapes = make_score_fn(model, rt), {score_batch(len(s), batch) for s in shares if len(s)}
+    model.eval()
+    for b in score_shapes:
+        score_windows(score_fn, noise, np.array([[0, 0, L]] * b), L, b, luts, rt)
+    if train_shapes:
+        seq, train_fn = min(L, h.ttt_chunk_tokens), compile_model(model, rt)
+        model.train()
+        for b in train_shapes:
+            ttt_backward(train_fn, noise, torch.zeros(b, dtype=torch.long, device=rt.device), seq, 1.0, rt)
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    return len(score_shapes) + len(train_shapes)
 
 
 def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Tensor, luts, log: Log) -> dict:
     """The timed evaluation of the dequantized artifact. Compile warm-up on random tokens (never val
-    tokens) happens before the timer, as the contest counts it; scoring and TTT are inside."""
+    tokens) happens before the timer, as the contest counts it; scoring and TTT are inside, and the
+    number of graphs compiled inside the timer is logged (it should be 0)."""
     L, bits = h.eval_len, h.quant_bits
     batch = eval_batch(h, rt.world_size, L)
+    if h.ttt_enabled:  # the whole eval runs with TTT's frozen set, so no graph sees a requires_grad change
+        ttt_params(model, h.ttt_freeze_blocks)
     score_fn = make_score_fn(model, rt)
     if rt.compile:
-        noise = torch.randint(0, h.vocab_size, (batch, L), device=rt.device)
-        with torch.inference_mode(), rt.autocast():
-            score_fn(noise, noise)
-        if h.ttt_enabled:  # TTT's training graph too, at this rank's group shape; gradients discarded
-            ttt_params(model, h.ttt_freeze_blocks)
-            seq = min(L, h.ttt_chunk_tokens)
-            group = min(h.ttt_batch_seqs, h.ttt_chunk_tokens // seq)
-            noise = torch.randint(0, h.vocab_size, (len(range(rt.rank, group, rt.world_size)), seq), device=rt.device)
-            if len(noise):
-                with rt.autocast():
-                    compile_model(model, rt)(noise, noise).backward()
-            model.zero_grad(set_to_none=True)
+        t = now()
+        shapes = warm_up_eval(model, h, rt, val_tokens.numel() - 1, luts)
+        log(f"eval_warmup: {shapes} graph shapes compiled in {now() - t:.1f}s (before the eval timer)")
+    model.eval()
+    graphs_before = compiled_graphs(rt)
     results, times = {}, {}
     n_targets = val_tokens.numel() - 1
     rt.sync()
@@ -1560,9 +1687,13 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         record("ttt", "legal_ttt", totals, t0)
     rt.sync()
     times["total"] = (now() - t_eval) * 1000
+    compiled_inside = compiled_graphs(rt) - graphs_before
+    if rt.compile:
+        log(f"eval_compiles: {compiled_inside} graphs compiled inside the timed eval")
     final_key = "ttt" if "ttt" in results else "sliding" if "sliding" in results else "roundtrip"
     log("eval_time: " + " ".join(f"{k}:{v:.0f}ms" for k, v in times.items()))
-    return dict(results=results, times_ms=times, final=final_key, ttt=ttt_info, n_targets=n_targets)
+    return dict(results=results, times_ms=times, final=final_key, ttt=ttt_info, n_targets=n_targets,
+                compiled_inside=compiled_inside)
 
 
 # =====================================================================================================
