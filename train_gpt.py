@@ -22,6 +22,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import difflib
 import glob
 import hashlib
 import importlib
@@ -76,6 +77,7 @@ class Hyperparameters:
     iterations: int = knob(20000, 1)  # step limit (the wallclock cap usually stops training first)
     max_wallclock_seconds: float = knob(600.0, 0.0)  # training time cap; 0 = none (iteration warmdown)
     train_batch_tokens: int = knob(786432, 1)  # global tokens per step, fixed for any number of processes
+    train_micro_batches: int = knob(0, 0)  # micro-batches per step, all ranks together (0 = 8, or WORLD_SIZE above 8)
     train_seq_len: int = knob(2048, 2)  # training sequence length
     warmup_steps: int = knob(20, 0)  # compile warm-up steps, undone before the timer starts
     warmdown_iters: int = knob(3500, 0)  # linear LR decay over the last this-many (projected) steps
@@ -225,9 +227,7 @@ class Hyperparameters:
         need(self.xsa_last_n <= n, f"XSA_LAST_N={self.xsa_last_n} exceeds the {n} logical layers")
         need(self.parallel_start < n, f"PARALLEL_START={self.parallel_start} exceeds the {n} logical layers")
         need(self.ttt_freeze_blocks <= n, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds {n} layers")
-        need(self.train_batch_tokens % (8 * self.train_seq_len) == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of 8*TRAIN_SEQ_LEN="
-             f"{8 * self.train_seq_len} (8 micro-batches of whole sequences per step)")
+        self.check_world(1)
         need(self.eval_stride <= self.eval_len, f"EVAL_STRIDE={self.eval_stride} exceeds the eval length {self.eval_len}")
         need(self.ttt_chunk_tokens % self.eval_stride == 0,
              f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a multiple of EVAL_STRIDE={self.eval_stride}")
@@ -237,11 +237,40 @@ class Hyperparameters:
         need(self.muon_ns == "classic" or self.muon_backend_steps == 5,
              "MUON_NS=polar has exactly 5 tuned steps: set MUON_BACKEND_STEPS=5")
 
+    def micro_batches(self, world: int) -> int:
+        return self.train_micro_batches or max(8, world)
+
+    def check_world(self, world: int) -> None:
+        """A step is micro_batches(world) micro-batches of whole sequences, split evenly over the ranks."""
+        m = self.micro_batches(world)
+        if m % world:
+            raise ConfigError(f"WORLD_SIZE={world} must divide the {m} micro-batches of a step (TRAIN_MICRO_BATCHES; "
+                              "0 = 8, or WORLD_SIZE above 8)")
+        if self.train_batch_tokens % (m * self.train_seq_len):
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of {m}*TRAIN_SEQ_LEN="
+                              f"{m * self.train_seq_len} ({m} micro-batches of whole sequences per step)")
+
     def model_config(self) -> dict:
         """The fields that shape the network: stored in the artifact so a verifier rebuilds it."""
         return {k: getattr(self, k) for k in MODEL_FIELDS}
 
 
+def misspelt_knobs(env) -> list[tuple[str, str]]:
+    """Environment variables that are no knob but look like one: (name, the closest knob). A typo such
+    as MATRIX_LRR=0.1 is otherwise ignored and the run silently uses the default."""
+    knobs = [f.name.upper() for f in dataclasses.fields(Hyperparameters)] + ["RANK", "WORLD_SIZE", "LOCAL_RANK"]
+    found = []
+    for name in sorted(env):
+        if name in knobs or name.startswith(FOREIGN_ENV_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)
+        if close:
+            found.append((name, close[0]))
+    return found
+
+
+FOREIGN_ENV_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL_", "PYTHON", "MASTER_", "LOCAL_", "GROUP_",
+                        "ROLE_", "TRITON", "HF_", "LC_", "XDG_", "SLURM_")
 MODEL_FIELDS = ("vocab_size", "num_layers", "unique_layers", "loop_start", "loop_end", "loop_repeats",
                 "loop_enable_at", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_neg_slope",
                 "logit_softcap", "rope_base", "rope_dims", "qk_gain_init", "ln_scale", "xsa_last_n",
@@ -252,7 +281,8 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "unique_layers", "loop_start", "loop
 # =====================================================================================================
 # RUNTIME AND LOGGING
 # One code path for CUDA (NCCL, bf16 autocast, torch.compile) and CPU (gloo, fp32, eager). The global
-# batch is always 8 micro-batches, so 1, 2, 4 or 8 processes train the same model.
+# batch is always TRAIN_MICRO_BATCHES micro-batches (8 up to 8 processes), so any number of processes
+# that divides it trains the same model; beyond 8 processes (multi-node) each takes one micro-batch.
 # =====================================================================================================
 
 
@@ -263,6 +293,7 @@ class Runtime:
     local_rank: int
     device: torch.device
     compile: bool
+    micro_batches: int = 8
 
     @property
     def is_master(self) -> bool:
@@ -270,7 +301,7 @@ class Runtime:
 
     @property
     def grad_accum(self) -> int:
-        return 8 // self.world_size
+        return self.micro_batches // self.world_size
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -291,21 +322,21 @@ class Runtime:
             dist.barrier()
 
 
-def parse_dist_env(env) -> tuple[int, int, int]:
+def parse_dist_env(env, h: Hyperparameters) -> tuple[int, int, int]:
     try:
         rank, world, local = (int(env.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     except ValueError:
         raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
-    if world < 1 or 8 % world:
-        raise ConfigError(f"WORLD_SIZE={world}: the global batch is 8 micro-batches, so the number of "
-                          "processes must divide 8 (1, 2, 4 or 8)")
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={world} must be at least 1")
+    h.check_world(world)
     if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
     return rank, world, local
 
 
 def setup_runtime(h: Hyperparameters, env) -> Runtime:
-    rank, world, local = parse_dist_env(env)
+    rank, world, local = parse_dist_env(env, h)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -318,7 +349,7 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
     use_compile = cuda if h.compile == "auto" else h.compile == "1"
     if use_compile:
         torch._dynamo.config.cache_size_limit = 32  # train/eval shapes x recurrence stages x QAT
-    return Runtime(rank, world, local, device, use_compile)
+    return Runtime(rank, world, local, device, use_compile, h.micro_batches(world))
 
 
 class Log:
@@ -1812,10 +1843,12 @@ def config_hash(h: Hyperparameters) -> str:
 # =====================================================================================================
 
 
-def run(h: Hyperparameters, rt: Runtime, code: str) -> dict:
+def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, str]] = ()) -> dict:
     run_id = h.run_id or str(uuid.uuid4())
     log = Log(Path("logs") / f"{run_id}.txt" if rt.is_master else None)
     log_header(log, h, rt, code)
+    for name, knob_name in misspelt:
+        log(f"warning: {name} is not a knob and is ignored; did you mean {knob_name}?")
     sp = load_tokenizer(h)
     luts = build_byte_luts(sp, rt.device)
     train_files = None if h.eval_only_artifact else find_shards(h, "train")
@@ -1889,10 +1922,11 @@ def run(h: Hyperparameters, rt: Runtime, code: str) -> dict:
 
 
 def main() -> None:
-    h = Hyperparameters.from_env(os.environ)
-    rt = setup_runtime(h, os.environ)
+    env = os.environ
+    h = Hyperparameters.from_env(env)
+    rt = setup_runtime(h, env)
     try:
-        run(h, rt, Path(__file__).read_text(encoding="utf-8"))
+        run(h, rt, Path(__file__).read_text(encoding="utf-8"), misspelt_knobs(env))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -37,6 +37,7 @@ def test_parsing_of_each_type():
     ({"VE_LAYERS": "9,x"}, "VE_LAYERS='9,x'"),
     ({"VE_LAYERS": "11"}, "VE_LAYERS=(11,): logical layers are 0..10"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS=1000 must be a multiple of 8*TRAIN_SEQ_LEN=16384"),
+    ({"TRAIN_MICRO_BATCHES": "5"}, "TRAIN_BATCH_TOKENS=786432 must be a multiple of 5*TRAIN_SEQ_LEN=10240"),
     ({"LOOP_REPEATS": "1"}, "LOOP_START=-1, LOOP_END=-1"),
     ({"ROPE_DIMS": "2"}, "ROPE_DIMS=2"),
     ({"TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS=1000 must be a multiple of EVAL_STRIDE=64"),
@@ -47,10 +48,19 @@ def test_bad_values_name_the_variable(env, message):
         tg.Hyperparameters.from_env(env)
 
 
-@pytest.mark.parametrize("world", ["3", "16", "x"])
-def test_world_size_must_divide_8(world):
-    with pytest.raises(tg.ConfigError, match="WORLD_SIZE"):
-        tg.parse_dist_env({"WORLD_SIZE": world})
+@pytest.mark.parametrize("world, over, message", [
+    ("3", {}, "WORLD_SIZE=3 must divide the 8 micro-batches"), ("x", {}, "must be integers"),
+    ("0", {}, "WORLD_SIZE=0"), ("16", {"TRAIN_MICRO_BATCHES": "8"}, "WORLD_SIZE=16 must divide the 8"),
+    ("10", {}, "TRAIN_BATCH_TOKENS=786432 must be a multiple of 10*TRAIN_SEQ_LEN")])
+def test_world_size_must_split_the_batch(world, over, message):
+    with pytest.raises(tg.ConfigError, match=re.escape(message)):
+        tg.parse_dist_env({"WORLD_SIZE": world}, tg.Hyperparameters.from_env(over))
+
+
+def test_world_sizes_beyond_8_take_one_micro_batch_each():
+    h = tg.Hyperparameters.from_env({})
+    assert tg.parse_dist_env({"WORLD_SIZE": "16", "RANK": "15"}, h) == (15, 16, 0) and h.micro_batches(16) == 16
+    assert h.micro_batches(32) == 32 and h.micro_batches(4) == 8
 
 
 def test_import_starts_nothing():
@@ -65,3 +75,10 @@ def test_script_fails_fast_on_a_bad_value(tmp_path):
     proc = run_script(make_env({}, NUM_LAYERS="abc", DATA_PATH=str(tmp_path)), tmp_path)
     assert proc.returncode != 0 and "NUM_LAYERS='abc'" in proc.stderr
     assert time.time() - t < 30 and not (tmp_path / "logs").exists()
+
+
+def test_misspelt_knobs_are_named_and_foreign_variables_stay_quiet():
+    env = dict(MATRIX_LRR="0.1", TTT_EPOCH="2", NUM_LAYERS="3", PATH="/bin", HOME="/root", CUDA_VISIBLE_DEVICES="0",
+               NCCL_DEBUG="INFO", TORCH_LOGS="recompiles", OMP_NUM_THREADS="1", LOCAL_WORLD_SIZE="8",
+               TORCHELASTIC_RUN_ID="x", MASTER_PORT="29500", WORLD_SIZE="8", LANG="C.UTF-8")
+    assert tg.misspelt_knobs(env) == [("MATRIX_LRR", "MATRIX_LR"), ("TTT_EPOCH", "TTT_EPOCHS")]

@@ -26,7 +26,7 @@ def smoke(tmp_path_factory, small_data):
     cwd = tmp_path_factory.mktemp("smoke")
     # a looped pass that joins halfway: the artifact must be scored in the stage training ended in
     env = make_env(small_data, RUN_ID="smoke", ARTIFACT_PATH=cwd / "model.ptz", VAL_LOSS_EVERY=4, LOOP_START=1,
-                   LOOP_END=1, LOOP_REPEATS=1, LOOP_ENABLE_AT=0.5)
+                   LOOP_END=1, LOOP_REPEATS=1, LOOP_ENABLE_AT=0.5, MATRIX_LRR=0.1)  # a typo, warned about
     proc = run_script(env, cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return cwd, env, proc.stdout
@@ -41,7 +41,8 @@ def test_smoke_run_logs_the_official_lines(smoke):
                  "late_qat:enabled",
                  "weights:applying ema", "DIAGNOSTIC post_ema", "final_int6_roundtrip val_loss:",
                  "final_int6_sliding_window val_loss:", "legal_ttt val_loss:", "final_int8_zlib_roundtrip_exact",
-                 "compliance:ttt_legal PASS", "compliance:train_val_disjoint PASS", "compliance:eval_time PASS"):
+                 "compliance:ttt_legal PASS", "compliance:train_val_disjoint PASS", "compliance:eval_time PASS",
+                 "warning: MATRIX_LRR is not a knob and is ignored; did you mean MATRIX_LR?"):
         assert line in out and line in log, line
     assert "compliance:full_val FAIL" in out  # VAL_MAX_TOKENS scores a prefix: flagged as not a record
     assert log.rstrip().splitlines()[-1] == "final_int8_zlib_roundtrip_exact " + finals(out)["legal_ttt_exact"]

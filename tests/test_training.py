@@ -4,7 +4,7 @@ import re
 
 import torch
 
-from conftest import cpu_runtime, hparams, make_env, run_script, SILENT, tg
+from conftest import SILENT, cpu_runtime, hparams, make_env, run_distributed, run_script, tg
 
 
 def train_tiny(data, warmup_steps):
@@ -40,3 +40,25 @@ def test_compiled_run_compiles_nothing_once_timers_run(small_data, tmp_path):
     assert "train_compiles: 0 graphs compiled after warm-up" in proc.stdout
     assert "eval_compiles: 0 graphs compiled inside the timed eval" in proc.stdout
     assert "ttt_budget: trained 4/4 chunk-epochs" in proc.stdout
+
+
+def train_ranks(rank, world, data):
+    """Two steps on `world` gloo ranks of a step made of 16 micro-batches (one per rank at 16 ranks)."""
+    torch.set_num_threads(1)
+    h = hparams(data, TRAIN_MICRO_BATCHES=16, ITERATIONS=2, WARMUP_STEPS=0, EMA_DECAY=0, LATE_QAT_THRESHOLD=0)
+    rt = tg.Runtime(rank, world, 0, torch.device("cpu"), False, h.micro_batches(world))
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    tokens = tg.load_val_tokens(h, rt)
+    luts = tg.build_byte_luts(tg.load_tokenizer(h), "cpu")
+    info = tg.train_model(model, h, rt, tg.TrainLoader(tg.find_shards(h, "train")[0], rt), tokens, luts, SILENT)
+    return info["pre_quant"]["val_loss"], [p.detach().clone() for p in model.parameters()]
+
+
+def test_sixteen_ranks_train_like_one(small_data, tmp_path):
+    """Beyond 8 processes (multi-node) each rank takes one micro-batch: 16 gloo ranks end where one
+    process with 16 micro-batches per step does, up to float noise."""
+    loss, params = train_ranks(0, 1, small_data)
+    for loss16, params16 in run_distributed(train_ranks, 16, tmp_path, small_data):
+        assert abs(loss16 - loss) < 1e-5
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(params16, params))
