@@ -81,6 +81,7 @@ class Hyperparameters:
     train_seq_len: int = knob(2048, 2)  # training sequence length
     warmup_steps: int = knob(20, 0)  # compile warm-up steps, undone before the timer starts
     warmdown_iters: int = knob(3500, 0)  # linear LR decay over the last this-many (projected) steps
+    warmdown_frac: float = knob(0.0, 0.0, 1.0)  # ... or over this fraction of the run (of the cap, else steps)
     min_lr: float = knob(0.0, 0.0, 1.0)  # floor of the warmdown LR multiplier
     grad_clip_norm: float = knob(0.3, 0.0)  # global norm of the rank-averaged gradients; 0 = off
     val_loss_every: int = knob(4000, 0)  # validate every N steps and at the last; 0 = never while training
@@ -912,8 +913,12 @@ def all_reduce_grads(params: list[Tensor], rt: Runtime, divide_by: float) -> Non
 
 
 def lr_multiplier(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters) -> float:
-    """1, then a linear decay to MIN_LR over the last WARMDOWN_ITERS steps, which under a wallclock
-    cap are projected from the mean step time so far."""
+    """1, then a linear decay to MIN_LR over the last WARMDOWN_FRAC of the run (of the wallclock cap, else
+    of ITERATIONS), or else over the last WARMDOWN_ITERS steps, projected from the mean step time so far
+    under a cap (a run shorter than that starts in warmdown: train_model warns)."""
+    if h.warmdown_frac:
+        progress = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
+        return max(min((1 - progress) / h.warmdown_frac, 1.0), h.min_lr)
     if h.warmdown_iters <= 0:
         return 1.0
     if cap_ms > 0:
@@ -1338,6 +1343,7 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
 
     averager = WeightAverager(model, h)
     train_ms, step, stop_after, qat_on, graphs = 0.0, 0, None, False, compiled_graphs(rt)
+    warned_schedule = False
     rt.sync()
     t0 = now()
     while True:
@@ -1360,6 +1366,11 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             model.set_stage(stage)
             log(f"recurrence:stage {stage} active_layers:{len(model.active)} step:{step}")
         lr_mul = lr_multiplier(step, elapsed, cap_ms, h)
+        if lr_mul < 1 and progress < 0.1 and not (warned_schedule or h.warmdown_frac):
+            warned_schedule = True
+            log(f"warning: the LR warmdown starts at step {step}, {progress:.0%} into the run (lr_mul {lr_mul:.3f}"
+                + (", late QAT on at once" if lr_mul < h.late_qat_threshold else "") + "): WARMDOWN_ITERS="
+                f"{h.warmdown_iters} is about as long as the whole run; set WARMDOWN_FRAC (e.g. 0.5) for short runs")
         if h.late_qat_threshold and not qat_on and lr_mul < h.late_qat_threshold:
             model.set_qat(h.quant_bits)
             qat_on = True

@@ -76,6 +76,35 @@ def test_lr_schedule_with_a_fake_clock():
     # no cap: iteration-based
     assert tg.lr_multiplier(95, 0.0, 0.0, h) == pytest.approx(0.5)
     assert tg.lr_multiplier(10, 0.0, 0.0, h) == 1.0
+    # WARMDOWN_FRAC: the last half of the cap (or of the iterations), whatever the step time
+    f = tg.Hyperparameters.from_env({"WARMDOWN_FRAC": "0.5", "ITERATIONS": "100", "MIN_LR": "0.1"})
+    assert [tg.lr_multiplier(s, ms, 1000.0, f) for s, ms in ((1, 10.0), (3, 500.0), (4, 750.0), (5, 990.0))] == \
+        pytest.approx([1.0, 1.0, 0.5, 0.1])
+    assert tg.lr_multiplier(75, 0.0, 0.0, f) == pytest.approx(0.5) and tg.lr_multiplier(40, 0.0, 0.0, f) == 1.0
+
+
+def test_short_run_schedule_warns_or_scales(small_data):
+    """A run shorter than WARMDOWN_ITERS starts in warmdown (lr_mul < 1 at step 0): the log says so.
+    With WARMDOWN_FRAC the LR holds at 1, then decays over the configured fraction of the run."""
+    from conftest import hparams
+    for over, warned in (({"WARMDOWN_ITERS": 100}, True), ({"WARMDOWN_FRAC": 0.5}, False)):
+        h = hparams(small_data, ITERATIONS=4, WARMUP_STEPS=0, LATE_QAT_THRESHOLD=0.5, **over)
+        lines, muls = [], []
+        model = tg.GPT(h)
+        rt = cpu_runtime()
+        real = tg.lr_multiplier
+        tg.lr_multiplier = lambda *a: muls.append(real(*a)) or muls[-1]
+        try:
+            tg.train_model(model, h, rt, tg.TrainLoader(tg.find_shards(h, "train")[0], rt),
+                           tg.load_val_tokens(h, rt), tg.build_byte_luts(tg.load_tokenizer(h), "cpu"), lines.append)
+        finally:
+            tg.lr_multiplier = real
+        warning = [l for l in lines if l.startswith("warning: the LR warmdown starts at step 0")]
+        assert bool(warning) == warned, lines
+        if warned:
+            assert "lr_mul 0.040, late QAT on at once" in warning[0] and "WARMDOWN_FRAC" in warning[0]
+        else:
+            assert muls == pytest.approx([1.0, 1.0, 1.0, 0.5])
 
 
 def test_ema_and_swa_math_and_export():
