@@ -72,14 +72,22 @@ def cpu_runtime(rank: int = 0, world: int = 1) -> tg.Runtime:
 SILENT = tg.Log(None)
 
 
+def script_env(env: dict, nproc: int = 0) -> dict:
+    """This process's environment (PYTHONPATH, CUDA_*, LD_LIBRARY_PATH, NCCL_*, TORCH* pass through) without
+    any variable train_gpt.py reads as a knob or from torchrun, plus `env`: a test sets every knob it uses."""
+    knobs = {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}
+    knobs |= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    full = {k: v for k, v in os.environ.items() if k not in knobs}
+    full.update({k: str(v) for k, v in env.items()})
+    full.update(OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), PYTHONUNBUFFERED="1")
+    return full
+
+
 def run_script(env: dict, cwd: Path, script: Path = REPO / "train_gpt.py", nproc: int = 0, timeout: int = 300):
-    """Run train_gpt.py in a clean environment (only PATH/HOME plus `env`), optionally under torchrun."""
-    full = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-    full.update(env, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-                PYTHONUNBUFFERED="1")
+    """Run train_gpt.py in this environment minus the script's knobs (script_env), optionally under torchrun."""
     cmd = ([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
            if nproc else [PY, str(script)])
-    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=script_env(env, nproc), capture_output=True, text=True, timeout=timeout)
 
 
 def summary(cwd: Path, run_id: str) -> dict:
