@@ -152,7 +152,8 @@ def test_gpu_report_runs_end_to_end_on_cpu(small_data, tmp_path):
     assert list(t["phases"])[:8] == ["startup", "data", "model", "train", "export", "eval_load", "eval", "done"]
     assert t["phases"]["train.training"] > 0 and t["phases"]["eval.timed"] > 0
     assert t["recompiles"]["total"] == 0  # eager on a CPU: nothing compiles
-    assert (out / "logs" / "report_train.txt").exists() and (out / "train.log").read_text().startswith("[+")
+    assert t["phases"]["overhead"] > 0 and not (out / "report_train.ptz").exists()  # the artifact is not kept
+    assert (out / "logs" / "report_train.txt").exists() and (out / "report_train.log").read_text().startswith("[+")
     assert "2 skipped" in r["tests"]["result"]
     md = (out / "report.md").read_text()
     for heading in ("## Device", "## Throughput", "## Top kernels", "### Phases", "### Recompiles: 0", "### Timeline",
@@ -172,7 +173,7 @@ def test_gpu_report_parses_phases_and_recompiles():
     ph = gpu_report.phases(lines)
     assert ph == {"startup": 2.0, "data": 1.0, "model": 1.0, "train": 46.0, "export": 10.0, "eval": 11.0, "done": 1.0,
                   "train.compile_warmup": 25.0, "train.training": 10.0, "train.after_training": 11.0,
-                  "eval.untimed_warmup": 7.0, "eval.timed": 4.0}
+                  "eval.untimed_warmup": 7.0, "eval.timed": 4.0, "total": 72.0, "overhead": 58.0}
     rc = gpu_report.recompiles(lines)
     assert rc == dict(total=2, after_training_began=1, by_function={"newton_schulz": 1, "forward": 1}, eval_compiles=0)
     tl = gpu_report.timeline(lines)

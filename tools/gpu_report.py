@@ -10,10 +10,11 @@ Steps (each can be left out with --skip NAME):
   bench    tools/bench_speed.py on the record model: tokens/s, ms per micro-step, peak memory, MFU
   profile  torch.profiler over a few training micro-steps: the top kernels by device time, raw table
   train    a record-config run of train_gpt.py (torchrun on a GPU) under TORCH_LOGS=recompiles; every
-           output line timestamped on arrival; its phase timeline and recompile count
+           output line timestamped on arrival; its phase timeline and recompile count (--warm-rerun:
+           twice, on a cold then a warm COMPILE_CACHE_DIR)
   tests    python -m pytest -q tests/test_gpu.py
 Output (default results/gpu_report_<date>/): report.md (tables), report.json, and the raw files
-(env.txt, bench_speed.txt/.json, profile.txt, train.log with arrival times, logs/, tests.txt).
+(env.txt, bench_speed.txt/.json, profile.txt, report_train.log with arrival times, logs/, tests.txt).
 
 Data: DATA_PATH / TOKENIZER_PATH from the environment, else the embedded corpus (built if missing).
 Every train_gpt.py knob in the environment reaches the run (COMPILE_CACHE_DIR=... for a warm-cache run).
@@ -74,8 +75,7 @@ def run_logged(cmd: list, path: Path, env: dict | None = None, timeout: float | 
 
 def env_info(out: Path) -> dict:
     cuda = torch.cuda.is_available()
-    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                host=platform.node(), platform=platform.platform(), python=platform.python_version(),
+    info = dict(host=platform.node(), platform=platform.platform(), python=platform.python_version(),
                 torch=torch.__version__, cuda=torch.version.cuda, cpus=os.cpu_count(),
                 device=torch.cuda.get_device_name() if cuda else "cpu", gpus=torch.cuda.device_count() if cuda else 0,
                 missing=[m for m in ("zstandard", "brotli", "sentencepiece", "numpy") if not importlib.util.find_spec(m)])
@@ -105,6 +105,7 @@ def profile_steps(config: str, steps: int, out: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     rt = tg.Runtime(0, 1, 0, torch.device("cuda" if cuda else "cpu"), cuda)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as setup_runtime does
     over = dict(bench_speed.CONFIGS[config])
     micro_seqs = over.pop("micro_seqs")
     h = tg.Hyperparameters.from_env({k: str(v) for k, v in over.items()})
@@ -183,6 +184,9 @@ def phases(lines: list) -> dict:
     if timed is not None and "eval" in out:
         out["eval.untimed_warmup"] = round(out["eval"] - timed, 2)
         out["eval.timed"] = round(timed, 2)
+    if "train.training" in out and "eval.timed" in out:  # what the budget counts: all but the two timers
+        out["total"] = round(end, 2)
+        out["overhead"] = round(end - out["train.training"] - out["eval.timed"], 2)
     return out
 
 
@@ -200,28 +204,30 @@ def recompiles(lines: list) -> dict:
     return dict(total=len(found), after_training_began=sum(t >= begun for t, _ in found), by_function=by_fn, **counts)
 
 
-def train_run(out: Path, tiny: bool, seconds: float, nproc: int) -> dict:
-    env = dict(os.environ)
+def train_run(out: Path, tiny: bool, seconds: float, nproc: int, run_id: str, cache: Path | None) -> dict:
+    env = dict(os.environ, **({"COMPILE_CACHE_DIR": str(cache)} if cache else {}))
     if "DATA_PATH" not in env:
         ensure_embedded_data()
         env.update(EMBEDDED)
     for k, v in (TINY_TRAIN.items() if tiny else ()):
         env.setdefault(k, str(v))
-    env.update(RUN_ID="report_train", MAX_WALLCLOCK_SECONDS=str(seconds), ARTIFACT_PATH=str(out / "final_model.ptz"),
+    env.update(RUN_ID=run_id, MAX_WALLCLOCK_SECONDS=str(seconds), ARTIFACT_PATH=str(out / f"{run_id}.ptz"),
                TORCH_LOGS=",".join(filter(None, [env.get("TORCH_LOGS"), "recompiles"])), PYTHONUNBUFFERED="1")
     script = str(REPO / "train_gpt.py")
     cmd = ([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
            if torch.cuda.is_available() or nproc > 1 else [PY, script])
-    rc, lines = run_logged(cmd, out / "train.log", env, timeout=seconds + 3600)
-    summary = out / "logs" / "report_train.json"
+    rc, lines = run_logged(cmd, out / f"{run_id}.log", env, timeout=seconds + 3600)
+    summary = out / "logs" / f"{run_id}.json"
     s = json.loads(summary.read_text()) if summary.exists() else {}
+    (out / f"{run_id}.ptz").unlink(missing_ok=True)  # its size is in the summary; the folder gets committed
     texts = [text for _, text in lines]
     step_avg = [float(m.group(1)) for x in texts if (m := re.search(r"^step:\d+/\d+ train_loss.* step_avg:([\d.]+)ms", x))]
-    return dict(rc=rc, cmd=" ".join(cmd[-3:]), wall_s=round(lines[-1][0], 2) if lines else 0.0, phases=phases(lines),
+    return dict(rc=rc, cmd=" ".join(cmd[-3:]), compile_cache=env.get("COMPILE_CACHE_DIR", ""), wall_s=round(lines[-1][0], 2) if lines else 0.0, phases=phases(lines),
                 recompiles=recompiles(lines), timeline=timeline(lines), steps=(s.get("train") or {}).get("steps"),
                 step_avg_ms=step_avg[-1] if step_avg else None, final_val_bpb=(s.get("final") or {}).get("val_bpb"),
                 bytes_total=(s.get("bytes") or {}).get("total"), eval_ms=((s.get("eval") or {}).get("times_ms")),
-                errors=[x for x in texts if x.startswith(("error:", "Traceback"))][:5])
+                errors=[x for x in texts if x.startswith(("error:", "Traceback"))][:5],
+                compile_cache_line=next((x for x in texts if x.startswith("compile_cache:")), ""))
 
 
 def gpu_tests(out: Path) -> dict:
@@ -231,7 +237,7 @@ def gpu_tests(out: Path) -> dict:
 
 
 def write_report(out: Path, r: dict) -> None:
-    md = [f"# GPU report {r['env']['date'] if 'env' in r else ''}", "", f"Command: `{r['command']}`", ""]
+    md = [f"# GPU report {r['date']}", "", f"Command: `{r['command']}`", ""]
     if "env" in r:
         e = r["env"]
         md += ["## Device", "", markdown_table([{k: e.get(k, "") for k in ("device", "gpus", "driver", "torch", "cuda",
@@ -249,9 +255,16 @@ def write_report(out: Path, r: dict) -> None:
         md += [f"## Top kernels ({p.get('steps')} micro-steps of {p.get('micro_batch')}, {p.get('timed')} time "
                f"{p.get('ms_per_step')} ms per micro-step; raw table in profile.txt)", ""]
         md += [markdown_table(p["top"], ["kernel", "calls", "ms_per_step", "share"]) if p["rc"] == 0 else f"failed: rc {p['rc']}", ""]
-    if "train" in r:
-        t = r["train"]
-        md += [f"## Training run (`{t['cmd']}`, {r['train_seconds']} s of training, rc {t['rc']})", ""]
+    runs = [k for k in ("train", "train_warm") if k in r]
+    if len(runs) == 2:
+        names = list(dict.fromkeys([*r["train"]["phases"], *r["train_warm"]["phases"]]))
+        md += ["## Phases, fresh and warm compile cache (seconds)", "", markdown_table(
+            [dict(phase=k, fresh=r["train"]["phases"].get(k, ""), warm=r["train_warm"]["phases"].get(k, "")) for k in names],
+            ["phase", "fresh", "warm"]), ""]
+    for key in runs:
+        t = r[key]
+        md += [f"## Training run{' (warm compile cache)' if key == 'train_warm' else ''} (`{t['cmd']}`, "
+               f"{r['train_seconds']} s of training, rc {t['rc']}, COMPILE_CACHE_DIR={t['compile_cache'] or '(unset)'})", ""]
         md += [markdown_table([dict(steps=t["steps"], step_avg_ms=t["step_avg_ms"], final_val_bpb=t["final_val_bpb"],
                                     bytes_total=t["bytes_total"], wall_s=t["wall_s"])],
                               ["steps", "step_avg_ms", "final_val_bpb", "bytes_total", "wall_s"]), ""]
@@ -260,7 +273,7 @@ def write_report(out: Path, r: dict) -> None:
         rc = t["recompiles"]
         md += [f"### Recompiles: {rc['total']} ({rc['after_training_began']} after training began) "
                f"{json.dumps(rc['by_function'])}"
-               + "".join(f"; {k}: {v}" for k, v in rc.items() if k.endswith("_compiles")), ""]
+               + "".join(f"; {k}: {v}" for k, v in rc.items() if k.endswith("_compiles")), "", t["compile_cache_line"], ""]
         md += ["### Timeline (arrival of each marker line)", "", markdown_table(t["timeline"], ["at_s", "since_prev_s", "line"]), ""]
         if t["errors"]:
             md += ["Errors: " + " / ".join(t["errors"]), ""]
@@ -277,6 +290,8 @@ def main() -> None:
     p.add_argument("--train-seconds", type=float, help="training wallclock of the run (default 120; --tiny 3)")
     p.add_argument("--nproc", type=int, default=max(torch.cuda.device_count(), 1), help="torchrun processes")
     p.add_argument("--profile-steps", type=int, default=5, help="micro-steps in the profiler trace")
+    p.add_argument("--warm-rerun", action="store_true", help="train twice on one emptied COMPILE_CACHE_DIR "
+                   "(.compile_cache/gpu_report): the phase timeline with a cold and with a warm compile cache")
     p.add_argument("--skip", default="", help=f"comma-separated steps to leave out: {','.join(STEPS)}")
     p.add_argument("--profile-only", help=argparse.SUPPRESS)  # internal: the profiler's own process
     args = p.parse_args()
@@ -284,15 +299,25 @@ def main() -> None:
     if args.profile_only:
         return profile_steps(args.profile_only, args.profile_steps, args.out)
     skip = set(filter(None, args.skip.split(",")))
-    if skip - set(STEPS):
+    if "train" in skip:
+        skip.add("train_warm")
+    if skip - set(STEPS) - {"train_warm"}:
         p.error(f"--skip: unknown step(s) {sorted(skip - set(STEPS))}; steps: {','.join(STEPS)}")
     out = args.out or REPO / "results" / f"gpu_report_{datetime.date.today().isoformat()}{'_tiny' if args.tiny else ''}"
     out.mkdir(parents=True, exist_ok=True)
     seconds = args.train_seconds if args.train_seconds is not None else 3.0 if args.tiny else 120.0
-    r = dict(command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), tiny=args.tiny, train_seconds=seconds)
+    r = dict(command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), tiny=args.tiny, train_seconds=seconds,
+             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     work = [("env", lambda: env_info(out)), ("bench", lambda: bench(out, args.tiny)),
             ("profile", lambda: profile(out, args.tiny, args.profile_steps)),
-            ("train", lambda: train_run(out, args.tiny, seconds, args.nproc)), ("tests", lambda: gpu_tests(out))]
+            ("train", lambda: train_run(out, args.tiny, seconds, args.nproc, "report_train", cache)),
+            ("train_warm", lambda: train_run(out, args.tiny, seconds, args.nproc, "report_train_warm", cache)),
+            ("tests", lambda: gpu_tests(out))]
+    cache = REPO / ".compile_cache" / "gpu_report" if args.warm_rerun else None
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+    else:
+        skip.add("train_warm")
     for name, fn in work:
         if name in skip:
             continue
