@@ -13,7 +13,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 import train_gpt as tg  # noqa: E402
+from benchlib import child_env  # noqa: E402
 
 PY = sys.executable
 CORPUS = REPO / "data" / "corpus" / "docs_selected.jsonl.xz"
@@ -73,12 +75,9 @@ SILENT = tg.Log(None)
 
 
 def script_env(env: dict, nproc: int = 0) -> dict:
-    """This process's environment (PYTHONPATH, CUDA_*, LD_LIBRARY_PATH, NCCL_*, TORCH* pass through) without
-    any variable train_gpt.py reads as a knob or from torchrun, plus `env`: a test sets every knob it uses."""
-    knobs = {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}
-    knobs |= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    full = {k: v for k, v in os.environ.items() if k not in knobs}
-    full.update({k: str(v) for k, v in env.items()})
+    """benchlib.child_env: this environment (PYTHONPATH, CUDA_*, ...) minus the script's knobs, plus `env`
+    (a test sets every knob it uses), single-threaded under torchrun, unbuffered."""
+    full = child_env(env)
     full.update(OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), PYTHONUNBUFFERED="1")
     return full
 
