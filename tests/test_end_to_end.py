@@ -139,7 +139,8 @@ def test_over_budget_fails_loudly_or_fits(smoke, tmp_path):
 def test_phases_announce_themselves_in_order(smoke):
     cwd, _, out = smoke
     phases = re.findall(r"^phase:(\w+) t:([\d.]+)s$", (cwd / "logs" / "smoke.txt").read_text(), re.M)
-    assert [p for p, _ in phases] == ["data", "model", "train", "export", "eval_load", "eval", "done"]
+    order = ["data", "model", "train", "export", "eval_load", "eval", "done"]
+    assert [p for p, _ in phases if p in order] == order
     times = [float(t) for _, t in phases]
     assert times == sorted(times) and re.findall(r"^phase:\w+", out, re.M) == [f"phase:{p}" for p, _ in phases]
 

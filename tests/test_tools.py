@@ -149,7 +149,8 @@ def test_gpu_report_runs_end_to_end_on_cpu(small_data, tmp_path):
     assert "Self CPU" in (out / "profile.txt").read_text()
     t = r["train"]
     assert t["rc"] == 0 and t["steps"] > 0 and 0 < t["final_val_bpb"] < 10 and not t["errors"]
-    assert list(t["phases"])[:8] == ["startup", "data", "model", "train", "export", "eval_load", "eval", "done"]
+    order = ["startup", "data", "model", "train", "export", "eval_load", "eval", "done"]
+    assert [k for k in t["phases"] if k in order] == order
     assert t["phases"]["train.training"] > 0 and t["phases"]["eval.timed"] > 0
     assert t["recompiles"]["total"] == 0  # eager on a CPU: nothing compiles
     assert t["phases"]["overhead"] > 0 and not (out / "report_train.ptz").exists()  # the artifact is not kept
