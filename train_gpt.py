@@ -88,6 +88,7 @@ class Hyperparameters:
     val_batch_size: int = knob(524288, 1)  # tokens per eval forward, all ranks together
     train_log_every: int = knob(500, 1)  # train_loss line period (steps 1-10 are always logged)
     compile: str = knob("auto", choices=("auto", "0", "1"))  # torch.compile; auto = on for CUDA only
+    compile_cache_dir: str = ""  # folder of torch.compile's disk caches, reused by later runs; "" = torch's default
     # model
     num_layers: int = knob(11, 1)  # logical layers of the base schedule
     unique_layers: int = knob(0, 0)  # physical blocks (0 = NUM_LAYERS); layer i runs block i % this
@@ -350,6 +351,8 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
     use_compile = cuda if h.compile == "auto" else h.compile == "1"
     if use_compile:
         torch._dynamo.config.cache_size_limit = 32  # train/eval shapes x recurrence stages x QAT
+        if h.compile_cache_dir:  # inductor's FX-graph, AOT-autograd, autotune and Triton caches all live under it
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(h.compile_cache_dir)
     return Runtime(rank, world, local, device, use_compile, h.micro_batches(world))
 
 
@@ -357,7 +360,7 @@ class Log:
     """Rank 0 writes logs/{RUN_ID}.txt (and echoes to stdout); other ranks stay silent."""
 
     def __init__(self, path: Path | None):
-        self.path = path
+        self.path, self.t0 = path, now()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a", encoding="utf-8")
@@ -369,6 +372,19 @@ class Log:
             print(msg, flush=True)
         self.file.write(msg + "\n")
         self.file.flush()
+
+    def phase(self, name: str) -> None:
+        """A phase of the run begins; tools/gpu_report.py builds the run's timeline from these lines."""
+        self(f"phase:{name} t:{now() - self.t0:.1f}s")
+
+
+def compile_cache_line(h: Hyperparameters) -> str:
+    """torch.compile's disk-cache hits this run (a warm COMPILE_CACHE_DIR: misses 0)."""
+    c = torch._dynamo.utils.counters
+    return (f"compile_cache:{h.compile_cache_dir or 'default'} "
+            f"fx_graph_hits:{c['inductor']['fxgraph_cache_hit']} fx_graph_misses:{c['inductor']['fxgraph_cache_miss']} "
+            f"aot_autograd_hits:{c['aot_autograd']['autograd_cache_hit']} "
+            f"aot_autograd_misses:{c['aot_autograd']['autograd_cache_miss']}")
 
 
 def log_header(log: Log, h: Hyperparameters, rt: Runtime, code: str) -> None:
@@ -1860,6 +1876,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     log_header(log, h, rt, code)
     for name, knob_name in misspelt:
         log(f"warning: {name} is not a knob and is ignored; did you mean {knob_name}?")
+    log.phase("data")
     sp = load_tokenizer(h)
     luts = build_byte_luts(sp, rt.device)
     train_files = None if h.eval_only_artifact else find_shards(h, "train")
@@ -1876,6 +1893,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
                    code_sha256=hashlib.sha256(code.encode()).hexdigest(), torch=torch.__version__,
                    device=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}")
     if not h.eval_only_artifact:
+        log.phase("model")
         torch.manual_seed(h.seed)
         np.random.seed(h.seed)
         model = GPT(h).to(rt.device)
@@ -1892,14 +1910,17 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
             f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}")
         log(f"seed:{h.seed}")
         loader = TrainLoader(train_files[0], rt)
+        log.phase("train")
         train_info = train_model(model, h, rt, loader, val_tokens, luts, log)
         meta = dict(model=h.model_config(), stage=model.stage, tokenizer_sha256=tokenizer_sha, run_id=run_id,
                     weights=train_info["weights"], quant=dict(method=h.quant_method, bits=h.quant_bits, embed_bits=h.embed_bits))
+        log.phase("export")
         if rt.is_master:
             sizes = export_artifact(model, h, rt, log, code, meta, train_info.pop("hessians"), val_tokens, luts)
         train_info.pop("hessians", None)
         del model
         rt.barrier()
+    log.phase("eval_load")
     artifact = h.eval_only_artifact or h.artifact_path
     qstate, meta = read_artifact(artifact)  # every rank, from disk
     if meta.get("tokenizer_sha256") != tokenizer_sha:
@@ -1913,7 +1934,11 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
             f"quant {meta['quant']})")
     model = model_from_qstate(qstate, eval_h, rt, meta["stage"])
     log(f"eval_model: stage {model.stage}, {len(model.active)} of {len(model.slots)} logical layers active")
+    log.phase("eval")
     ev = run_evaluations(model, eval_h, rt, val_tokens, luts, log)
+    log.phase("done")
+    if rt.compile:
+        log(compile_cache_line(h))
     checks = compliance_checks(h, train_info, ev, sizes)
     for name, status, detail in checks:
         log(f"compliance:{name} {status} {detail}")

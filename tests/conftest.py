@@ -13,7 +13,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 import train_gpt as tg  # noqa: E402
+from benchlib import child_env  # noqa: E402
 
 PY = sys.executable
 CORPUS = REPO / "data" / "corpus" / "docs_selected.jsonl.xz"
@@ -72,14 +74,19 @@ def cpu_runtime(rank: int = 0, world: int = 1) -> tg.Runtime:
 SILENT = tg.Log(None)
 
 
+def script_env(env: dict, nproc: int = 0) -> dict:
+    """benchlib.child_env: this environment (PYTHONPATH, CUDA_*, ...) minus the script's knobs, plus `env`
+    (a test sets every knob it uses), single-threaded under torchrun, unbuffered."""
+    full = child_env(env)
+    full.update(OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"), PYTHONUNBUFFERED="1")
+    return full
+
+
 def run_script(env: dict, cwd: Path, script: Path = REPO / "train_gpt.py", nproc: int = 0, timeout: int = 300):
-    """Run train_gpt.py in a clean environment (only PATH/HOME plus `env`), optionally under torchrun."""
-    full = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-    full.update(env, OMP_NUM_THREADS="1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-                PYTHONUNBUFFERED="1")
+    """Run train_gpt.py in this environment minus the script's knobs (script_env), optionally under torchrun."""
     cmd = ([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
            if nproc else [PY, str(script)])
-    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=script_env(env, nproc), capture_output=True, text=True, timeout=timeout)
 
 
 def summary(cwd: Path, run_id: str) -> dict:

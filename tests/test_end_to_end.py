@@ -138,3 +138,30 @@ def test_over_budget_fails_loudly_or_fits(smoke, tmp_path):
     assert "budget:PASS" in proc.stdout and re.search(r"auto_fit: pruned \d+ int values, roundtrip val_bpb", proc.stdout)
     fitted = int(re.search(r"^Total submission size int6\+zstd: (\d+) bytes", proc.stdout, re.M).group(1))
     assert fitted <= int(total * 0.97)
+
+
+def test_phases_announce_themselves_in_order(smoke):
+    cwd, _, out = smoke
+    phases = re.findall(r"^phase:(\w+) t:([\d.]+)s$", (cwd / "logs" / "smoke.txt").read_text(), re.M)
+    order = ["data", "model", "train", "export", "eval_load", "eval", "done"]
+    assert [p for p, _ in phases if p in order] == order
+    times = [float(t) for _, t in phases]
+    assert times == sorted(times) and re.findall(r"^phase:\w+", out, re.M) == [f"phase:{p}" for p, _ in phases]
+
+
+def test_a_second_compiled_run_loads_its_graphs_from_the_compile_cache(smoke, tmp_path):
+    """COMPILE_CACHE_DIR: the first run fills it, the second (a fresh process) compiles nothing. Eval-only
+    runs of the smoke artifact (one inference graph) keep this affordable on a CPU."""
+    _, env, _ = smoke
+    env = {**env, "EVAL_ONLY_ARTIFACT": env["ARTIFACT_PATH"], "COMPILE": "1", "COMPILE_CACHE_DIR": str(tmp_path / "cache"),
+           "TTT_ENABLED": "0", "EVAL_SLIDING": "0", "VAL_MAX_TOKENS": "1024"}
+    counts = []
+    for run in ("cold", "warm"):
+        proc = run_script({**env, "RUN_ID": run}, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = re.search(r"^compile_cache:(\S+) (.*)$", proc.stdout, re.M)
+        assert line and line.group(1) == str(tmp_path / "cache"), proc.stdout[-2000:]
+        counts.append({k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line.group(2))})
+    assert counts[0]["fx_graph_misses"] > 0 and counts[0]["fx_graph_hits"] == 0
+    assert counts[1]["fx_graph_hits"] == counts[0]["fx_graph_misses"] and counts[1]["fx_graph_misses"] == 0
+    assert "compile_cache:" not in smoke[2]  # eager runs (COMPILE=0 on a CPU) report nothing

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, REPO, make_env, run_script
+import torch
+
+from conftest import PY, REPO, make_env, run_script, script_env
 
 sys.path.insert(0, str(REPO / "tools"))
+import gpu_report  # noqa: E402
 import package_record  # noqa: E402
 import plot_curve  # noqa: E402
 import submission  # noqa: E402
@@ -129,10 +132,63 @@ def test_plot_parser_reads_a_real_log(two_runs):
     assert len(run["train"]) == 4 and set(run["stages"]) == {"DIAGNOSTIC", "roundtrip", "legal TTT"}
 
 
-def test_speed_benchmark_runs_on_cpu(tmp_path):
-    proc = subprocess.run([PY, str(REPO / "tools" / "bench_speed.py"), "--tiny", "--json", str(tmp_path / "s.json")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
-    assert row["train_tokens_per_s"] > 0 and row["sliding_tokens_per_s"] > 0 and row["ttt3_tokens_per_s"] > 0
-    assert row["artifact_bytes"] > 0 and "| config |" in proc.stdout
+def test_gpu_report_runs_end_to_end_on_cpu(small_data, tmp_path):
+    """tools/gpu_report.py --tiny: versions, bench_speed, the profiler, a timed training run, the GPU tests
+    (they skip here), and the report built from them."""
+    out = tmp_path / "report"
+    proc = subprocess.run([PY, str(REPO / "tools" / "gpu_report.py"), "--tiny", "--out", str(out), "--train-seconds", "2",
+                           "--profile-steps", "2"], env=script_env(small_data), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((out / "report.json").read_text())
+    assert r["env"]["device"] == "cpu" and r["env"]["torch"] == torch.__version__ and r["env"]["missing"] == []
+    b = r["bench"]
+    assert b["rc"] == 0 and b["config"] == "tiny" and b["train_tokens_per_s"] > 0 and b["micro_step_ms"] > 0
+    assert b["sliding_tokens_per_s"] > 0 and b["ttt3_tokens_per_s"] > 0 and b["artifact_bytes"] > 0
+    prof = r["profile"]
+    assert prof["rc"] == 0 and len(prof["top"]) == 25 and prof["top"][0]["ms_per_step"] >= prof["top"][-1]["ms_per_step"]
+    assert "Self CPU" in (out / "profile.txt").read_text()
+    t = r["train"]
+    assert t["rc"] == 0 and t["steps"] > 0 and 0 < t["final_val_bpb"] < 10 and not t["errors"]
+    order = ["startup", "data", "model", "train", "export", "eval_load", "eval", "done"]
+    assert [k for k in t["phases"] if k in order] == order
+    assert t["phases"]["train.training"] > 0 and t["phases"]["eval.timed"] > 0
+    assert t["recompiles"]["total"] == 0  # eager on a CPU: nothing compiles
+    assert t["phases"]["overhead"] > 0 and not (out / "report_train.ptz").exists()  # the artifact is not kept
+    assert (out / "logs" / "report_train.txt").exists() and (out / "report_train.log").read_text().startswith("[+")
+    assert "2 skipped" in r["tests"]["result"]
+    md = (out / "report.md").read_text()
+    for heading in ("## Device", "## Throughput", "## Top kernels", "### Phases", "### Recompiles: 0", "### Timeline",
+                    "## GPU tests"):
+        assert heading in md, heading
+
+
+def test_gpu_report_parses_phases_and_recompiles():
+    lines = [(2.0, "phase:data t:0.0s"), (3.0, "phase:model t:1.0s"), (4.0, "phase:train t:2.0s"),
+             (5.0, "[rank0]:V1125 [0/1] [__recompiles] Recompiling function newton_schulz in x.py:1"),
+             (5.5, "[rank1]:V1125 [0/1] [__recompiles] Recompiling function newton_schulz in x.py:1"),
+             (30.0, "step:1/9 train_loss:6.0 train_time:1000ms step_avg:1000.00ms"),
+             (33.0, "V1125 [0/2] [__recompiles] Recompiling function forward in x.py:9"),
+             (40.0, "step:9/9 train_loss:5.0 train_time:10000ms step_avg:1111.11ms"), (50.0, "phase:export t:48.0s"),
+             (60.0, "phase:eval t:58.0s"), (61.0, "eval_compiles: 0 graphs compiled inside the timed eval"),
+             (70.0, "eval_time: roundtrip:3000ms total:4000ms"), (71.0, "phase:done t:69.0s"), (72.0, "final")]
+    ph = gpu_report.phases(lines)
+    assert ph == {"startup": 2.0, "data": 1.0, "model": 1.0, "train": 46.0, "export": 10.0, "eval": 11.0, "done": 1.0,
+                  "train.compile_warmup": 25.0, "train.training": 10.0, "train.after_training": 11.0,
+                  "eval.untimed_warmup": 7.0, "eval.timed": 4.0, "total": 72.0, "overhead": 58.0}
+    rc = gpu_report.recompiles(lines)
+    assert rc == dict(total=2, after_training_began=1, by_function={"newton_schulz": 1, "forward": 1}, eval_compiles=0)
+    tl = gpu_report.timeline(lines)
+    assert [p["at_s"] for p in tl] == [2.0, 3.0, 4.0, 30.0, 50.0, 60.0, 61.0, 70.0, 71.0]
+    assert tl[3]["since_prev_s"] == 26.0
+
+
+def test_script_env_inherits_the_parent_but_none_of_the_scripts_knobs(monkeypatch):
+    """The subprocess gets PYTHONPATH, CUDA_*, LD_LIBRARY_PATH (a GPU image needs them), but a knob exported
+    in the shell (NUM_LAYERS, WORLD_SIZE) never leaks into a test's run."""
+    for k, v in dict(PYTHONPATH="/tmp/site", CUDA_HOME="/usr/local/cuda", LD_LIBRARY_PATH="/x", NUM_LAYERS="99",
+                     WORLD_SIZE="4", COMPILE_CACHE_DIR="/c").items():
+        monkeypatch.setenv(k, v)
+    env = script_env({"SEED": 7, "NUM_HEADS": "2"}, nproc=2)
+    assert (env["PYTHONPATH"], env["CUDA_HOME"], env["LD_LIBRARY_PATH"]) == ("/tmp/site", "/usr/local/cuda", "/x")
+    assert not {"NUM_LAYERS", "WORLD_SIZE", "COMPILE_CACHE_DIR"} & set(env)
+    assert (env["SEED"], env["NUM_HEADS"], env["OMP_NUM_THREADS"], env["PYTHONUNBUFFERED"]) == ("7", "2", "1", "1")

@@ -118,6 +118,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="only the small CPU-sized config")
     p.add_argument("--steps", type=int, default=20, help="timed training micro-steps")
     p.add_argument("--eval-tokens", type=int, default=0, help="val tokens to score (default 4 TTT chunks)")
+    p.add_argument("--configs", default="", help=f"comma-separated subset of {','.join(CONFIGS)} (default: by --tiny)")
     p.add_argument("--json", type=Path, default=REPO / "logs" / "bench_speed.json")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
@@ -125,7 +126,7 @@ def main() -> None:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch._dynamo.config.cache_size_limit = 32
-    names = ["tiny"] if args.tiny else ["record", "baseline"]
+    names = args.configs.split(",") if args.configs else ["tiny"] if args.tiny else ["record", "baseline"]
     rows = []
     for name in names:
         chunk = int(CONFIGS[name].get("TTT_CHUNK_TOKENS", 32768))

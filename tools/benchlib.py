@@ -26,12 +26,20 @@ def ensure_embedded_data() -> None:
                    capture_output=True)
 
 
+def child_env(env: dict) -> dict:
+    """This process's environment (PYTHONPATH, CUDA_*, LD_LIBRARY_PATH, NCCL_*, TORCH* pass through: a GPU
+    image needs them) without any variable train_gpt.py reads as a knob or from torchrun, plus `env`."""
+    sys.path.insert(0, str(REPO))
+    import train_gpt as tg
+    knobs = {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}
+    knobs |= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {**{k: v for k, v in os.environ.items() if k not in knobs}, **{k: str(v) for k, v in env.items()}}
+
+
 def run_train(env: dict, workdir: Path) -> dict:
-    """Run train_gpt.py with exactly `env` (plus PATH/HOME) in workdir; return its JSON summary."""
+    """Run train_gpt.py with the knobs of `env` alone (child_env) in workdir; return its JSON summary."""
     workdir.mkdir(parents=True, exist_ok=True)
-    full = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "OMP_NUM_THREADS") if k in os.environ}
-    full.update({k: str(v) for k, v in env.items()})
-    proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, env=full,
+    proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, env=child_env(env),
                           capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"train_gpt.py failed ({env.get('RUN_ID')}):\n{proc.stderr[-3000:]}")
