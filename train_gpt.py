@@ -114,6 +114,7 @@ class Hyperparameters:
     ve_layers: tuple[int, ...] = (9, 10)  # logical layers with value embeddings ("" = none)
     ve_dim: int = knob(128, 1)  # value-embedding table width
     parallel_start: int = knob(-1, -1)  # first logical layer with two residual lanes (-1 = off)
+    skip_gates: bool = False  # U-Net skips as lerp(w*skip, x, sigmoid(g)) with a learned gate g (#1493)
     # optimizers
     matrix_lr: float = knob(0.025, 0.0)  # Muon LR (block matrices)
     scalar_lr: float = knob(0.025, 0.0)  # AdamW LR of gains, scales and small projections
@@ -126,6 +127,7 @@ class Hyperparameters:
     muon_eq_r: bool = False  # row-normalize the update before Newton-Schulz (MuonEq-R)
     muon_wd: float = knob(0.04, 0.0)  # Muon decoupled weight decay (x scheduled LR)
     adam_wd: float = knob(0.04, 0.0)  # AdamW weight decay
+    embed_wd: float = knob(-1.0, -1.0)  # AdamW weight decay of the embedding tables (-1 = ADAM_WD)
     beta1: float = knob(0.9, 0.0, 1.0)  # AdamW beta1 (also TTT with AdamW)
     beta2: float = knob(0.95, 0.0, 1.0)  # AdamW beta2
     adam_eps: float = knob(1e-8, 0.0)  # AdamW epsilon
@@ -277,7 +279,7 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "unique_layers", "loop_start", "loop
                 "loop_enable_at", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_neg_slope",
                 "logit_softcap", "rope_base", "rope_dims", "qk_gain_init", "ln_scale", "xsa_last_n",
                 "bigram_vocab_size", "bigram_dim", "smear_gate", "ve_layers", "ve_dim", "parallel_start",
-                "train_seq_len")
+                "skip_gates", "train_seq_len")
 
 
 # =====================================================================================================
@@ -744,6 +746,11 @@ class ValueEmbedding(nn.Module):
         return self.proj(self.embed(ids)) * self.scale
 
 
+def on_lanes(fn, x):
+    """fn applied to the residual stream, or to each of its two lanes."""
+    return (fn(x[0]), fn(x[1])) if isinstance(x, tuple) else fn(x)
+
+
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -758,6 +765,8 @@ class GPT(nn.Module):
         lanes_from = h.parallel_start if h.parallel_start >= 0 else n_logical
         self.controls = nn.ModuleList(LayerControl(dim, i in h.ve_layers, i >= lanes_from) for i in range(n_logical))
         self.skip_weights = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(n_logical // 2))
+        self.skip_gates = (nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_logical // 2))
+                           if h.skip_gates else None)
         self.ln_factors = [1 / math.sqrt(i + 1) if h.ln_scale else 1.0 for i in range(n_logical)]
         self.xsa = [i >= n_logical - h.xsa_last_n for i in range(n_logical)]
         self.rotary = Rotary(h.rope_dims or dim // h.num_heads, h.rope_base, h.train_seq_len, h.eval_len)
@@ -800,7 +809,11 @@ class GPT(nn.Module):
             c = self.controls[i]
             if pos >= n_enc and skips:  # U-Net: decoder layer j adds encoder output n_enc-1-j
                 skip = self.skip_weights[pos - n_enc] * skips.pop()
-                x = (x[0] + skip, x[1] + skip) if isinstance(x, tuple) else x + skip
+                if self.skip_gates is None:
+                    x = on_lanes(lambda lane: lane + skip, x)
+                else:  # gated: a learned per-channel interpolation between the skip and the stream
+                    g = torch.sigmoid(self.skip_gates[pos - n_enc]).to(skip.dtype)
+                    x = on_lanes(lambda lane: torch.lerp(skip, lane, g), x)
             if c.lane_mix is not None and not isinstance(x, tuple):
                 x = (x, x)
             x = self.blocks[self.slots[i][0]](x, x0, c, self.ln_factors[i], ve, self.xsa[i], cos, sin)
@@ -902,7 +915,9 @@ def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.
     scalars = [p for p in model.parameters() if id(p) not in taken]
     muon = Muon(matrices, h.matrix_lr, h.muon_momentum, h.muon_wd, h.muon_backend_steps, h.muon_ns == "polar",
                 h.muon_eq_r, rt)
-    adam = torch.optim.AdamW([dict(params=embeds, lr=h.tied_embed_lr), dict(params=scalars, lr=h.scalar_lr)],
+    embed_wd = h.adam_wd if h.embed_wd < 0 else h.embed_wd
+    adam = torch.optim.AdamW([dict(params=embeds, lr=h.tied_embed_lr, weight_decay=embed_wd),
+                              dict(params=scalars, lr=h.scalar_lr)],
                              betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
                              fused=rt.device.type == "cuda")
     for opt in (muon, adam):

@@ -7,11 +7,12 @@ import torch
 
 from conftest import tg
 
-# every component on: BigramHash, SmearGate, XSA, VE, partial RoPE, recurrence (shared + looped), lanes
+# every component on: BigramHash, SmearGate, XSA, VE, partial RoPE, recurrence (shared + looped), lanes,
+# gated U-Net skips
 FULL = dict(VOCAB_SIZE=128, NUM_LAYERS=4, UNIQUE_LAYERS=3, LOOP_START=1, LOOP_END=2, LOOP_REPEATS=2,
             LOOP_ENABLE_AT="0.3,0.6", MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=32,
             TRAIN_BATCH_TOKENS=256, BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8, VE_LAYERS="2,5", VE_DIM=8, XSA_LAST_N=3,
-            ROPE_DIMS=4, PARALLEL_START=5, TTT_CHUNK_TOKENS=64, EVAL_STRIDE=16)
+            ROPE_DIMS=4, PARALLEL_START=5, TTT_CHUNK_TOKENS=64, EVAL_STRIDE=16, SKIP_GATES=1)
 
 
 def full_model(**over) -> tg.GPT:
@@ -115,3 +116,20 @@ def test_rope_tables_cover_eval_length_with_ntk(eval_len):
     assert cos.shape == (eval_len, 2)
     if eval_len > 32:  # stretched base: lower frequency in the rotated pair than at the train length
         assert not torch.allclose(cos[:32], rot(32)[0])
+
+
+def test_skip_gates_interpolate_between_stream_and_skip():
+    """A gate at +inf keeps the stream (as if the skip weight were 0); at 0 it averages stream and skip."""
+    gated = full_model()
+    plain = full_model(SKIP_GATES=0)
+    ids = torch.randint(2, 128, (2, 32))
+    with torch.no_grad():
+        for g, w in zip(gated.skip_gates, plain.skip_weights):
+            g.fill_(40.0)
+            w.zero_()
+    assert torch.allclose(gated.logits(ids), plain.logits(ids), atol=1e-5)
+    with torch.no_grad():
+        for g in gated.skip_gates:
+            g.zero_()
+    assert not torch.allclose(gated.logits(ids), plain.logits(ids), atol=1e-3)
+    assert sum(p.numel() for p in gated.skip_gates) == 4 * 32  # 8 slots: 4 skips of MODEL_DIM gates

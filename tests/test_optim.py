@@ -133,3 +133,11 @@ def test_ema_and_swa_math_and_export():
     avg2.update(1, 1.0, SILENT)
     before = avg2.ema[0].item()
     assert avg2.apply_final(SILENT).startswith("ema") and model.weight.item() == pytest.approx(before)
+
+
+def test_embedding_weight_decay_is_separate_when_set():
+    from test_model import full_model
+    for env, expected in (({}, 0.04), ({"EMBED_WD": "0.085"}, 0.085)):
+        h = tg.Hyperparameters.from_env({"ADAM_WD": "0.04", **env})
+        _, adam = tg.build_optimizers(full_model(), h, cpu_runtime())
+        assert [g["weight_decay"] for g in adam.param_groups] == [expected, 0.04]
