@@ -115,6 +115,8 @@ class Hyperparameters:
     ve_dim: int = knob(128, 1)  # value-embedding table width
     parallel_start: int = knob(-1, -1)  # first logical layer with two residual lanes (-1 = off)
     skip_gates: bool = False  # U-Net skips as lerp(w*skip, x, sigmoid(g)) with a learned gate g (#1493)
+    value_residual: bool = False  # layers 1.. mix layer 0's values in: v = l0*v0 + l1*v, l init (0.5, 0.5) (#490)
+    attn_gate: str = knob("off", choices=("off", "dense"))  # per-head sigmoid(W x + b) on attention output (#490)
     # optimizers
     matrix_lr: float = knob(0.025, 0.0)  # Muon LR (block matrices)
     scalar_lr: float = knob(0.025, 0.0)  # AdamW LR of gains, scales and small projections
@@ -279,7 +281,7 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "unique_layers", "loop_start", "loop
                 "loop_enable_at", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_neg_slope",
                 "logit_softcap", "rope_base", "rope_dims", "qk_gain_init", "ln_scale", "xsa_last_n",
                 "bigram_vocab_size", "bigram_dim", "smear_gate", "ve_layers", "ve_dim", "parallel_start",
-                "skip_gates", "train_seq_len")
+                "skip_gates", "value_residual", "attn_gate", "train_seq_len")
 
 
 # =====================================================================================================
@@ -622,6 +624,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
 
 
+@dataclasses.dataclass
+class AttnContext:
+    """What every layer's attention reads in one forward: the rotary tables, the value embeddings, and
+    the first layer's values (for Value Residual), which that layer fills in."""
+    cos: Tensor
+    sin: Tensor
+    ve: Tensor | None
+    v0: Tensor | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -632,23 +644,29 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ve: Tensor | None, xsa: bool) -> Tensor:
+    def forward(self, x: Tensor, c: LayerControl, ctx: AttnContext, xsa: bool) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv, self.head_dim)
         v = self.c_v(x)
-        if ve is not None:
-            v = v + ve
+        if ctx.v0 is None:  # the first layer's values, for Value Residual in the later ones
+            ctx.v0 = v
+        if c.v_mix is not None:
+            v = c.v_mix[0].to(v.dtype) * ctx.v0 + c.v_mix[1].to(v.dtype) * v
+        if c.ve_scale is not None:
+            v = v + ctx.ve * c.ve_scale
         v = v.view(B, T, self.n_kv, self.head_dim)
-        q = apply_rope(rms_norm(q), cos, sin)
+        q = apply_rope(rms_norm(q), ctx.cos, ctx.sin)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        k = apply_rope(rms_norm(k), cos, sin)
+        k = apply_rope(rms_norm(k), ctx.cos, ctx.sin)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=self.n_kv != self.n_heads).transpose(1, 2)
         if xsa:  # remove each head's component along its own position's value vector
             y = y.reshape(B, T, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             v_hat = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+        if c.attn_gate is not None:  # per head, from this layer's attention input
+            y = y.reshape(B, T, self.n_heads, self.head_dim) * torch.sigmoid(c.attn_gate(x)).unsqueeze(-1)
         return self.proj(y.reshape(B, T, C))
 
 
@@ -665,9 +683,11 @@ class MLP(nn.Module):
 
 class LayerControl(nn.Module):
     """Per-logical-layer scales, never shared by recurrence: branch scales, the mix of the running
-    stream with the input embedding x0, a value-embedding gain, and the 2x2 lane write-back."""
+    stream with the input embedding x0, a value-embedding gain, the 2x2 lane write-back, the Value
+    Residual mix and the attention-output gate. Small and outside `blocks`, they train with AdamW and
+    are stored in fp16."""
 
-    def __init__(self, dim: int, value_embed: bool, lanes: bool):
+    def __init__(self, dim: int, value_embed: bool, lanes: bool, v_mix: bool, gate_heads: int):
         super().__init__()
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -676,6 +696,11 @@ class LayerControl(nn.Module):
         # rows: [attention lane, MLP lane]; cols: [attention out, MLP out]. All ones = the sequential
         # block, so lanes start identical and separate only as training pulls them apart.
         self.lane_mix = nn.Parameter(torch.ones(2, 2)) if lanes else None
+        self.v_mix = nn.Parameter(torch.full((2,), 0.5)) if v_mix else None
+        self.attn_gate = nn.Linear(dim, gate_heads) if gate_heads else None
+        if self.attn_gate is not None:  # sigmoid(4) ~ 0.98: nearly open at the start
+            nn.init.zeros_(self.attn_gate.weight)
+            nn.init.constant_(self.attn_gate.bias, 4.0)
 
 
 class Block(nn.Module):
@@ -685,17 +710,16 @@ class Block(nn.Module):
         super().__init__()
         self.attn, self.mlp = Attention(h), MLP(h)
 
-    def forward(self, x, x0: Tensor, c: LayerControl, ln: float, ve, xsa: bool, cos: Tensor, sin: Tensor):
-        ve = ve * c.ve_scale if c.ve_scale is not None else None
+    def forward(self, x, x0: Tensor, c: LayerControl, ctx: AttnContext, ln: float, xsa: bool):
         if isinstance(x, tuple):  # two residual lanes: attention reads lane 0, the MLP lane 1
             lane_a, lane_m = x
             a_in = c.resid_mix[0] * lane_a + c.resid_mix[1] * x0
-            att = c.attn_scale * self.attn(rms_norm(a_in) * ln, cos, sin, ve, xsa)
+            att = c.attn_scale * self.attn(rms_norm(a_in) * ln, c, ctx, xsa)
             m_in = c.resid_mix[0] * lane_m + c.resid_mix[1] * x0 + c.lane_mix[1, 0] * att
             mlp = c.mlp_scale * self.mlp(rms_norm(m_in) * ln)
             return a_in + c.lane_mix[0, 0] * att + c.lane_mix[0, 1] * mlp, m_in + c.lane_mix[1, 1] * mlp
         x = c.resid_mix[0] * x + c.resid_mix[1] * x0
-        x = x + c.attn_scale * self.attn(rms_norm(x) * ln, cos, sin, ve, xsa)
+        x = x + c.attn_scale * self.attn(rms_norm(x) * ln, c, ctx, xsa)
         return x + c.mlp_scale * self.mlp(rms_norm(x) * ln)
 
 
@@ -763,7 +787,9 @@ class GPT(nn.Module):
         self.value_embed = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if h.ve_layers else None
         self.blocks = nn.ModuleList(Block(h) for _ in range(max(p for p, _ in self.slots) + 1))
         lanes_from = h.parallel_start if h.parallel_start >= 0 else n_logical
-        self.controls = nn.ModuleList(LayerControl(dim, i in h.ve_layers, i >= lanes_from) for i in range(n_logical))
+        self.controls = nn.ModuleList(
+            LayerControl(dim, i in h.ve_layers, i >= lanes_from, h.value_residual and i > 0,
+                         h.num_heads if h.attn_gate == "dense" else 0) for i in range(n_logical))
         self.skip_weights = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(n_logical // 2))
         self.skip_gates = (nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_logical // 2))
                            if h.skip_gates else None)
@@ -801,8 +827,7 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, starts)
         x0 = x
-        ve = self.value_embed(ids) if self.value_embed is not None else None
-        cos, sin = self.rotary(ids.size(1))
+        ctx = AttnContext(*self.rotary(ids.size(1)), self.value_embed(ids) if self.value_embed is not None else None)
         n_enc = len(self.active) // 2
         skips = []
         for pos, i in enumerate(self.active):
@@ -816,7 +841,7 @@ class GPT(nn.Module):
                     x = on_lanes(lambda lane: torch.lerp(skip, lane, g), x)
             if c.lane_mix is not None and not isinstance(x, tuple):
                 x = (x, x)
-            x = self.blocks[self.slots[i][0]](x, x0, c, self.ln_factors[i], ve, self.xsa[i], cos, sin)
+            x = self.blocks[self.slots[i][0]](x, x0, c, ctx, self.ln_factors[i], self.xsa[i])
             if pos < n_enc:
                 skips.append((x[0] + x[1]) * 0.5 if isinstance(x, tuple) else x)
         if isinstance(x, tuple):

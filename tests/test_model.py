@@ -8,11 +8,12 @@ import torch
 from conftest import tg
 
 # every component on: BigramHash, SmearGate, XSA, VE, partial RoPE, recurrence (shared + looped), lanes,
-# gated U-Net skips
+# gated U-Net skips, Value Residual, attention-output gates
 FULL = dict(VOCAB_SIZE=128, NUM_LAYERS=4, UNIQUE_LAYERS=3, LOOP_START=1, LOOP_END=2, LOOP_REPEATS=2,
             LOOP_ENABLE_AT="0.3,0.6", MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=32,
             TRAIN_BATCH_TOKENS=256, BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8, VE_LAYERS="2,5", VE_DIM=8, XSA_LAST_N=3,
-            ROPE_DIMS=4, PARALLEL_START=5, TTT_CHUNK_TOKENS=64, EVAL_STRIDE=16, SKIP_GATES=1)
+            ROPE_DIMS=4, PARALLEL_START=5, TTT_CHUNK_TOKENS=64, EVAL_STRIDE=16, SKIP_GATES=1, VALUE_RESIDUAL=1,
+            ATTN_GATE="dense")
 
 
 def full_model(**over) -> tg.GPT:
@@ -133,3 +134,47 @@ def test_skip_gates_interpolate_between_stream_and_skip():
             g.zero_()
     assert not torch.allclose(gated.logits(ids), plain.logits(ids), atol=1e-3)
     assert sum(p.numel() for p in gated.skip_gates) == 4 * 32  # 8 slots: 4 skips of MODEL_DIM gates
+
+
+def copy_shared(src, dst):
+    """dst takes every weight of src that it has (a model without some optional component)."""
+    own = dst.state_dict()
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in own})
+
+
+def test_value_residual_mix_and_attention_gate_reduce_to_plain_attention():
+    ids = torch.randint(2, 128, (2, 32))
+    full = full_model()
+    plain = full_model(VALUE_RESIDUAL=0, ATTN_GATE="off")
+    copy_shared(full, plain)
+    assert full.controls[0].v_mix is None and all(c.v_mix is not None for c in full.controls[1:])
+    with torch.no_grad():
+        for c in full.controls:
+            c.attn_gate.weight.zero_()
+            c.attn_gate.bias.fill_(40.0)  # sigmoid = 1: an open gate
+            if c.v_mix is not None:
+                c.v_mix.copy_(torch.tensor([0.0, 1.0]))  # only this layer's own values
+    assert torch.allclose(full.logits(ids), plain.logits(ids), atol=1e-5)
+    with torch.no_grad():
+        full.controls[3].v_mix.copy_(torch.tensor([1.0, 0.0]))  # layer 3 attends over layer 0's values
+    assert not torch.allclose(full.logits(ids), plain.logits(ids), atol=1e-3)
+    with torch.no_grad():
+        full.controls[3].v_mix.copy_(torch.tensor([0.0, 1.0]))
+        full.controls[2].attn_gate.bias.fill_(-40.0)  # a shut gate silences layer 2's attention
+        plain.controls[2].attn_scale.zero_()
+    assert torch.allclose(full.logits(ids), plain.logits(ids), atol=1e-5)
+
+
+def test_gates_and_mixes_train_with_adamw_and_stay_fp16():
+    """Every 2-D tensor under blocks.* is a CastedLinear weight (Muon, int6); the new per-layer
+    parameters live under controls.* and go to AdamW and fp16."""
+    model = full_model()
+    linear = {f"blocks.{n}.weight" for n, m in model.blocks.named_modules() if isinstance(m, tg.CastedLinear)}
+    assert {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2} == linear
+    h = tg.Hyperparameters.from_env({k: str(v) for k, v in FULL.items()})
+    muon, _ = tg.build_optimizers(model, h, tg.Runtime(0, 1, 0, torch.device("cpu"), False))
+    in_muon = {id(p) for p in muon.param_groups[0]["params"]}
+    for c in model.controls:
+        assert all(id(p) not in in_muon for p in c.parameters())
+    qstate = tg.quantize_state({k: v.detach() for k, v in model.state_dict().items()}, h)
+    assert all(q.bits == 0 for n, q in qstate.items() if n.startswith("controls."))
