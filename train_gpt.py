@@ -107,7 +107,8 @@ class Hyperparameters:
     qk_gain_init: float = 1.5  # initial learnable per-head query scale
     tied_embed_init_std: float = knob(0.005, 0.0)  # init std of the tied embedding
     ln_scale: bool = True  # block inputs scaled by 1/sqrt(layer+1)
-    xsa_last_n: int = knob(4, 0)  # XSA on the last N logical layers
+    xsa_last_n: int = knob(4, 0)  # XSA on the last N logical layers ...
+    xsa_by: str = knob("logical", choices=("logical", "physical"))  # ... or on layers run by the last N blocks (#526)
     bigram_vocab_size: int = knob(1536, 0)  # BigramHash buckets; 0 = off
     bigram_dim: int = knob(128, 1)  # BigramHash table width
     smear_gate: bool = True  # SmearGate on the input embedding
@@ -794,7 +795,9 @@ class GPT(nn.Module):
         self.skip_gates = (nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_logical // 2))
                            if h.skip_gates else None)
         self.ln_factors = [1 / math.sqrt(i + 1) if h.ln_scale else 1.0 for i in range(n_logical)]
-        self.xsa = [i >= n_logical - h.xsa_last_n for i in range(n_logical)]
+        last_block = len(self.blocks) - h.xsa_last_n
+        self.xsa = [p >= last_block if h.xsa_by == "physical" else i >= n_logical - h.xsa_last_n
+                    for i, (p, _) in enumerate(self.slots)]
         self.rotary = Rotary(h.rope_dims or dim // h.num_heads, h.rope_base, h.train_seq_len, h.eval_len)
         self.final_norm = RMSNorm()
         self.softcap = h.logit_softcap

@@ -82,6 +82,8 @@ def test_schedule_shared_cores_form():
     assert [p for p, _ in model.slots] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
     assert len(model.blocks) == 10 and len(model.controls) == 11 and model.active == tuple(range(11))
     assert [i for i, on in enumerate(model.xsa) if on] == [7, 8, 9, 10]  # logical, so layer 10 (core 0) too
+    by_core = tg.GPT(tg.Hyperparameters.from_env({"NUM_LAYERS": "11", "UNIQUE_LAYERS": "10", "XSA_BY": "physical"}))
+    assert [i for i, on in enumerate(by_core.xsa) if on] == [6, 7, 8, 9]  # #526: cores 6-9; layer 10 runs core 0
 
 
 def test_schedule_looped_range_form():
