@@ -162,6 +162,7 @@ class Hyperparameters:
     ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"))  # TTT optimizer (one, across chunks)
     ttt_lr: float = knob(0.002, 0.0)  # peak TTT LR, cosine-decayed across chunks
     ttt_momentum: float = knob(0.9, 0.0, 1.0)  # SGD momentum
+    ttt_beta2: float = knob(-1.0, -1.0, 1.0)  # AdamW beta2 of TTT (-1 = BETA2; #490 used 0.999)
     ttt_freeze_blocks: int = knob(0, 0)  # first N logical layers stay fixed
     ttt_grad_clip: float = knob(1.0, 0.0)  # global-norm clip of TTT gradients; 0 = off
     ttt_batch_seqs: int = knob(32, 1)  # sequences per TTT step, all ranks together
@@ -1648,7 +1649,8 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
     if h.ttt_optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     else:
-        opt = torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2), weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2),
+                                weight_decay=0.0)
     score_fn, train_fn = make_score_fn(model, rt), compile_model(model, rt)
     batch = eval_batch(h, rt.world_size, L)
     log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(windows)} stride={h.eval_stride} "

@@ -204,3 +204,13 @@ def test_budget_guard_probes_after_cutting_to_zero(small_data, monkeypatch):
     assert clock.t <= 170.0 and info["probes"] >= 1
     starved = min(c for c in range(1, 31) if c not in clock.epochs_by_chunk)
     assert sum(clock.epochs_by_chunk.get(c, 0) for c in range(starved, 31)) >= 10, clock.epochs_by_chunk
+
+
+def test_ttt_adamw_takes_its_own_beta2(small_data, monkeypatch):
+    seen = []
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: seen.append(kw["betas"]) or real(params, **kw))
+    for over, betas in (({}, (0.9, 0.95)), ({"TTT_BETA2": 0.999}, (0.9, 0.999))):
+        h, model, rt, tokens, luts = tiny_setup(small_data, VAL_MAX_TOKENS=2048, TTT_OPTIMIZER="adamw", **over)
+        tg.eval_ttt(model, tokens, h, rt, luts, SILENT, 1e9)
+        assert seen[-1] == betas
