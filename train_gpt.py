@@ -115,6 +115,7 @@ class Hyperparameters:
     ve_layers: tuple[int, ...] = (9, 10)  # logical layers with value embeddings ("" = none)
     ve_dim: int = knob(128, 1)  # value-embedding table width
     parallel_start: int = knob(-1, -1)  # first logical layer with two residual lanes (-1 = off)
+    controls_per: str = knob("layer", choices=("layer", "block"))  # scales, mixes, LN scale per logical layer or block
     skip_gates: bool = False  # U-Net skips as lerp(w*skip, x, sigmoid(g)) with a learned gate g (#1493)
     value_residual: bool = False  # layers 1.. mix layer 0's values in: v = l0*v0 + l1*v, l init (0.5, 0.5) (#490)
     attn_gate: str = knob("off", choices=("off", "dense"))  # per-head sigmoid(W x + b) on attention output (#490)
@@ -230,6 +231,7 @@ class Hyperparameters:
             need(len(self.loop_enable_at) in (1, self.loop_repeats)
                  and all(0.0 <= f <= 1.0 for f in self.loop_enable_at),
                  f"LOOP_ENABLE_AT={self.loop_enable_at}: one fraction in [0, 1], or one per repeat")
+        control_plan(self)
         n = self.logical_layers
         need(all(0 <= i < n for i in self.ve_layers), f"VE_LAYERS={self.ve_layers}: logical layers are 0..{n - 1}")
         need(self.xsa_last_n <= n, f"XSA_LAST_N={self.xsa_last_n} exceeds the {n} logical layers")
@@ -283,7 +285,7 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "unique_layers", "loop_start", "loop
                 "loop_enable_at", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_neg_slope",
                 "logit_softcap", "rope_base", "rope_dims", "qk_gain_init", "ln_scale", "xsa_last_n",
                 "bigram_vocab_size", "bigram_dim", "smear_gate", "ve_layers", "ve_dim", "parallel_start",
-                "skip_gates", "value_residual", "attn_gate", "train_seq_len")
+                "controls_per", "skip_gates", "value_residual", "attn_gate", "train_seq_len")
 
 
 # =====================================================================================================
@@ -777,6 +779,22 @@ def on_lanes(fn, x):
     return (fn(x[0]), fn(x[1])) if isinstance(x, tuple) else fn(x)
 
 
+def control_plan(h) -> tuple[list[int], list[tuple[bool, bool, bool]]]:
+    """Which LayerControl each logical layer uses (its own, or under CONTROLS_PER=block its physical
+    block's, as #1493 shares them across recurrence passes), and each control's (value embedding,
+    lanes, Value Residual) switches, which all the layers sharing it must agree on."""
+    slots = layer_slots(h)
+    lanes_from = h.parallel_start if h.parallel_start >= 0 else len(slots)
+    control_of = [p if h.controls_per == "block" else i for i, (p, _) in enumerate(slots)]
+    features: dict[int, tuple[bool, bool, bool]] = {}
+    for i, k in enumerate(control_of):
+        f = (i in h.ve_layers, i >= lanes_from, h.value_residual and i > 0)
+        if features.setdefault(k, f) != f:
+            raise ConfigError(f"CONTROLS_PER=block: block {k} runs logical layers that differ in VE_LAYERS, "
+                              "PARALLEL_START or VALUE_RESIDUAL (layer 0); align them or use CONTROLS_PER=layer")
+    return control_of, [features[k] for k in range(len(features))]
+
+
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -788,14 +806,13 @@ class GPT(nn.Module):
         self.smear = SmearGate(dim) if h.smear_gate else None
         self.value_embed = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if h.ve_layers else None
         self.blocks = nn.ModuleList(Block(h) for _ in range(max(p for p, _ in self.slots) + 1))
-        lanes_from = h.parallel_start if h.parallel_start >= 0 else n_logical
-        self.controls = nn.ModuleList(
-            LayerControl(dim, i in h.ve_layers, i >= lanes_from, h.value_residual and i > 0,
-                         h.num_heads if h.attn_gate == "dense" else 0) for i in range(n_logical))
+        self.control_of, features = control_plan(h)
+        self.controls = nn.ModuleList(LayerControl(dim, *f, h.num_heads if h.attn_gate == "dense" else 0)
+                                      for f in features)
         self.skip_weights = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(n_logical // 2))
         self.skip_gates = (nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_logical // 2))
                            if h.skip_gates else None)
-        self.ln_factors = [1 / math.sqrt(i + 1) if h.ln_scale else 1.0 for i in range(n_logical)]
+        self.ln_factors = [1 / math.sqrt(k + 1) if h.ln_scale else 1.0 for k in self.control_of]
         last_block = len(self.blocks) - h.xsa_last_n
         self.xsa = [p >= last_block if h.xsa_by == "physical" else i >= n_logical - h.xsa_last_n
                     for i, (p, _) in enumerate(self.slots)]
@@ -835,7 +852,7 @@ class GPT(nn.Module):
         n_enc = len(self.active) // 2
         skips = []
         for pos, i in enumerate(self.active):
-            c = self.controls[i]
+            c = self.controls[self.control_of[i]]
             if pos >= n_enc and skips:  # U-Net: decoder layer j adds encoder output n_enc-1-j
                 skip = self.skip_weights[pos - n_enc] * skips.pop()
                 if self.skip_gates is None:
@@ -1566,7 +1583,7 @@ def ttt_params(model: GPT, freeze: int) -> tuple[list[Tensor], int]:
     frozen = set()
     for i in range(freeze):
         frozen |= {id(p) for p in model.blocks[model.slots[i][0]].parameters()}
-        frozen |= {id(p) for p in model.controls[i].parameters()}
+        frozen |= {id(p) for p in model.controls[model.control_of[i]].parameters()}
     params = []
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)

@@ -180,3 +180,20 @@ def test_gates_and_mixes_train_with_adamw_and_stay_fp16():
         assert all(id(p) not in in_muon for p in c.parameters())
     qstate = tg.quantize_state({k: v.detach() for k, v in model.state_dict().items()}, h)
     assert all(q.bits == 0 for n, q in qstate.items() if n.startswith("controls."))
+
+
+def test_controls_per_block_are_shared_by_recurrence_passes():
+    """CONTROLS_PER=block (#1493): every pass of a looped block uses that block's controls and LN scale."""
+    env = {"LOOP_START": "3", "LOOP_END": "5", "LOOP_REPEATS": "2", "LOOP_ENABLE_AT": "0.35", "VE_LAYERS": "",
+           "PARALLEL_START": "13"}
+    per_layer = tg.GPT(tg.Hyperparameters.from_env(env))
+    per_block = tg.GPT(tg.Hyperparameters.from_env({**env, "CONTROLS_PER": "block"}))
+    assert len(per_layer.controls) == 17 and len(per_block.controls) == 11
+    assert per_block.control_of == [p for p, _ in per_block.slots]
+    assert per_block.ln_factors[6] == per_block.ln_factors[3] == 1 / 2  # slot 6 reruns block 3
+    assert sum(p.numel() for p in per_layer.parameters()) - sum(p.numel() for p in per_block.parameters()) == 6 * 2048
+    frozen = tg.ttt_params(per_block, 4)[1] - tg.ttt_params(per_block, 3)[1]
+    assert frozen == sum(p.numel() for p in per_block.blocks[3].parameters()) + 2048  # block 3 and its controls
+    with pytest.raises(tg.ConfigError, match="CONTROLS_PER=block: block 4"):
+        tg.Hyperparameters.from_env({**env, "CONTROLS_PER": "block", "VE_LAYERS": "4"})  # slot 7 reruns block 4
+

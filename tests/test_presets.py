@@ -12,9 +12,9 @@ PRESETS = {
     "pr526": (24_634_452, 0, ""),
     "pr691": (26_993_756, 0, ""),
     "pr490": (27_137_221, 0, ""),
-    "pr1493": (35_944_536, 12_304, "per-slot controls (+12,288), lane mix (+16)"),
-    "pr1539_legal": (36_311_132, 7_183, "3 extra per-slot controls (+6,144), 2 extra skips (+1,024), lane mix (+15)"),
-    "top_1_0611": (35_945_671, 11_677, "controls +12,288, sparse gates -1,056, lanes -54, smear +499"),
+    "pr1493": (35_944_536, 16, "the 2x2 lane write-back of 4 layers (+16)"),
+    "pr1539_legal": (36_311_132, 1_039, "2 extra skip weights (+1,024), lane mix 16 vs lane merge 1 (+15)"),
+    "top_1_0611": (35_945_671, -611, "no sparse attention gates -1,056, lanes -54, SmearGate width +499"),
 }
 
 
