@@ -8,10 +8,12 @@ Run
   one GPU, or a laptop:   python3 train_gpt.py        (CPU: gloo + eager; shrink the model, see README)
   N processes:            torchrun --standalone --nproc_per_node=N train_gpt.py   (N divides 8)
   verify an artifact:     EVAL_ONLY_ARTIFACT=final_model.int6.ptz python3 train_gpt.py
+  re-export, no training: EXPORT_FROM=final_model.pt QUANT_CLIP_K=12 python3 train_gpt.py   (same config)
 Every knob is an environment variable named after its Hyperparameters field (NUM_LAYERS=11, ...).
 
 One run: train (Muon + AdamW, wallclock warmdown, EMA/SWA, late QAT, optional depth recurrence)
--> quantize (int6 GPTQ-lite or full GPTQ, int8 embeddings) -> compress -> atomic write -> read the
+-> save the float weights -> quantize (SDClip int6 matrices, int8 embeddings, optionally full GPTQ)
+-> compress, fitting the byte budget by rate control -> atomic write -> read the
 artifact back from disk -> score it (non-overlapping, sliding window, legal score-first TTT) ->
 PASS/FAIL lines for every budget and rule, and a JSON summary next to the log.
 """
@@ -945,11 +947,13 @@ class WeightAverager:
 # =====================================================================================================
 # QUANTIZATION AND SERIALIZATION
 # Pure functions: state dict -> quantized tensors -> bytes -> quantized tensors -> state dict.
-# Block matrices get int6 per-row scales, embedding tables int8, the small rest fp16. The
-# scale of each row comes from a clip search over fractions of the row's max |w| (GPTQ-lite, chosen per
-# row, no 1/qmax floor); late QAT fake-quantizes on exactly this grid. Full GPTQ keeps the grid and
-# rounds columns in act-order with Hessian error feedback. The artifact is magic + codec + sha256 +
-# compressed payload (a JSON header and raw arrays; no pickle), written atomically.
+# Three groups get int grids with per-row fp16 scales: attention and MLP matrices (QUANT_BITS, int6)
+# and embedding tables (int8); the small rest stays fp16. A row's scale is SDClip (k * std(row) / qmax,
+# k = 12.85 for matrices, 20 for embeddings: k sets the symbols' entropy) or the MSE-best clip of its
+# max |w|; late QAT fake-quantizes on exactly these grids. Full GPTQ keeps the grid and rounds columns in
+# act-order with Hessian error feedback. Rate control (AUTO_FIT) searches k, then bits per group, to fit
+# the byte budget. The artifact is magic + codec + sha256 + compressed payload (a JSON header and raw
+# arrays; no pickle), written atomically.
 # =====================================================================================================
 
 SMALL_NUMEL = 65536
@@ -1053,13 +1057,14 @@ def quant_plan(h: Hyperparameters) -> dict[str, tuple[int, float]]:
 def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Tensor] | None = None,
                    damp: float = 0.01, prune: float = 0.0) -> dict[str, QTensor]:
     """Every tensor on its group's grid (scales from the unpruned weights, so QAT's grid is kept), after
-    zeroing the `prune` fraction of smallest |w|; rounded by GPTQ where a Hessian is given."""
+    zeroing the `prune` fraction of smallest |w|; rounded by GPTQ where a Hessian is given. Computed on
+    the tensors' device; the results are on the CPU."""
     out = {}
     for name, t in state.items():
-        t = t.detach().float().cpu()
+        t = t.detach().float()
         group = quant_group(name, t)
         if not group:
-            out[name] = QTensor(tuple(t.shape), 0, t.half())
+            out[name] = QTensor(tuple(t.shape), 0, t.half().cpu())
             continue
         bits, k = plan[group]
         w = t.reshape(t.shape[0], -1)
@@ -1067,8 +1072,8 @@ def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Ten
         if int(prune * w.numel()):
             w = w * (w.abs() > w.abs().flatten().kthvalue(int(prune * w.numel())).values)
         H = hessians.get(name) if hessians else None
-        q = gptq_round(w, H.float().cpu(), scale, qmax, damp) if H is not None else round_to_grid(w, scale, qmax)
-        out[name] = QTensor(tuple(t.shape), bits, q.to(torch.int8), scale.half())
+        q = gptq_round(w, H.to(w), scale, qmax, damp) if H is not None else round_to_grid(w, scale, qmax)
+        out[name] = QTensor(tuple(t.shape), bits, q.to(torch.int8).cpu(), scale.half().cpu())
     return out
 
 
@@ -1633,8 +1638,10 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
 # =====================================================================================================
 # ARTIFACT AND BUDGET REPORT
 # The counted size is the compressed model plus the bytes of the file that runs (this source, or its
-# packed form when that is what runs). Over the 16,000,000-byte cap: a loud FAIL, or with AUTO_FIT=1
-# pruning until it fits, with the bpb it costs measured. Then every rank reads the artifact from disk.
+# packed form when that is what runs). Over the cap, AUTO_FIT=1 (default) raises k and drops bits until
+# it fits, logging each step and the calibration-loss cost; AUTO_FIT=0 gives a loud FAIL. The float
+# weights are saved first (FINAL_MODEL_PATH), so EXPORT_FROM can redo all of this without training.
+# Then every rank reads the artifact from disk.
 # =====================================================================================================
 
 RULE_BYTES, RULE_TRAIN_S, RULE_EVAL_S = 16_000_000, 600.0, 600.0
@@ -1807,6 +1814,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str) -> dict:
                    device=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}")
     if h.export_from:
         ck = load_checkpoint(h.export_from, h, tokenizer_sha)
+        ck["state"] = {k: v.to(rt.device) for k, v in ck["state"].items()}  # quantize where training would
         log(f"export_from: {h.export_from} (run {ck['run_id']}, weights {ck['weights']}, stage {ck['stage']})")
     elif not h.eval_only_artifact:
         torch.manual_seed(h.seed)

@@ -72,51 +72,53 @@ def layouts(qstate) -> dict[str, bytes]:
             "int8 column-major": head + b"".join(v.T.contiguous().numpy().tobytes() for v in ints) + rest}
 
 
+def trained_like(over: dict):
+    h = tg.Hyperparameters.from_env(over)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return h, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def record_mode(args) -> None:
+    """Rows in order of importance (the default plan first), the JSON rewritten after each one: brotli-11
+    and lzma need minutes per 27 MB on a shared 2-core CPU."""
     code = len((REPO / "train_gpt.py").read_bytes())
     rows, layout_rows, codecs = [], [], args.codecs.split(",")
-    for shape, over in SHAPES.items():
-        h = tg.Hyperparameters.from_env(over)
-        torch.manual_seed(0)
-        model = tg.GPT(h)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 2:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    default, int5, mse = ("sd", 0, "sd int6 k=12.85 (default)"), ("sd", 5, "sd int5 MLP + int6 attn"), ("mse", 0, "mse int6 (old default)")
+    jobs = [("record", default, codecs, False), ("1493-shape", default, codecs[:2], False), ("record", int5, codecs[:1], False),
+            ("record", mse, codecs[:1], False), ("record", default, [], True), ("1493-shape", mse, codecs[:1], False)]
+    models = {}
+    for shape, (clip, mlp_bits, label), use, with_layouts in jobs:
+        h, state = models[shape] if shape in models else models.setdefault(shape, trained_like(SHAPES[shape]))
+        plan = plan_for(h, clip, 6, mlp_bits)
         n_params = sum(v.numel() for v in state.values())
-        methods = {"mse int6 (old default)": plan_for(h, "mse", 6), "sd int6 k=12.85 (default)": plan_for(h, "sd", 6),
-                   "sd int5 MLP + int6 attn": plan_for(h, "sd", 6, 5)}
-        for label, plan in methods.items():
+        t = time.time()
+        qstate = tg.quantize_state(state, plan)
+        row = dict(model=shape, params=n_params, method=label, quantize_s=round(time.time() - t, 1), **symbol_stats(qstate, state))
+        payload = tg.encode_payload(qstate, {"model": h.model_config()})
+        for codec in use:
             t = time.time()
-            qstate = tg.quantize_state(state, plan)
-            row = dict(model=shape, params=n_params, method=label, quantize_s=round(time.time() - t, 1),
-                       **symbol_stats(qstate, state))
-            payload = tg.encode_payload(qstate, {"model": h.model_config()})
-            default = "(default)" in label
-            for codec in codecs if default and shape == "record" else codecs[:2] if default else codecs[:1]:
-                t = time.time()
-                size = len(tg.compress(payload, codec)) + len(tg.ARTIFACT_MAGIC) + 33
-                row[codec], row[f"{codec}_s"] = size, round(time.time() - t, 1)
-                row[f"{codec}_bits_per_weight"] = round(8 * size / n_params, 3)
-                row[f"{codec}_total_with_code"] = size + code
-            rows.append(row)
+            size = len(tg.compress(payload, codec)) + len(tg.ARTIFACT_MAGIC) + 33
+            row[codec], row[f"{codec}_s"] = size, round(time.time() - t, 1)
+            row[f"{codec}_bits_per_weight"] = round(8 * size / n_params, 3)
+            row[f"{codec}_total_with_code"] = size + code
             print(json.dumps(row), flush=True)
-            if label.endswith("(default)") and shape == "record":
-                for layout, data in layouts(qstate).items():
-                    lrow = dict(model=shape, layout=layout, raw=len(data))
-                    for codec in codecs[:1]:
-                        lrow[codec] = len(tg.compress(data, codec))
-                    layout_rows.append(lrow)
-                    print(json.dumps(lrow), flush=True)
-    args.json.parent.mkdir(exist_ok=True)
-    args.json.write_text(json.dumps(dict(code_bytes=code, rows=rows, layouts=layout_rows), indent=1))
+        rows += [row] if use else []
+        for layout, data in layouts(qstate).items() if with_layouts else ():
+            layout_rows.append(dict(model=shape, layout=layout, raw=len(data), **{c: len(tg.compress(data, c)) for c in codecs[:1]}))
+            print(json.dumps(layout_rows[-1]), flush=True)
+        args.json.parent.mkdir(exist_ok=True)
+        args.json.write_text(json.dumps(dict(code_bytes=code, rows=rows, layouts=layout_rows), indent=1))
     print(f"train_gpt.py: {code} bytes")
     print(markdown_table(rows, ["model", "method", "entropy_bits", "rel_err"] + codecs
                          + [f"{c}_bits_per_weight" for c in codecs] + [f"{c}_total_with_code" for c in codecs]
                          + [f"{c}_s" for c in codecs]))
-    print(markdown_table(layout_rows, ["model", "layout", "raw"] + codecs))
+    print(markdown_table(layout_rows, ["model", "layout", "raw"] + codecs[:1]))
 
 
 def quality_mode(args) -> None:
