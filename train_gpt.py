@@ -145,7 +145,7 @@ class Hyperparameters:
     gptq_calib_batches: int = knob(16, 1)  # training micro-batches per rank for the Hessians (full)
     gptq_reserve_seconds: float = knob(8.0, 0.0)  # training stops this early to calibrate in budget (full)
     gptq_damp: float = knob(0.01, 0.0)  # Hessian damping, relative to its mean diagonal
-    compressor: str = knob("zstd", choices=("zstd", "brotli", "lzma"))  # zstd-22, brotli-11 or lzma-9e
+    compressor: str = knob("brotli", choices=("zstd", "brotli", "lzma"))  # brotli-11 (smallest), zstd-22 or lzma-9e
     artifact_path: str = "final_model.int6.ptz"  # where the artifact is written
     byte_budget: int = knob(16_000_000, 1)  # total-bytes limit; can only tighten the 16,000,000 rule
     auto_fit: bool = True  # over budget: raise the SDClip k, then drop bits of the cheapest group

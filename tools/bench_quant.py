@@ -3,6 +3,8 @@
 
   python3 tools/bench_quant.py                       # quality: train tools/cpu_scale.env 150 s, then measure
   python3 tools/bench_quant.py --record              # bytes: the record and #1493-shape models, trained-like
+  python3 tools/bench_quant.py --layouts             # int8 stream layouts x codecs on a record-shape slice
+  python3 tools/bench_quant.py --fit 1493-shape      # AUTO_FIT's search on a trained-like record-scale model
   python3 tools/bench_quant.py --train-seconds 30 --bits 6
 
 Quality mode, per bit width and method (block matrices; embeddings int8, small tensors fp16): quant gap
@@ -10,7 +12,7 @@ Quality mode, per bit width and method (block matrices; embeddings int8, small t
 bytes, order-0 entropy of the int symbols, relative reconstruction error. Methods: clip mse|sd (the
 per-row MSE-best fraction of max|w|, or SDClip k*std(row)), lite (round to nearest) or full (Hessian
 GPTQ calibrated on training batches); "sd rate@mse" is SDClip whose k was set by train_gpt's rate
-control (fit_to_budget, started at k = 4) to the bytes of the mse row above it, the same-bytes comparison.
+control (fit_to_budget, k searched in [2, 4]) to the bytes of the mse row above it, the same-bytes comparison.
 
 Record mode: the record model (R23, 26.9M params) and the #1493 shape (SP8192, 11 x 512, MLP 4x, no
 BigramHash/VE, 35.9M) with their own initialisation plus N(0, 0.02) on every matrix, seed 0 (a stand-in
@@ -121,9 +123,44 @@ def record_mode(args) -> None:
     print(markdown_table(layout_rows, ["model", "layout", "raw"] + codecs[:1]))
 
 
+def fit_mode(args) -> None:
+    """train_gpt's rate control on a trained-like record-scale model: the default plan, AUTO_FIT's search
+    against 16,000,000 bytes minus train_gpt.py, with real compression by the default codec."""
+    h, state = trained_like(SHAPES[args.fit])
+    code = len((REPO / "train_gpt.py").read_bytes())
+    pack = lambda q: tg.pack_artifact(q, {"model": h.model_config()}, h.compressor)
+    t = time.time()
+    plan, qstate, blob = tg.fit_to_budget(lambda p: tg.quantize_state(state, p), pack, tg.quant_plan(h),
+                                          tg.RULE_BYTES - code, lambda q: 0.0, lambda msg: print(msg, flush=True))
+    row = dict(model=args.fit, plan=tg.fmt_plan(plan), codec=h.compressor, model_bytes=len(blob), code_bytes=code,
+               total=len(blob) + code, seconds=round(time.time() - t, 1))
+    print(json.dumps(row), flush=True)
+    args.json.parent.mkdir(exist_ok=True)
+    args.json.write_text(json.dumps(row, indent=1))
+
+
+def layouts_mode(args) -> None:
+    """The int8 layouts on a record-shape slice (blocks 0-1 and the embedding tables, default plan) with
+    every codec: the full 27 MB takes brotli-11 and lzma many minutes per layout on a shared 2-core CPU."""
+    h, state = trained_like({})
+    state = {k: v for k, v in state.items() if not k.startswith("blocks.") or k.split(".")[1] in ("0", "1")}
+    qstate = tg.quantize_state(state, tg.quant_plan(h))
+    rows = []
+    for layout, data in layouts(qstate).items():
+        rows.append(dict(slice="record blocks 0-1 + embeddings", layout=layout, raw=len(data)))
+        for codec in args.codecs.split(","):
+            t = time.time()
+            rows[-1][codec], rows[-1][f"{codec}_s"] = len(tg.compress(data, codec)), round(time.time() - t, 1)
+        print(json.dumps(rows[-1]), flush=True)
+    args.json.parent.mkdir(exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1))
+    print(markdown_table(rows, ["slice", "layout", "raw"] + args.codecs.split(",")))
+
+
 def quality_mode(args) -> None:
     ensure_embedded_data()
-    env = {**cpu_scale_env(), **EMBEDDED, "MAX_WALLCLOCK_SECONDS": str(args.train_seconds), "TTT_ENABLED": "0"}
+    env = {**cpu_scale_env(), **EMBEDDED, "MAX_WALLCLOCK_SECONDS": str(args.train_seconds), "TTT_ENABLED": "0",
+           "VAL_MAX_TOKENS": str(args.val_tokens)}
     h = tg.Hyperparameters.from_env(env)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False)
     torch.manual_seed(h.seed)
@@ -163,11 +200,13 @@ def quality_mode(args) -> None:
             measure(bits, f"sd {gptq}", plan_for(h, "sd", bits), hess)
             quantize = lambda p, hess=hess: tg.quantize_state(state, p, hess, h.gptq_damp)
             pack = lambda q: tg.pack_artifact(q, {}, "brotli")
-            plan, q, _ = tg.fit_to_budget(quantize, pack, plan_for(h, "sd", bits, k=4.0), mse_bytes, calib_loss, tg.Log(None))
+            plan, q, _ = tg.fit_to_budget(quantize, pack, plan_for(h, "sd", bits, k=2.0), mse_bytes, calib_loss, tg.Log(None))
             measure(bits, f"sd rate@mse {gptq}", plan, hess, q)
     args.json.parent.mkdir(exist_ok=True)
-    args.json.write_text(json.dumps(dict(float_bpb=float_bpb, params=n_params, steps=info["steps"], rows=rows), indent=1))
-    print(f"float (post-EMA) val_bpb {float_bpb:.5f}; {n_params} params; {info['steps']} steps; brotli-11")
+    args.json.write_text(json.dumps(dict(float_bpb=float_bpb, params=n_params, steps=info["steps"], val_tokens=args.val_tokens,
+                                         train_seconds=args.train_seconds, rows=rows), indent=1))
+    print(f"float (post-EMA) val_bpb {float_bpb:.5f}; {n_params} params; {info['steps']} steps; brotli-11; "
+          f"{args.val_tokens or 'all'} val targets")
     print(markdown_table(rows, ["bits", "method", "plan", "val_bpb", "quant_gap", "model_bytes", "bytes_per_param",
                                 "entropy_bits", "rel_err", "seconds"]))
 
@@ -175,13 +214,18 @@ def quality_mode(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--record", action="store_true", help="record-scale bytes instead of CPU-scale quality")
+    p.add_argument("--layouts", action="store_true", help="int8 stream layouts on a record-shape slice")
+    p.add_argument("--fit", choices=tuple(SHAPES), help="rate control (AUTO_FIT) on this trained-like shape")
     p.add_argument("--train-seconds", type=float, default=150)
     p.add_argument("--bits", default="6,5")
+    p.add_argument("--val-tokens", type=int, default=0, help="score only this many val targets (0 = all)")
     p.add_argument("--codecs", default="zstd,brotli,lzma")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    args.json = args.json or REPO / "results" / ("bench_quant_record.json" if args.record else "bench_quant.json")
-    record_mode(args) if args.record else quality_mode(args)
+    name = ("bench_quant_record" if args.record else "bench_quant_layouts" if args.layouts
+            else f"bench_quant_fit_{args.fit}" if args.fit else "bench_quant")
+    args.json = args.json or REPO / "results" / f"{name}.json"
+    (record_mode if args.record else layouts_mode if args.layouts else fit_mode if args.fit else quality_mode)(args)
 
 
 if __name__ == "__main__":
