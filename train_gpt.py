@@ -8,10 +8,12 @@ Run
   one GPU, or a laptop:   python3 train_gpt.py        (CPU: gloo + eager; shrink the model, see README)
   N processes:            torchrun --standalone --nproc_per_node=N train_gpt.py   (N divides 8)
   verify an artifact:     EVAL_ONLY_ARTIFACT=final_model.int6.ptz python3 train_gpt.py
+  re-export, no training: EXPORT_FROM=final_model.pt QUANT_CLIP_K=12 python3 train_gpt.py   (same config)
 Every knob is an environment variable named after its Hyperparameters field (NUM_LAYERS=11, ...).
 
 One run: train (Muon + AdamW, wallclock warmdown, EMA/SWA, late QAT, optional depth recurrence)
--> quantize (int6 GPTQ-lite or full GPTQ, int8 embeddings) -> compress -> atomic write -> read the
+-> save the float weights -> quantize (SDClip int6 matrices, int8 embeddings, optionally full GPTQ)
+-> compress, fitting the byte budget by rate control -> atomic write -> read the
 artifact back from disk -> score it (non-overlapping, sliding window, legal score-first TTT) ->
 PASS/FAIL lines for every budget and rule, and a JSON summary next to the log.
 """
@@ -26,6 +28,7 @@ import difflib
 import glob
 import hashlib
 import importlib
+import io
 import json
 import lzma
 import math
@@ -141,16 +144,24 @@ class Hyperparameters:
     swa_start_lrmul: float = knob(0.2, 0.0, 1.0)  # SWA collects once the LR multiplier is below this
     late_qat_threshold: float = knob(0.15, 0.0, 1.0)  # fake-quant once the LR multiplier < this; 0 = off
     # export
-    quant_bits: int = knob(6, 2, 8)  # block matrices (also the QAT grid)
+    quant_bits: int = knob(6, 2, 8)  # block matrices (also the QAT grids), unless set per group:
+    quant_bits_attn: int = knob(0, 0, 8)  # attention matrices (0 = QUANT_BITS)
+    quant_bits_mlp: int = knob(0, 0, 8)  # MLP matrices (0 = QUANT_BITS)
     embed_bits: int = knob(8, 2, 8)  # embedding tables
-    quant_method: str = knob("lite", choices=("lite", "full"))  # per-row clip search, or + Hessian GPTQ
+    quant_clip: str = knob("sd", choices=("sd", "mse"))  # row clip: k*std(row) (SDClip) or MSE-best of max|w|
+    quant_clip_k: float = knob(12.85, 0.5)  # SDClip k of the block matrices
+    embed_clip_k: float = knob(20.0, 0.5)  # SDClip k of the embedding tables
+    prune_frac: float = knob(0.0, 0.0, 0.9)  # zero this fraction of smallest |w| of each int tensor first
+    quant_method: str = knob("lite", choices=("lite", "full"))  # row clip alone, or + Hessian GPTQ
     gptq_calib_batches: int = knob(16, 1)  # training micro-batches per rank for the Hessians (full)
     gptq_reserve_seconds: float = knob(8.0, 0.0)  # training stops this early to calibrate in budget (full)
     gptq_damp: float = knob(0.01, 0.0)  # Hessian damping, relative to its mean diagonal
-    compressor: str = knob("zstd", choices=("zstd", "brotli", "lzma"))  # zstd-22, brotli-11 or lzma-9e
+    compressor: str = knob("brotli", choices=("zstd", "brotli", "lzma"))  # brotli-11 (smallest), zstd-22 or lzma-9e
     artifact_path: str = "final_model.int6.ptz"  # where the artifact is written
     byte_budget: int = knob(16_000_000, 1)  # total-bytes limit; can only tighten the 16,000,000 rule
-    auto_fit: bool = False  # over budget: prune the cheapest int values until it fits
+    auto_fit: bool = True  # over budget: raise the SDClip k, then drop bits of the cheapest group
+    final_model_path: str = "final_model.pt"  # post-EMA float weights saved for EXPORT_FROM; "" = none
+    export_from: str = ""  # path: skip training, export and score this FINAL_MODEL_PATH file
     eval_only_artifact: str = ""  # path: skip training, score this artifact (what a verifier runs)
     # evaluation
     eval_seq_len: int = knob(0, 0)  # scoring window (0 = TRAIN_SEQ_LEN)
@@ -244,6 +255,8 @@ class Hyperparameters:
         need(self.ttt_chunk_tokens % min(self.eval_len, self.ttt_chunk_tokens) == 0,
              f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a multiple of the eval length {self.eval_len} "
              "(or smaller than it)")
+        need(self.quant_bits_attn != 1 and self.quant_bits_mlp != 1, "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8")
+        need(not (self.export_from and self.eval_only_artifact), "set EXPORT_FROM or EVAL_ONLY_ARTIFACT, not both")
         need(self.muon_ns == "classic" or self.muon_backend_steps == 5,
              "MUON_NS=polar has exactly 5 tuned steps: set MUON_BACKEND_STEPS=5")
 
@@ -573,18 +586,18 @@ class RMSNorm(nn.Module):
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight (autocast computes in bf16). When qat_bits is set, the forward sees the
-    exporter's fake-quantized weight with a straight-through gradient. qat_bits is a plain attribute:
+    """fp32 master weight (autocast computes in bf16). When qat = (bits, k) is set, the forward sees the
+    exporter's fake-quantized weight with a straight-through gradient. qat is a plain attribute:
     torch.compile guards on it, so flipping it recompiles once instead of being constant-folded."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
-        self.zero_init, self.qat_bits = zero_init, 0
+        self.zero_init, self.qat = zero_init, None
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.qat_bits:
-            w = w + (fake_quantize(w.detach(), self.qat_bits) - w).detach()
+        if self.qat:
+            w = w + (fake_quantize(w.detach(), *self.qat) - w).detach()
         return F.linear(x, w)
 
 
@@ -834,10 +847,11 @@ class GPT(nn.Module):
         self.stage = stage
         self.active = tuple(i for i, (_, s) in enumerate(self.slots) if s <= stage)
 
-    def set_qat(self, bits: int) -> None:
-        for m in self.blocks.modules():
+    def set_qat(self, plan: dict | None) -> None:
+        """Block matrices train on their group's export grid (plan: quant_plan), or plainly (None)."""
+        for name, m in self.blocks.named_modules():
             if isinstance(m, CastedLinear):
-                m.qat_bits = bits
+                m.qat = plan[name.split(".")[1]] if plan else None
 
     def hidden(self, ids: Tensor) -> Tensor:
         starts = (ids == BOS_ID) | (torch.arange(ids.size(1), device=ids.device) == 0)
@@ -1047,11 +1061,13 @@ class WeightAverager:
 # =====================================================================================================
 # QUANTIZATION AND SERIALIZATION
 # Pure functions: state dict -> quantized tensors -> bytes -> quantized tensors -> state dict.
-# Block matrices get int6 per-row scales, embedding tables int8, the small rest fp16. The
-# scale of each row comes from a clip search over fractions of the row's max |w| (GPTQ-lite, chosen per
-# row, no 1/qmax floor); late QAT fake-quantizes on exactly this grid. Full GPTQ keeps the grid and
-# rounds columns in act-order with Hessian error feedback. The artifact is magic + codec + sha256 +
-# compressed payload (a JSON header and raw arrays; no pickle), written atomically.
+# Three groups get int grids with per-row fp16 scales: attention and MLP matrices (QUANT_BITS, int6)
+# and embedding tables (int8); the small rest stays fp16. A row's scale is SDClip (k * std(row) / qmax,
+# k = 12.85 for matrices, 20 for embeddings: k sets the symbols' entropy) or the MSE-best clip of its
+# max |w|; late QAT fake-quantizes on exactly these grids. Full GPTQ keeps the grid and rounds columns in
+# act-order with Hessian error feedback. Rate control (AUTO_FIT) searches k, then bits per group, to fit
+# the byte budget. The artifact is magic + codec + sha256 + compressed payload (a JSON header and raw
+# arrays; no pickle), written atomically.
 # =====================================================================================================
 
 SMALL_NUMEL = 65536
@@ -1070,9 +1086,13 @@ def fp16_grid(x: Tensor) -> Tensor:
     return ((x.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
 
 
-def row_scales(w: Tensor, bits: int) -> Tensor:
-    """Per-row scale (exactly representable in fp16) minimizing the row's squared rounding error."""
+def row_scales(w: Tensor, bits: int, k: float) -> Tensor:
+    """Per-row scale, exactly representable in fp16. SDClip (k > 0): the grid spans +-k*std(row), so k
+    sets the step and the symbols' entropy (about bits - log2 k). k = 0: the clip among fractions of
+    the row's max |w| that minimizes its squared rounding error."""
     qmax = 2 ** (bits - 1) - 1
+    if k:
+        return fp16_grid((k * w.std(dim=1, correction=0) / qmax).clamp_min(2 ** -14))
     amax = w.abs().amax(dim=1)
     best_scale, best_err = None, None
     for fraction in CLIP_FRACTIONS:
@@ -1086,8 +1106,8 @@ def row_scales(w: Tensor, bits: int) -> Tensor:
     return best_scale
 
 
-def fake_quantize(w: Tensor, bits: int) -> Tensor:
-    scale = row_scales(w, bits)
+def fake_quantize(w: Tensor, bits: int, k: float) -> Tensor:
+    scale = row_scales(w, bits, k)
     return round_to_grid(w, scale, 2 ** (bits - 1) - 1) * scale[:, None]
 
 
@@ -1133,29 +1153,54 @@ class QTensor:
         return (self.values.float() * self.scale.float()[:, None]).reshape(self.shape)
 
 
-def tensor_bits(name: str, t: Tensor, h: Hyperparameters) -> int:
-    """Block matrices: QUANT_BITS at any size (the grid late QAT trains on). Other tensors above
-    65,536 values (the embedding tables): EMBED_BITS. The rest (vectors, gains, small projections) fp16."""
+def quant_group(name: str, t: Tensor) -> str:
+    """'attn' / 'mlp': block matrices at any size (the grids late QAT trains on); 'embed': the other
+    tensors above 65,536 values (embedding tables); '': the fp16 rest (vectors, gains, small projections)."""
     if name.startswith("blocks.") and t.ndim == 2:
-        return h.quant_bits
-    return h.embed_bits if t.numel() > SMALL_NUMEL else 0
+        return name.split(".")[2]
+    return "embed" if t.numel() > SMALL_NUMEL else ""
 
 
-def quantize_state(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[str, Tensor] | None = None):
+def quant_plan(h: Hyperparameters) -> dict[str, tuple[int, float]]:
+    """Group -> (bits, SDClip k); k = 0 is the MSE clip search."""
+    sd = h.quant_clip == "sd"
+    return {"attn": (h.quant_bits_attn or h.quant_bits, h.quant_clip_k * sd),
+            "mlp": (h.quant_bits_mlp or h.quant_bits, h.quant_clip_k * sd), "embed": (h.embed_bits, h.embed_clip_k * sd)}
+
+
+def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Tensor] | None = None,
+                   damp: float = 0.01, prune: float = 0.0) -> dict[str, QTensor]:
+    """Every tensor on its group's grid (scales from the unpruned weights, so QAT's grid is kept), after
+    zeroing the `prune` fraction of smallest |w|; rounded by GPTQ where a Hessian is given. Computed on
+    the tensors' device; the results are on the CPU."""
     out = {}
     for name, t in state.items():
-        t = t.detach().float().cpu()
-        bits = tensor_bits(name, t, h)
-        if not bits:
-            out[name] = QTensor(tuple(t.shape), 0, t.half())
+        t = t.detach().float()
+        group = quant_group(name, t)
+        if not group:
+            out[name] = QTensor(tuple(t.shape), 0, t.half().cpu())
             continue
+        bits, k = plan[group]
         w = t.reshape(t.shape[0], -1)
-        scale = row_scales(w, bits)
-        qmax = 2 ** (bits - 1) - 1
+        scale, qmax = row_scales(w, bits, k), 2 ** (bits - 1) - 1
+        if int(prune * w.numel()):
+            w = w * (w.abs() > w.abs().flatten().kthvalue(int(prune * w.numel())).values)
         H = hessians.get(name) if hessians else None
-        q = gptq_round(w, H.float().cpu(), scale, qmax, h.gptq_damp) if H is not None else round_to_grid(w, scale, qmax)
-        out[name] = QTensor(tuple(t.shape), bits, q.to(torch.int8), scale.half())
+        q = gptq_round(w, H.to(w), scale, qmax, damp) if H is not None else round_to_grid(w, scale, qmax)
+        out[name] = QTensor(tuple(t.shape), bits, q.to(torch.int8).cpu(), scale.half().cpu())
     return out
+
+
+def entropy_bytes(qstate: dict[str, QTensor]) -> float:
+    """Order-0 entropy of each int tensor's symbols plus 2 bytes per fp16 value: a fast size proxy."""
+    total = 0.0
+    for q in qstate.values():
+        if q.bits:
+            p = torch.bincount(q.values.flatten().long() + 128, minlength=256).double() / q.values.numel()
+            total += -(p[p > 0] * p[p > 0].log2()).sum().item() * q.values.numel() / 8 + 2 * q.scale.numel()
+        else:
+            total += 2 * q.values.numel()
+    return total
 
 
 def encode_payload(qstate: dict[str, QTensor], meta: dict) -> bytes:
@@ -1256,36 +1301,59 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def prune_to_fit(qstate: dict[str, QTensor], originals: dict[str, Tensor], limit: int, make_blob, log: Log):
-    """Zero the int values whose loss costs least (zeroing q raises the squared error by
-    w^2 - (w - q*s)^2, smallest for +-1) until the artifact fits `limit` bytes. The bytes saved per
-    pruned value are measured on each pass, not guessed."""
-    names = [n for n, q in qstate.items() if q.bits]
-    if not names:
-        raise ConfigError("AUTO_FIT: nothing to prune, no tensor is int-quantized")
-    costs, which, flat_idx = [], [], []
-    for k, n in enumerate(names):
-        q = qstate[n]
-        w, s = originals[n].float().reshape(q.values.shape), q.scale.float()[:, None]
-        idx = (q.values != 0).flatten().nonzero().squeeze(1)
-        costs.append((w.square() - (w - q.values.float() * s).square()).flatten()[idx])
-        which.append(torch.full_like(idx, k))
-        flat_idx.append(idx)
-    order = torch.argsort(torch.cat(costs))
-    which, flat_idx = torch.cat(which)[order], torch.cat(flat_idx)[order]
-    blob, pruned, rate = make_blob(), 0, 0.25  # first guess: a pruned value saves ~2 bits
-    while len(blob) > limit:
-        if pruned == len(order):
-            raise ConfigError(f"AUTO_FIT: even with every int value zeroed the model is {len(blob)} > {limit} bytes")
-        target = min(len(order), pruned + math.ceil((len(blob) - limit) / rate * 1.15) + 1000)
-        for k, n in enumerate(names):
-            sel = flat_idx[pruned:target][which[pruned:target] == k]
-            qstate[n].values.view(-1)[sel] = 0
-        new_blob = make_blob()
-        rate = max((len(blob) - len(new_blob)) / (target - pruned), 1e-3)
-        log(f"auto_fit: pruned {target} of {len(order)} int values -> {len(new_blob)} bytes (limit {limit})")
-        blob, pruned = new_blob, target
-    return blob, pruned
+def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log):
+    """Rate control: the plan (group -> (bits, k)) whose packed artifact fits `limit` bytes. Bytes fall
+    monotonically with k (entropy ~ bits - log2 k), so a common factor s in [1, 2] on every SDClip k
+    (s = 2 is worth about one bit) is bisected against the symbols' entropy times the measured
+    compressed/entropy ratio; the result is compressed for real, and a miss corrects the ratio and
+    searches again. When s = 2 is not enough, the group whose calibration loss rises least per byte
+    saved loses a bit, and k is searched again. Returns (plan, qstate, blob)."""
+    t0, steps = now(), [0]
+
+    def step(p: dict, real: bool, what: str):
+        q = quantize(p)
+        blob = pack(q) if real else None
+        size = len(blob) if real else ratio * entropy_bytes(q)
+        steps[0] += 1
+        log(f"auto_fit:step {steps[0]} {what} plan:{fmt_plan(p)} {'bytes' if real else 'est_bytes'}:{size:.0f} "
+            f"limit:{limit} elapsed:{now() - t0:.1f}s")
+        return q, size, blob
+
+    scaled = lambda p, f: {g: (b, k * f) for g, (b, k) in p.items()}
+    qstate, size, blob = step(plan, True, "start")
+    ratio = size / entropy_bytes(qstate)
+    while size > limit:
+        if any(k for _, k in plan.values()) and step(scaled(plan, 2.0), False, "k x2.000")[1] <= limit:
+            lo, hi = 1.0, 2.0
+            for _ in range(7):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if step(scaled(plan, mid), False, f"k x{mid:.3f}")[1] <= limit else (mid, hi)
+            qstate, size, blob = step(scaled(plan, hi), True, f"k x{hi:.3f}")
+            if size <= limit:
+                plan = scaled(plan, hi)
+                break
+            ratio *= size / (ratio * entropy_bytes(qstate)) * 1.002  # the estimate was low: correct, again
+            continue
+        base_q = quantize(plan)
+        base_bytes, base_loss, best = entropy_bytes(base_q), calib_loss(base_q), None
+        for g, (b, k) in plan.items():
+            if b > 2:
+                trial = {**plan, g: (b - 1, k)}
+                q = quantize(trial)
+                saved, cost = base_bytes - entropy_bytes(q), calib_loss(q) - base_loss
+                log(f"auto_fit:candidate {g} int{b}->int{b - 1} saves ~{ratio * saved:.0f} bytes, calib loss {cost:+.5f}")
+                if saved > 0 and (best is None or cost / saved < best[0]):
+                    best = (cost / saved, trial)
+        if best is None:
+            raise ConfigError(f"AUTO_FIT: nothing fits {limit} bytes: even {fmt_plan(plan)} with k x2 is over "
+                              f"(last packed {size} bytes); raise BYTE_BUDGET or shrink the model")
+        plan = best[1]
+        qstate, size, blob = step(plan, True, "bits")
+    return plan, qstate, blob
+
+
+def fmt_plan(plan: dict) -> str:
+    return ",".join(f"{g}=int{b}" + (f"@k{k:.2f}" if k else "@mse") for g, (b, k) in plan.items())
 
 
 def packed_code(code: str) -> str:
@@ -1367,6 +1435,7 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
     reserve = h.gptq_reserve_seconds if h.quant_method == "full" else 0.0
     cap_ms = max(h.max_wallclock_seconds - reserve, 0.0) * 1000 if h.max_wallclock_seconds else 0.0
     enable_at = [h.loop_enable_at[min(r, len(h.loop_enable_at) - 1)] for r in range(h.loop_repeats)]
+    last_batch = []
 
     def train_step(step: int, lr_mul: float) -> Tensor:
         for opt in optimizers:
@@ -1381,6 +1450,7 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
                 loss = compiled(x, y)
             (loss / rt.grad_accum).backward()
             total += loss.detach()
+        last_batch[:] = x, y  # the export's calibration tokens: data read inside the cap, never re-read
         all_reduce_grads(params, rt, rt.world_size)
         if h.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
@@ -1399,7 +1469,7 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             f"step_avg:{train_ms / max(step, 1):.2f}ms")
 
     # Compile warm-up on every variant of the graph, then restore weights, optimizer state and data.
-    variants = [(s, 0) for s in range(model.n_stages)] + ([(model.n_stages - 1, h.quant_bits)] if h.late_qat_threshold else [])
+    variants = [(s, None) for s in range(model.n_stages)] + ([(model.n_stages - 1, quant_plan(h))] if h.late_qat_threshold else [])
     if h.warmup_steps:
         snapshot = (copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers], loader.state())
         for i in range(h.warmup_steps):
@@ -1414,7 +1484,7 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             opt.load_state_dict(state)
         loader.restore(snapshot[2])
         model.set_stage(0)
-        model.set_qat(0)
+        model.set_qat(None)
         if h.warmup_steps < len(variants):
             log(f"warmup: {len(variants) - h.warmup_steps} graph variants will compile inside the timed run")
 
@@ -1449,9 +1519,9 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
                 + (", late QAT on at once" if lr_mul < h.late_qat_threshold else "") + "): WARMDOWN_ITERS="
                 f"{h.warmdown_iters} is about as long as the whole run; set WARMDOWN_FRAC (e.g. 0.5) for short runs")
         if h.late_qat_threshold and not qat_on and lr_mul < h.late_qat_threshold:
-            model.set_qat(h.quant_bits)
+            model.set_qat(quant_plan(h))
             qat_on = True
-            log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f} bits:{h.quant_bits}")
+            log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f} grid:{fmt_plan(quant_plan(h))}")
         loss = train_step(step, lr_mul)
         step += 1
         averager.update(step, lr_mul, log)
@@ -1474,7 +1544,7 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             f"reserved: {torch.cuda.max_memory_reserved() // 2 ** 20} MiB")
     else:
         log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
-    model.set_qat(0)
+    model.set_qat(None)
     weights = averager.apply_final(log)
     hessians = None
     if h.quant_method == "full":  # calibration reads training data, so it is training time: inside the cap
@@ -1502,7 +1572,8 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
     t = now()
     loss, bpb = val_score()
     log(f"DIAGNOSTIC post_{weights.split('(')[0]} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{(now() - t) * 1000:.0f}ms")
-    return dict(steps=step, train_ms=train_ms, weights=weights, hessians=hessians, compiled_after_warmup=graphs,
+    return dict(steps=step, train_ms=train_ms, weights=weights, hessians=hessians, calib=last_batch,
+                compiled_after_warmup=graphs,
                 stopped_early=stop_after is not None and step < h.iterations, pre_quant=dict(val_loss=loss, val_bpb=bpb))
 
 
@@ -1819,8 +1890,10 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
 # =====================================================================================================
 # ARTIFACT AND BUDGET REPORT
 # The counted size is the compressed model plus the bytes of the file that runs (this source, or its
-# packed form when that is what runs). Over the 16,000,000-byte cap: a loud FAIL, or with AUTO_FIT=1
-# pruning until it fits, with the bpb it costs measured. Then every rank reads the artifact from disk.
+# packed form when that is what runs). Over the cap, AUTO_FIT=1 (default) raises k and drops bits until
+# it fits, logging each step and the calibration-loss cost; AUTO_FIT=0 gives a loud FAIL. The float
+# weights are saved first (FINAL_MODEL_PATH), so EXPORT_FROM can redo all of this without training.
+# Then every rank reads the artifact from disk.
 # =====================================================================================================
 
 RULE_BYTES, RULE_TRAIN_S, RULE_EVAL_S = 16_000_000, 600.0, 600.0
@@ -1841,43 +1914,83 @@ def model_from_qstate(qstate: dict[str, QTensor], h: Hyperparameters, rt: Runtim
     return model
 
 
-def export_artifact(model: GPT, h: Hyperparameters, rt: Runtime, log: Log, code: str, meta: dict, hessians,
-                    val_tokens: Tensor, luts) -> dict:
-    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+def export_artifact(state: dict[str, Tensor], stage: int, h: Hyperparameters, rt: Runtime, log: Log, code: str,
+                    meta: dict, hessians, calib: list[Tensor]) -> dict:
+    """Quantize the float weights on QUANT_PLAN's grids, pack, fit the budget (AUTO_FIT), write."""
     t = now()
-    qstate = quantize_state(state, h, hessians)
-    blob = pack_artifact(qstate, meta, h.compressor)
-    export_s = now() - t
     code_bytes, packed_bytes = len(code.encode()), len(packed_code(code).encode())
     limit = min(h.byte_budget, RULE_BYTES)
-    tag = f"int{h.quant_bits}+{h.compressor}"
-    pruned = 0
-    if len(blob) + code_bytes > limit and h.auto_fit:
-        n_eval = val_tokens.numel() - 1
-        batch = eval_batch(h, 1, h.train_seq_len)  # rank 0 alone
+    trial = GPT(h).to(rt.device)
+    trial.set_stage(stage)
 
-        def roundtrip_bpb() -> float:
-            trial = model_from_qstate(qstate, h, rt, meta["stage"])
-            windows = plan_windows(n_eval, h.train_seq_len, h.train_seq_len)
-            return loss_and_bpb(score_windows(trial.token_nll, val_tokens, windows, h.train_seq_len, batch, luts, rt))[1]
+    @torch.no_grad()
+    def calib_loss(weights: dict) -> float:  # mean NLL of the last training micro-batch (rank 0's)
+        trial.load_state_dict({k: v.dequantize() if isinstance(v, QTensor) else v for k, v in weights.items()})
+        with rt.autocast():
+            return trial(*(c.to(rt.device) for c in calib)).item()
 
-        before = roundtrip_bpb()
-        blob, pruned = prune_to_fit(qstate, state, limit - code_bytes, lambda: pack_artifact(qstate, meta, h.compressor), log)
-        after = roundtrip_bpb()
-        log(f"auto_fit: pruned {pruned} int values, roundtrip val_bpb {before:.4f} -> {after:.4f} ({after - before:+.4f})")
+    quantize = lambda plan: quantize_state(state, plan, hessians, h.gptq_damp, h.prune_frac)
+    pack = lambda qstate: pack_artifact(qstate, meta, h.compressor)
+    plan, qstate, blob = fit_to_budget(quantize, pack, quant_plan(h), limit - code_bytes if h.auto_fit else math.inf,
+                                       calib_loss, log)
     write_atomic(h.artifact_path, blob)
-    total = len(blob) + code_bytes
-    log(f"Serialized model: {sum(t.numel() * t.element_size() for t in model.state_dict().values())} bytes")
+    export_s = now() - t
+    n_params, total = sum(t.numel() for t in state.values()), len(blob) + code_bytes
+    base_loss, q_loss = calib_loss(state), calib_loss(qstate)
+    tag = f"int{export_bits(qstate)}+{h.compressor}"
+    log(f"quant:plan {fmt_plan(plan)} method:{h.quant_method} prune_frac:{h.prune_frac} "
+        f"bytes_per_param:{len(blob) / n_params:.4f} calib_loss float:{base_loss:.5f} quantized:{q_loss:.5f} "
+        f"({q_loss - base_loss:+.5f})")
+    log(f"Serialized model: {sum(t.numel() * t.element_size() for t in state.values())} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Code size packed: {packed_bytes} bytes (self-extracting lzma+base85; tools/pack_script.py)")
-    log(f"Serialized model {tag}: {len(blob)} bytes (quantize+compress {export_s:.1f}s)")
+    log(f"Serialized model {tag}: {len(blob)} bytes (export: calibrate+search+compress+write {export_s:.1f}s)")
     log(f"Total submission size {tag}: {total} bytes")
     verdict = "PASS" if total <= limit else "FAIL"
     log(f"budget:{verdict} total {total} {'<=' if verdict == 'PASS' else '>'} {limit} bytes "
         f"(headroom {limit - total}; {len(blob) + packed_bytes} with packed code)"
         + ("" if verdict == "PASS" else " -- OVER THE CAP: set AUTO_FIT=1, shrink the model, or pack the code"))
     return dict(model=len(blob), code=code_bytes, code_packed=packed_bytes, total=total, limit=limit,
-                pruned=pruned, export_s=export_s)
+                plan=fmt_plan(plan), calib_loss_cost=q_loss - base_loss, export_s=export_s)
+
+
+def export_bits(qstate: dict[str, QTensor]) -> int:
+    """The widest block-matrix grid: the N of the final_intN_* score lines."""
+    return max(q.bits for name, q in qstate.items() if name.startswith("blocks."))
+
+
+CHECKPOINT_FORMAT = "pgolf-float-1"
+
+
+def save_checkpoint(path: str, state: dict[str, Tensor], h: Hyperparameters, extra: dict) -> None:
+    """The exported float weights with what re-exporting needs: torch.save of plain tensors, lists and
+    dicts (no code objects), read back with weights_only=True."""
+    buf = io.BytesIO()
+    torch.save(dict(format=CHECKPOINT_FORMAT, model=h.model_config(), state={k: v.detach().float().cpu()
+               for k, v in state.items()}, **extra), buf)
+    write_atomic(path, buf.getvalue())
+
+
+def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"EXPORT_FROM={path}: file not found")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        assert ck["format"] == CHECKPOINT_FORMAT
+    except Exception as e:
+        raise ConfigError(f"EXPORT_FROM={path}: not a {CHECKPOINT_FORMAT} checkpoint written by FINAL_MODEL_PATH "
+                          f"({type(e).__name__}: {e})") from None
+    for key, value in h.model_config().items():
+        if ck["model"].get(key) != value:
+            raise ConfigError(f"EXPORT_FROM={path}: the checkpoint has {key.upper()}={ck['model'].get(key)!r}, this "
+                              f"run {key.upper()}={value!r}; run with the training configuration")
+    if ck["tokenizer_sha256"] != tokenizer_sha:
+        raise ConfigError(f"EXPORT_FROM={path}: trained with tokenizer sha256 {ck['tokenizer_sha256']}, but "
+                          f"TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}")
+    if h.quant_method == "full" and not ck["hessians"]:
+        raise ConfigError(f"EXPORT_FROM={path}: QUANT_METHOD=full needs Hessians, and this checkpoint has none "
+                          "(its run used QUANT_METHOD=lite): use QUANT_METHOD=lite")
+    return ck
 
 
 # =====================================================================================================
@@ -1890,7 +2003,7 @@ def export_artifact(model: GPT, h: Hyperparameters, rt: Runtime, log: Log, code:
 def compliance_checks(h: Hyperparameters, train: dict | None, ev: dict, sizes: dict | None) -> list:
     checks = []
     if train is None:
-        checks.append(("train_time", "SKIP", "eval-only run"))
+        checks.append(("train_time", "SKIP", "no training in this run"))
     else:
         ok = train["train_ms"] <= RULE_TRAIN_S * 1000
         checks.append(("train_time", "PASS" if ok else "FAIL",
@@ -1941,7 +2054,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     log.phase("data")
     sp = load_tokenizer(h)
     luts = build_byte_luts(sp, rt.device)
-    train_files = None if h.eval_only_artifact else find_shards(h, "train")
+    train_files = None if h.eval_only_artifact or h.export_from else find_shards(h, "train")
     val_tokens = load_val_tokens(h, rt)
     val_pattern = os.path.join(h.data_path, "fineweb_val_*.bin")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
@@ -1954,7 +2067,11 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     summary = dict(run_id=run_id, seed=h.seed, config=dataclasses.asdict(h), config_hash=config_hash(h),
                    code_sha256=hashlib.sha256(code.encode()).hexdigest(), torch=torch.__version__,
                    device=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}")
-    if not h.eval_only_artifact:
+    if h.export_from:
+        ck = load_checkpoint(h.export_from, h, tokenizer_sha)
+        ck["state"] = {k: v.to(rt.device) for k, v in ck["state"].items()}  # quantize where training would
+        log(f"export_from: {h.export_from} (run {ck['run_id']}, weights {ck['weights']}, stage {ck['stage']})")
+    elif not h.eval_only_artifact:
         log.phase("model")
         torch.manual_seed(h.seed)
         np.random.seed(h.seed)
@@ -1974,13 +2091,22 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         loader = TrainLoader(train_files[0], rt)
         log.phase("train")
         train_info = train_model(model, h, rt, loader, val_tokens, luts, log)
-        meta = dict(model=h.model_config(), stage=model.stage, tokenizer_sha256=tokenizer_sha, run_id=run_id,
-                    weights=train_info["weights"], quant=dict(method=h.quant_method, bits=h.quant_bits, embed_bits=h.embed_bits))
-        log.phase("export")
-        if rt.is_master:
-            sizes = export_artifact(model, h, rt, log, code, meta, train_info.pop("hessians"), val_tokens, luts)
-        train_info.pop("hessians", None)
+        hessians = train_info.pop("hessians")
+        ck = dict(state=model.state_dict(), stage=model.stage, weights=train_info["weights"], run_id=run_id,
+                  tokenizer_sha256=tokenizer_sha, calib=[c.cpu() for c in train_info.pop("calib")],
+                  hessians=hessians and {k: v.cpu() for k, v in hessians.items()})
+        if rt.is_master and h.final_model_path:
+            save_checkpoint(h.final_model_path, ck["state"], h, {k: v for k, v in ck.items() if k != "state"})
+            log(f"final_model: {h.final_model_path} (post-{train_info['weights'].split('(')[0]} float weights; "
+                f"EXPORT_FROM={h.final_model_path} re-exports them)")
         del model
+    if not h.eval_only_artifact:
+        log.phase("export")
+        meta = dict(model=h.model_config(), stage=ck["stage"], tokenizer_sha256=tokenizer_sha, run_id=ck["run_id"],
+                    weights=ck["weights"], quant=dict(method=h.quant_method, clip=h.quant_clip, prune_frac=h.prune_frac))
+        if rt.is_master:
+            sizes = export_artifact(ck["state"], ck["stage"], h, rt, log, code, meta, ck["hessians"], ck["calib"])
+        del ck
         rt.barrier()
     log.phase("eval_load")
     artifact = h.eval_only_artifact or h.artifact_path
@@ -1988,9 +2114,9 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     if meta.get("tokenizer_sha256") != tokenizer_sha:
         raise ConfigError(f"{artifact} was trained with tokenizer sha256 {meta.get('tokenizer_sha256')}, but "
                           f"TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}")
-    eval_h = dataclasses.replace(h, **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
+    eval_h = dataclasses.replace(h, quant_bits=export_bits(qstate),
+                                 **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
     if h.eval_only_artifact:
-        eval_h = dataclasses.replace(eval_h, quant_bits=meta["quant"]["bits"])
         eval_h.validate()  # the eval settings from the environment must fit the artifact's model
         log(f"eval_only: {artifact} ({os.path.getsize(artifact)} bytes, weights {meta['weights']}, "
             f"quant {meta['quant']})")

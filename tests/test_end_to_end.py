@@ -54,9 +54,9 @@ def test_smoke_run_logs_the_official_lines(smoke):
 
 def test_budget_accounting_equals_bytes_on_disk(smoke):
     cwd, env, out = smoke
-    model = int(re.search(r"^Serialized model int6\+zstd: (\d+) bytes", out, re.M).group(1))
+    model = int(re.search(r"^Serialized model int6\+\w+: (\d+) bytes", out, re.M).group(1))
     code = int(re.search(r"^Code size: (\d+) bytes", out, re.M).group(1))
-    total = int(re.search(r"^Total submission size int6\+zstd: (\d+) bytes", out, re.M).group(1))
+    total = int(re.search(r"^Total submission size int6\+\w+: (\d+) bytes", out, re.M).group(1))
     packed = int(re.search(r"^Code size packed: (\d+) bytes", out, re.M).group(1))
     assert model == os.path.getsize(env["ARTIFACT_PATH"]) and code == len((REPO / "train_gpt.py").read_bytes())
     assert total == model + code and packed == len(tg.packed_code((REPO / "train_gpt.py").read_text()).encode())
@@ -129,14 +129,16 @@ def test_full_gptq_reads_training_data_only_inside_the_cap(small_data, tmp_path)
 
 def test_over_budget_fails_loudly_or_fits(smoke, tmp_path):
     _, env, out = smoke
-    total = int(re.search(r"^Total submission size int6\+zstd: (\d+) bytes", out, re.M).group(1))
-    base = {**env, "TTT_ENABLED": "0", "EVAL_SLIDING": "0", "BYTE_BUDGET": str(int(total * 0.97))}
-    proc = run_script({**base, "RUN_ID": "over", "ARTIFACT_PATH": str(tmp_path / "a.ptz")}, tmp_path)
+    total = int(re.search(r"^Total submission size int6\+\w+: (\d+) bytes", out, re.M).group(1))
+    base = {**env, "TTT_ENABLED": "0", "EVAL_SLIDING": "0", "BYTE_BUDGET": str(int(total * 0.97)), "FINAL_MODEL_PATH": ""}
+    proc = run_script({**base, "RUN_ID": "over", "AUTO_FIT": "0", "ARTIFACT_PATH": str(tmp_path / "a.ptz")}, tmp_path)
     assert proc.returncode == 0 and "budget:FAIL" in proc.stdout and "OVER THE CAP" in proc.stdout
-    proc = run_script({**base, "RUN_ID": "fit", "AUTO_FIT": "1", "ARTIFACT_PATH": str(tmp_path / "b.ptz")}, tmp_path)
+    assert not (tmp_path / "final_model.pt").exists()  # FINAL_MODEL_PATH="" saves nothing
+    proc = run_script({**base, "RUN_ID": "fit", "ARTIFACT_PATH": str(tmp_path / "b.ptz")}, tmp_path)  # AUTO_FIT=1
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "budget:PASS" in proc.stdout and re.search(r"auto_fit: pruned \d+ int values, roundtrip val_bpb", proc.stdout)
-    fitted = int(re.search(r"^Total submission size int6\+zstd: (\d+) bytes", proc.stdout, re.M).group(1))
+    assert "budget:PASS" in proc.stdout and re.search(r"^auto_fit:step 2 k x2\.000 .* elapsed:", proc.stdout, re.M)
+    assert re.search(r"^quant:plan attn=int6@k\d.* calib_loss float:\S+ quantized:\S+ \([+-]", proc.stdout, re.M)
+    fitted = int(re.search(r"^Total submission size int\d\+\w+: (\d+) bytes", proc.stdout, re.M).group(1))
     assert fitted <= int(total * 0.97)
 
 
@@ -165,3 +167,21 @@ def test_a_second_compiled_run_loads_its_graphs_from_the_compile_cache(smoke, tm
     assert counts[0]["fx_graph_misses"] > 0 and counts[0]["fx_graph_hits"] == 0
     assert counts[1]["fx_graph_hits"] == counts[0]["fx_graph_misses"] and counts[1]["fx_graph_misses"] == 0
     assert "compile_cache:" not in smoke[2]  # eager runs (COMPILE=0 on a CPU) report nothing
+
+
+def test_export_from_checkpoint_reproduces_the_run(smoke, tmp_path):
+    cwd, env, out = smoke
+    ckpt = cwd / "final_model.pt"
+    assert "final_model: final_model.pt (post-ema float weights" in out
+    proc = run_script({**env, "RUN_ID": "reexport", "EXPORT_FROM": str(ckpt), "ARTIFACT_PATH": str(tmp_path / "m.ptz")},
+                      tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step:" not in proc.stdout and "export_from:" in proc.stdout
+    assert (tmp_path / "m.ptz").read_bytes() == open(env["ARTIFACT_PATH"], "rb").read()
+    assert finals(proc.stdout) == finals(out)
+    proc = run_script({**env, "EXPORT_FROM": str(ckpt), "MODEL_DIM": "32"}, tmp_path)
+    assert proc.returncode != 0 and "the checkpoint has MODEL_DIM=64, this run MODEL_DIM=32" in proc.stderr
+    proc = run_script({**env, "EXPORT_FROM": env["ARTIFACT_PATH"]}, tmp_path)
+    assert proc.returncode != 0 and "not a pgolf-float-1 checkpoint" in proc.stderr
+    proc = run_script({**env, "EXPORT_FROM": str(ckpt), "QUANT_METHOD": "full"}, tmp_path)
+    assert proc.returncode != 0 and "QUANT_METHOD=full needs Hessians" in proc.stderr

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from conftest import tg
@@ -18,31 +19,36 @@ def test_compiled_qat_and_stage_switch_match_eager():
     plain = compiled(ids, targets)
     assert torch.allclose(plain, model(ids, targets), atol=1e-5)
 
-    model.set_qat(6)
+    plan = {"attn": (6, 12.85), "mlp": (5, 0.0), "embed": (8, 20.0)}  # SDClip attention, MSE-clip int5 MLP
+    model.set_qat(plan)
     qat = compiled(ids, targets)
     qat.backward()
     reference = copy.deepcopy(model)
-    reference.set_qat(0)
+    reference.set_qat(None)
     with torch.no_grad():
         for name, m in reference.blocks.named_modules():
             if isinstance(m, tg.CastedLinear):
-                m.weight.copy_(tg.fake_quantize(m.weight, 6))
+                m.weight.copy_(tg.fake_quantize(m.weight, *plan[name.split(".")[1]]))
     ref = reference(ids, targets)
     ref.backward()
     assert torch.allclose(qat, ref, atol=1e-5) and abs(qat.item() - plain.item()) > 1e-4
     for (name, p), q in zip(model.blocks.named_parameters(), reference.blocks.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5), name  # straight-through gradient
 
-    model.set_qat(0)
+    model.set_qat(None)
     model.set_stage(1)  # the looped pass joins: a new schedule, one recompile
     assert torch.allclose(compiled(ids, targets), model(ids, targets), atol=1e-5)
     assert len(model.active) == 3
 
 
-def test_fake_quantize_is_the_export_grid():
-    w = torch.randn(16, 64)
-    q = tg.quantize_state({"blocks.0.mlp.fc.weight": torch.randn(300, 300), "w": w}, tg.Hyperparameters.from_env({}))
-    big = torch.randn(300, 300)
-    qt = tg.quantize_state({"blocks.0.mlp.fc.weight": big}, tg.Hyperparameters.from_env({}))["blocks.0.mlp.fc.weight"]
-    assert torch.equal(qt.dequantize(), tg.fake_quantize(big, 6))
-    assert q["w"].bits == 0
+@pytest.mark.parametrize("clip", ["sd", "mse"])
+def test_fake_quantize_is_the_export_grid(clip):
+    h = tg.Hyperparameters.from_env({"QUANT_CLIP": clip, "QUANT_BITS_MLP": "5"})
+    model = full_model()
+    model.set_qat(tg.quant_plan(h))
+    qstate = tg.quantize_state({f"blocks.{k}": v for k, v in model.blocks.state_dict().items()}, tg.quant_plan(h))
+    for name, m in model.blocks.named_modules():
+        if isinstance(m, tg.CastedLinear):
+            q = qstate[f"blocks.{name}.weight"]
+            assert m.qat == tg.quant_plan(h)[name.split(".")[1]] and q.bits == m.qat[0]
+            assert torch.equal(q.dequantize(), tg.fake_quantize(m.weight.detach(), *m.qat))

@@ -1,4 +1,4 @@
-"""Quantization, the artifact format, bad artifacts, GPTQ, pruning to a byte budget."""
+"""Quantization (MSE clip, SDClip, mixed bits, pruning), the artifact format, bad artifacts, GPTQ, rate control."""
 
 import hashlib
 
@@ -9,13 +9,15 @@ from conftest import SILENT, tg
 from test_model import full_model
 
 H = tg.Hyperparameters.from_env({})
+PLAN = tg.quant_plan(H)
+MSE = {g: (b, 0.0) for g, (b, _) in PLAN.items()}
 
 
 def test_per_row_scales_bound_the_error_and_have_no_floor():
     torch.manual_seed(0)
     w = torch.randn(64, 512) * torch.logspace(-3, 0, 64)[:, None]  # rows from 1e-3 to 1 in scale
     w[0, 0] = 1.6 * w[0].abs().max()  # a mild outlier: clipping it must win
-    scale = tg.row_scales(w, 6)
+    scale = tg.row_scales(w, 6, 0.0)
     q = tg.round_to_grid(w, scale, 31)
     err = (q * scale[:, None] - w).square().sum(1)
     rowmax_scale = tg.fp16_grid(w.abs().amax(1) / 31)
@@ -34,11 +36,11 @@ def small_state():
 
 
 def test_quantize_kinds():
-    qstate = tg.quantize_state(small_state(), H)
+    qstate = tg.quantize_state(small_state(), PLAN)
     kinds = {name: q.bits for name, q in qstate.items()}
     assert kinds["tok_emb.weight"] == 8 and kinds["blocks.0.mlp.fc.weight"] == 6
     assert kinds["bigram.embed.weight"] == 0  # 600 x 8 values: small enough to stay fp16
-    tiny = tg.quantize_state({"blocks.0.attn.c_k.weight": torch.randn(8, 16), "blocks.0.attn.q_gain": torch.ones(4)}, H)
+    tiny = tg.quantize_state({"blocks.0.attn.c_k.weight": torch.randn(8, 16), "blocks.0.attn.q_gain": torch.ones(4)}, PLAN)
     assert tiny["blocks.0.attn.c_k.weight"].bits == 6 and tiny["blocks.0.attn.q_gain"].bits == 0  # QAT's grid
     assert all(b == 0 for n, b in kinds.items() if n.startswith("controls."))
 
@@ -46,7 +48,7 @@ def test_quantize_kinds():
 @pytest.mark.parametrize("codec", ["zstd", "brotli", "lzma"])
 def test_artifact_round_trip(tmp_path, codec):
     state = small_state()
-    qstate = tg.quantize_state(state, H)
+    qstate = tg.quantize_state(state, PLAN)
     meta = {"model": {"num_layers": 4}, "note": "x"}
     path = tmp_path / "a.ptz"
     tg.write_atomic(str(path), tg.pack_artifact(qstate, meta, codec))
@@ -80,7 +82,7 @@ def corrupt(blob: bytes, kind: str) -> bytes:
                                            ("foreign", "bad magic"), ("version", "artifact format"),
                                            ("empty", "bad magic"), ("codec", "unknown codec")])
 def test_bad_artifacts_are_refused(tmp_path, kind, message):
-    blob = tg.pack_artifact(tg.quantize_state(small_state(), H), {}, "zstd")
+    blob = tg.pack_artifact(tg.quantize_state(small_state(), PLAN), {}, "zstd")
     path = tmp_path / "bad.ptz"
     path.write_bytes(corrupt(blob, kind))
     with pytest.raises(tg.ConfigError, match=message) as e:
@@ -102,7 +104,7 @@ def test_gptq_beats_round_to_nearest_on_layer_output():
     x = torch.randn(2048, 24, generator=gen) @ torch.randn(24, 96, generator=gen)  # correlated inputs
     x += 0.1 * torch.randn(2048, 96, generator=gen)
     H_ = x.T @ x
-    scale = tg.row_scales(w, 4)
+    scale = tg.row_scales(w, 4, 0.0)
     rtn = tg.round_to_grid(w, scale, 7)
     gptq = tg.gptq_round(w, H_, scale, 7, damp=0.01)
     assert gptq.abs().max() <= 7 and torch.equal(gptq, gptq.round())
@@ -110,21 +112,60 @@ def test_gptq_beats_round_to_nearest_on_layer_output():
     assert out_err(gptq) < 0.7 * out_err(rtn)
 
 
-def test_prune_to_fit_meets_the_limit_cheapest_first():
+def test_sdclip_grid_spans_k_std_and_round_trips(tmp_path):
     torch.manual_seed(0)
-    state = {"blocks.0.mlp.fc.weight": torch.randn(512, 512) * 0.02}
-    qstate = tg.quantize_state(state, H)
-    original = qstate["blocks.0.mlp.fc.weight"].values.clone()
-    make = lambda: tg.pack_artifact(qstate, {}, "zstd")
-    limit = int(len(make()) * 0.93)
-    blob, pruned = tg.prune_to_fit(qstate, state, limit, make, SILENT)
-    after = qstate["blocks.0.mlp.fc.weight"].values
-    changed = after != original
-    assert len(blob) <= limit and pruned > 0 and changed.sum() == pruned
-    scale = qstate["blocks.0.mlp.fc.weight"].scale.float()[:, None]
-    w = state["blocks.0.mlp.fc.weight"]
-    cost = w.square() - (w - original.float() * scale).square()
-    kept = (after != 0)
-    assert (after[changed] == 0).all() and cost[changed].max() <= cost[kept].min() + 1e-12  # cheapest first
-    with pytest.raises(tg.ConfigError, match="AUTO_FIT"):
-        tg.prune_to_fit(qstate, state, 100, make, SILENT)
+    w = torch.randn(32, 256) * torch.logspace(-3, 0, 32)[:, None]
+    scale = tg.row_scales(w, 6, 12.85)
+    assert torch.allclose(scale, 12.85 * w.std(1, correction=0) / 31, rtol=1e-3) and torch.equal(scale.half().float(), scale)
+    state = {"blocks.0.mlp.fc.weight": w, "tok_emb.weight": torch.randn(1024, 80) * 0.02}
+    qstate = tg.quantize_state(state, PLAN)
+    emb = qstate["tok_emb.weight"]
+    assert emb.bits == 8 and torch.allclose(emb.scale.float(), 20 * state["tok_emb.weight"].std(1, correction=0) / 127, rtol=1e-3)
+    for name, q in qstate.items():  # nothing is clipped at k = 12.85 / 20 on Gaussian rows: error <= step / 2
+        assert ((q.dequantize() - state[name]).abs() <= q.scale.float()[:, None] / 2 + 1e-7).all()
+    # the step (0.41 std) is coarser than the MSE clip's, so the symbols carry fewer bits
+    ent = lambda q: tg.entropy_bytes({"x": q}) - 2 * q.scale.numel()
+    mse = tg.quantize_state(state, MSE)
+    assert ent(qstate["blocks.0.mlp.fc.weight"]) < 0.8 * ent(mse["blocks.0.mlp.fc.weight"])
+    tg.write_atomic(str(tmp_path / "a.ptz"), tg.pack_artifact(qstate, {}, "brotli"))
+    back, _ = tg.read_artifact(str(tmp_path / "a.ptz"))
+    assert all(torch.equal(back[n].dequantize(), q.dequantize()) for n, q in qstate.items())
+
+
+def test_mixed_bits_and_pruning_round_trip(tmp_path):
+    state = small_state()
+    plan = {**PLAN, "mlp": (5, 12.85), "attn": (6, 12.85), "embed": (7, 15.0)}
+    qstate = tg.quantize_state(state, plan, prune=0.1)
+    for name, q in qstate.items():
+        group = tg.quant_group(name, state[name])
+        assert q.bits == (plan[group][0] if group else 0), name
+        if q.bits:
+            assert q.values.abs().max() <= 2 ** (q.bits - 1) - 1
+            assert (q.values == 0).float().mean() >= 0.1  # the smallest 10% of |w| pruned first
+    assert tg.export_bits(qstate) == 6
+    tg.write_atomic(str(tmp_path / "m.ptz"), tg.pack_artifact(qstate, {}, "zstd"))
+    back, _ = tg.read_artifact(str(tmp_path / "m.ptz"))
+    assert all(torch.equal(back[n].values, q.values) and back[n].bits == q.bits for n, q in qstate.items())
+
+
+def rate_control_setup():
+    gen = torch.Generator().manual_seed(0)
+    state = {n: torch.randn(r, c, generator=gen) * 0.02 for n, r, c in (("blocks.0.attn.c_q.weight", 128, 128),
+             ("blocks.0.mlp.fc.weight", 256, 128), ("tok_emb.weight", 1024, 96))}
+    quantize = lambda plan: tg.quantize_state(state, plan)
+    pack = lambda q: tg.pack_artifact(q, {}, "zstd")
+    attn_matters = lambda q: 1.0 if q["blocks.0.attn.c_q.weight"].bits < 6 else 0.0  # a calibration loss
+    return quantize, pack, attn_matters, len(pack(quantize(PLAN)))
+
+
+def test_rate_control_hits_a_budget_and_refuses_an_impossible_one():
+    quantize, pack, loss, full = rate_control_setup()
+    plan, qstate, blob = tg.fit_to_budget(quantize, pack, PLAN, int(0.6 * full), loss, SILENT)
+    assert len(blob) <= 0.6 * full and blob == pack(qstate) and plan != PLAN
+    assert any(b < PLAN[g][0] for g, (b, _) in plan.items())  # k x2 alone saves ~1 bit of 6: bits had to drop
+    assert plan["attn"][0] == 6  # the groups whose bits cost no calibration loss went first
+    plan2, _, blob2 = tg.fit_to_budget(quantize, pack, PLAN, int(0.9 * full), loss, SILENT)  # k alone suffices
+    assert len(blob2) <= 0.9 * full and all(plan2[g][0] == PLAN[g][0] and plan2[g][1] > PLAN[g][1] for g in PLAN)
+    assert tg.fit_to_budget(quantize, pack, PLAN, full, loss, SILENT)[0] == PLAN  # fits: nothing changes
+    with pytest.raises(tg.ConfigError, match="AUTO_FIT: nothing fits 1000 bytes"):
+        tg.fit_to_budget(quantize, pack, PLAN, 1000, loss, SILENT)

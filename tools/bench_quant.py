@@ -1,15 +1,26 @@
 #!/usr/bin/env python3
-"""Quantization and compression on a model trained on the embedded corpus (CPU scale).
+"""Quantization and compression: quality on a CPU-trained model, bytes at record scale.
 
-  python3 tools/bench_quant.py                  # trains tools/cpu_scale.env for 150 s, then measures
+  python3 tools/bench_quant.py                       # quality: train tools/cpu_scale.env 150 s, then measure
+  python3 tools/bench_quant.py --record              # bytes: the record and #1493-shape models, trained-like
+  python3 tools/bench_quant.py --layouts             # int8 stream layouts x codecs on a record-shape slice
+  python3 tools/bench_quant.py --fit 1493-shape      # AUTO_FIT's search on a trained-like record-scale model
   python3 tools/bench_quant.py --train-seconds 30 --bits 6
 
-Table 1, per bit width and method (block matrices; embeddings int8 and small tensors fp16 throughout):
-quant gap = non-overlapping val bpb of the dequantized model - that of the float (post-EMA) model, and
-the compressed model's bytes per parameter. Methods: rtn (row max scale), lite-matrix (GPTQ-lite, one
-clip fraction per matrix, as the records did), lite-row (one per row: train_gpt.py's default), full
-(Hessian GPTQ on the lite-row grid, calibrated on training batches). Table 2: compressed size of the
-default export for each codec and payload layout (fp16 byte-shuffle on/off, int6 values bit-packed).
+Quality mode, per bit width and method (block matrices; embeddings int8, small tensors fp16): quant gap
+= non-overlapping val bpb of the dequantized model - that of the float (post-EMA) model, compressed
+bytes, order-0 entropy of the int symbols, relative reconstruction error. Methods: clip mse|sd (the
+per-row MSE-best fraction of max|w|, or SDClip k*std(row)), lite (round to nearest) or full (Hessian
+GPTQ calibrated on training batches); "sd rate@mse" is SDClip whose k was set by train_gpt's rate
+control (fit_to_budget, k searched in [2, 4]) to the bytes of the mse row above it, the same-bytes comparison.
+
+Record mode: the record model (R23, 26.9M params) and the #1493 shape (SP8192, 11 x 512, MLP 4x, no
+BigramHash/VE, 35.9M) with their own initialisation plus N(0, 0.02) on every matrix, seed 0 (a stand-in
+for trained weights; no Hessians, so lite only). Per method: bytes per codec, bits per weight, the
+symbols' entropy, and the total with train_gpt.py's bytes against the 16,000,000 cap; then the int8
+stream layouts (row-major, stride-2 byte shuffle, column-major) of the default plan. brotli-11 needs
+minutes for 27 MB on a shared 2-core CPU, so only the default plan gets every codec (the #1493 shape
+the first two); the other rows and the layouts use the first codec of --codecs.
 """
 
 import argparse
@@ -26,58 +37,130 @@ from benchlib import EMBEDDED, REPO, cpu_scale_env, ensure_embedded_data, markdo
 sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402
 
-
-def scales_for(w: torch.Tensor, bits: int, method: str) -> torch.Tensor:
-    qmax = 2 ** (bits - 1) - 1
-    amax = w.abs().amax(dim=1)
-    if method == "rtn":
-        return tg.fp16_grid((amax / qmax).clamp_min(2 ** -14))
-    if method == "lite-matrix":
-        best = None
-        for f in tg.CLIP_FRACTIONS:
-            s = tg.fp16_grid((amax * f / qmax).clamp_min(2 ** -14))
-            err = (tg.round_to_grid(w, s, qmax) * s[:, None] - w).square().sum().item()
-            best = (err, s) if best is None or err < best[0] else best
-        return best[1]
-    return tg.row_scales(w, bits)
+SHAPES = {"record": {}, "1493-shape": dict(VOCAB_SIZE="8192", MLP_MULT="4", BIGRAM_VOCAB_SIZE="0", VE_LAYERS="")}
 
 
-def quantize_variant(state, h, bits, method, hessians):
-    qstate = tg.quantize_state(state, h)  # embeddings and small tensors as exported
-    for name, t in state.items():
-        if tg.tensor_bits(name, t, h) and name.startswith("blocks."):
-            w = t.float().reshape(t.shape[0], -1)
-            s = scales_for(w, bits, method)
-            qmax = 2 ** (bits - 1) - 1
-            q = tg.gptq_round(w, hessians[name], s, qmax, h.gptq_damp) if method == "full" else tg.round_to_grid(w, s, qmax)
-            qstate[name] = tg.QTensor(tuple(t.shape), bits, q.to(torch.int8), s.half())
-    return qstate
+def plan_for(h, clip: str, bits: int, mlp_bits: int = 0, k: float | None = None) -> dict:
+    over = dict(QUANT_CLIP=clip, QUANT_BITS=str(bits), QUANT_BITS_MLP=str(mlp_bits))
+    if k is not None:
+        over["QUANT_CLIP_K"] = str(k)
+    return tg.quant_plan(tg.dataclasses.replace(h, **{k.lower(): type(getattr(h, k.lower()))(v) for k, v in over.items()}))
 
 
-def payload_variants(qstate, meta) -> dict[str, bytes]:
-    """The default layout (train_gpt.encode_payload) and the alternatives it was chosen over."""
-    default = tg.encode_payload(qstate, meta)
-    header = default[: 4 + int.from_bytes(default[:4], "little")]
-    ints = np.concatenate([q.values.numpy().reshape(-1) for q in qstate.values() if q.bits])
-    halves = np.concatenate([(q.scale if q.bits else q.values).numpy().reshape(-1) for q in qstate.values()])
-    v = (ints.astype(np.int16) + 32).astype(np.uint8)  # int6 -> 0..63, 4 values in 3 bytes
-    v = np.pad(v, (0, -len(v) % 4)).reshape(-1, 4).astype(np.uint32)
-    packed = (v[:, 0] | v[:, 1] << 6 | v[:, 2] << 12 | v[:, 3] << 18)
-    packed = np.stack([(packed >> s) & 0xFF for s in (0, 8, 16)], axis=1).astype(np.uint8).tobytes()
-    shuffled = halves.view(np.uint8).reshape(-1, 2).T.tobytes()
-    return {"int8 + fp16 shuffled (default)": default,
-            "int8 + fp16 interleaved": header + ints.tobytes() + halves.tobytes(),
-            "6-bit packed + fp16 shuffled": header + packed + shuffled}
+def symbol_stats(qstate, state) -> dict:
+    """Order-0 entropy of the int symbols (bits/symbol) and the relative L2 error of the int tensors."""
+    n_int = sum(q.values.numel() for q in qstate.values() if q.bits)
+    ent = sum(q.values.numel() * entropy_bits(q.values) for q in qstate.values() if q.bits) / n_int
+    err = sum((q.dequantize() - state[n].float()).square().sum().item() for n, q in qstate.items() if q.bits)
+    ref = sum(state[n].float().square().sum().item() for n, q in qstate.items() if q.bits)
+    return dict(entropy_bits=round(ent, 3), rel_err=round((err / ref) ** 0.5, 4))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-seconds", type=float, default=150)
-    p.add_argument("--bits", default="6,5,4")
-    p.add_argument("--json", type=Path, default=REPO / "logs" / "bench_quant.json")
-    args = p.parse_args()
+def entropy_bits(v: torch.Tensor) -> float:
+    p = torch.bincount(v.flatten().long() + 128, minlength=256).double() / v.numel()
+    return -(p[p > 0] * p[p > 0].log2()).sum().item()
+
+
+def layouts(qstate) -> dict[str, bytes]:
+    """The int8 stream as train_gpt writes it (row-major) and the alternatives it was chosen over."""
+    default = tg.encode_payload(qstate, {})
+    head = default[: 4 + int.from_bytes(default[:4], "little")]
+    ints = [q.values for q in qstate.values() if q.bits]
+    n = sum(v.numel() for v in ints)
+    rest = default[len(head) + n:]
+    flat = np.frombuffer(default, dtype=np.uint8, count=n, offset=len(head))
+    return {"int8 row-major (default)": default,
+            "int8 stride-2 byte shuffle": head + flat[0::2].tobytes() + flat[1::2].tobytes() + rest,
+            "int8 column-major": head + b"".join(v.T.contiguous().numpy().tobytes() for v in ints) + rest}
+
+
+def trained_like(over: dict):
+    h = tg.Hyperparameters.from_env(over)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return h, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def record_mode(args) -> None:
+    """Rows in order of importance (the default plan first), the JSON rewritten after each one: brotli-11
+    and lzma need minutes per 27 MB on a shared 2-core CPU."""
+    code = len((REPO / "train_gpt.py").read_bytes())
+    rows, layout_rows, codecs = [], [], args.codecs.split(",")
+    default, int5, mse = ("sd", 0, "sd int6 k=12.85 (default)"), ("sd", 5, "sd int5 MLP + int6 attn"), ("mse", 0, "mse int6 (old default)")
+    jobs = [("record", default, codecs, False), ("1493-shape", default, codecs[:2], False), ("record", int5, codecs[:1], False),
+            ("record", mse, codecs[:1], False), ("record", default, [], True), ("1493-shape", mse, codecs[:1], False)]
+    models = {}
+    for shape, (clip, mlp_bits, label), use, with_layouts in jobs:
+        h, state = models[shape] if shape in models else models.setdefault(shape, trained_like(SHAPES[shape]))
+        plan = plan_for(h, clip, 6, mlp_bits)
+        n_params = sum(v.numel() for v in state.values())
+        t = time.time()
+        qstate = tg.quantize_state(state, plan)
+        row = dict(model=shape, params=n_params, method=label, quantize_s=round(time.time() - t, 1), **symbol_stats(qstate, state))
+        payload = tg.encode_payload(qstate, {"model": h.model_config()})
+        for codec in use:
+            t = time.time()
+            size = len(tg.compress(payload, codec)) + len(tg.ARTIFACT_MAGIC) + 33
+            row[codec], row[f"{codec}_s"] = size, round(time.time() - t, 1)
+            row[f"{codec}_bits_per_weight"] = round(8 * size / n_params, 3)
+            row[f"{codec}_total_with_code"] = size + code
+            print(json.dumps(row), flush=True)
+        rows += [row] if use else []
+        for layout, data in layouts(qstate).items() if with_layouts else ():
+            layout_rows.append(dict(model=shape, layout=layout, raw=len(data), **{c: len(tg.compress(data, c)) for c in codecs[:1]}))
+            print(json.dumps(layout_rows[-1]), flush=True)
+        args.json.parent.mkdir(exist_ok=True)
+        args.json.write_text(json.dumps(dict(code_bytes=code, rows=rows, layouts=layout_rows), indent=1))
+    print(f"train_gpt.py: {code} bytes")
+    print(markdown_table(rows, ["model", "method", "entropy_bits", "rel_err"] + codecs
+                         + [f"{c}_bits_per_weight" for c in codecs] + [f"{c}_total_with_code" for c in codecs]
+                         + [f"{c}_s" for c in codecs]))
+    print(markdown_table(layout_rows, ["model", "layout", "raw"] + codecs[:1]))
+
+
+def fit_mode(args) -> None:
+    """train_gpt's rate control on a trained-like record-scale model: the default plan, AUTO_FIT's search
+    against 16,000,000 bytes minus train_gpt.py, with real compression by the default codec."""
+    h, state = trained_like(SHAPES[args.fit])
+    code = len((REPO / "train_gpt.py").read_bytes())
+    pack = lambda q: tg.pack_artifact(q, {"model": h.model_config()}, h.compressor)
+    t = time.time()
+    plan, qstate, blob = tg.fit_to_budget(lambda p: tg.quantize_state(state, p), pack, tg.quant_plan(h),
+                                          tg.RULE_BYTES - code, lambda q: 0.0, lambda msg: print(msg, flush=True))
+    row = dict(model=args.fit, plan=tg.fmt_plan(plan), codec=h.compressor, model_bytes=len(blob), code_bytes=code,
+               total=len(blob) + code, seconds=round(time.time() - t, 1))
+    print(json.dumps(row), flush=True)
+    args.json.parent.mkdir(exist_ok=True)
+    args.json.write_text(json.dumps(row, indent=1))
+
+
+def layouts_mode(args) -> None:
+    """The int8 layouts on a record-shape slice (blocks 0-1 and the embedding tables, default plan) with
+    every codec: the full 27 MB takes brotli-11 and lzma many minutes per layout on a shared 2-core CPU."""
+    h, state = trained_like({})
+    state = {k: v for k, v in state.items() if not k.startswith("blocks.") or k.split(".")[1] in ("0", "1")}
+    qstate = tg.quantize_state(state, tg.quant_plan(h))
+    rows = []
+    for layout, data in layouts(qstate).items():
+        rows.append(dict(slice="record blocks 0-1 + embeddings", layout=layout, raw=len(data)))
+        for codec in args.codecs.split(","):
+            t = time.time()
+            rows[-1][codec], rows[-1][f"{codec}_s"] = len(tg.compress(data, codec)), round(time.time() - t, 1)
+        print(json.dumps(rows[-1]), flush=True)
+    args.json.parent.mkdir(exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1))
+    print(markdown_table(rows, ["slice", "layout", "raw"] + args.codecs.split(",")))
+
+
+def quality_mode(args) -> None:
     ensure_embedded_data()
-    env = {**cpu_scale_env(), **EMBEDDED, "MAX_WALLCLOCK_SECONDS": str(args.train_seconds), "TTT_ENABLED": "0"}
+    env = {**cpu_scale_env(), **EMBEDDED, "MAX_WALLCLOCK_SECONDS": str(args.train_seconds), "TTT_ENABLED": "0",
+           "VAL_MAX_TOKENS": str(args.val_tokens)}
     h = tg.Hyperparameters.from_env(env)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False)
     torch.manual_seed(h.seed)
@@ -90,35 +173,59 @@ def main() -> None:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
     batch = tg.eval_batch(h, 1, h.train_seq_len)
-    float_bpb = tg.loss_and_bpb(tg.evaluate(model.token_nll, val, h.train_seq_len, h.train_seq_len, batch, luts, rt))[1]
+    bpb_of = lambda m: tg.loss_and_bpb(tg.evaluate(m.token_nll, val, h.train_seq_len, h.train_seq_len, batch, luts, rt))[1]
+    float_bpb = bpb_of(model)
+    calib = [c for c in info["calib"]]
+
+    def calib_loss(qstate) -> float:
+        with torch.no_grad():
+            return tg.model_from_qstate(qstate, h, rt, model.stage)(*calib).item()
+
     rows = []
+
+    def measure(bits, method, plan, hess, qstate=None):
+        t = time.time()
+        qstate = qstate or tg.quantize_state(state, plan, hess, h.gptq_damp)
+        blob = tg.pack_artifact(qstate, {}, "brotli")
+        bpb = bpb_of(tg.model_from_qstate(qstate, h, rt, model.stage))
+        rows.append(dict(bits=bits, method=method, plan=tg.fmt_plan(plan), val_bpb=bpb, quant_gap=f"{bpb - float_bpb:+.5f}",
+                         model_bytes=len(blob), bytes_per_param=round(len(blob) / n_params, 4),
+                         **symbol_stats(qstate, state), seconds=round(time.time() - t, 1)))
+        print(json.dumps(rows[-1]), flush=True)
+        return len(blob)
+
     for bits in [int(b) for b in args.bits.split(",")]:
-        for method in ("rtn", "lite-matrix", "lite-row", "full"):
-            t = time.time()
-            qstate = quantize_variant(state, h, bits, method, hessians)
-            quant_s = time.time() - t
-            blob = tg.pack_artifact(qstate, {}, "zstd")
-            trial = tg.model_from_qstate(qstate, h, rt, model.stage)
-            bpb = tg.loss_and_bpb(tg.evaluate(trial.token_nll, val, h.train_seq_len, h.train_seq_len, batch, luts, rt))[1]
-            rows.append(dict(bits=bits, method=method, val_bpb=bpb, quant_gap=f"{bpb - float_bpb:+.5f}",
-                             model_bytes=len(blob), bytes_per_param=round(len(blob) / n_params, 4),
-                             quantize_s=round(quant_s, 2)))
-            print(json.dumps(rows[-1]), flush=True)
-    sizes = []
-    default_q = tg.quantize_state(state, h)
-    for layout, payload in payload_variants(default_q, {"model": h.model_config()}).items():
-        row = dict(layout=layout, raw=len(payload))
-        for codec in tg.CODECS:
-            t = time.time()
-            row[codec] = len(tg.compress(payload, codec))
-            row[f"{codec}_s"] = round(time.time() - t, 2)
-        sizes.append(row)
+        for gptq, hess in (("lite", None), ("full", hessians)):
+            mse_bytes = measure(bits, f"mse {gptq}", plan_for(h, "mse", bits), hess)
+            measure(bits, f"sd {gptq}", plan_for(h, "sd", bits), hess)
+            quantize = lambda p, hess=hess: tg.quantize_state(state, p, hess, h.gptq_damp)
+            pack = lambda q: tg.pack_artifact(q, {}, "brotli")
+            plan, q, _ = tg.fit_to_budget(quantize, pack, plan_for(h, "sd", bits, k=2.0), mse_bytes, calib_loss, tg.Log(None))
+            measure(bits, f"sd rate@mse {gptq}", plan, hess, q)
     args.json.parent.mkdir(exist_ok=True)
-    args.json.write_text(json.dumps(dict(float_bpb=float_bpb, params=n_params, steps=info["steps"], rows=rows,
-                                         compression=sizes), indent=1))
-    print(f"float (post-EMA) val_bpb {float_bpb:.5f}; {n_params} params; {info['steps']} steps")
-    print(markdown_table(rows, ["bits", "method", "val_bpb", "quant_gap", "model_bytes", "bytes_per_param", "quantize_s"]))
-    print(markdown_table(sizes, ["layout", "raw", "zstd", "brotli", "lzma", "zstd_s", "brotli_s", "lzma_s"]))
+    args.json.write_text(json.dumps(dict(float_bpb=float_bpb, params=n_params, steps=info["steps"], val_tokens=args.val_tokens,
+                                         train_seconds=args.train_seconds, rows=rows), indent=1))
+    print(f"float (post-EMA) val_bpb {float_bpb:.5f}; {n_params} params; {info['steps']} steps; brotli-11; "
+          f"{args.val_tokens or 'all'} val targets")
+    print(markdown_table(rows, ["bits", "method", "plan", "val_bpb", "quant_gap", "model_bytes", "bytes_per_param",
+                                "entropy_bits", "rel_err", "seconds"]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--record", action="store_true", help="record-scale bytes instead of CPU-scale quality")
+    p.add_argument("--layouts", action="store_true", help="int8 stream layouts on a record-shape slice")
+    p.add_argument("--fit", choices=tuple(SHAPES), help="rate control (AUTO_FIT) on this trained-like shape")
+    p.add_argument("--train-seconds", type=float, default=150)
+    p.add_argument("--bits", default="6,5")
+    p.add_argument("--val-tokens", type=int, default=0, help="score only this many val targets (0 = all)")
+    p.add_argument("--codecs", default="zstd,brotli,lzma")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    name = ("bench_quant_record" if args.record else "bench_quant_layouts" if args.layouts
+            else f"bench_quant_fit_{args.fit}" if args.fit else "bench_quant")
+    args.json = args.json or REPO / "results" / f"{name}.json"
+    (record_mode if args.record else layouts_mode if args.layouts else fit_mode if args.fit else quality_mode)(args)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -
     row["sliding_8gpu_full_val_s"] = round(FINEWEB_VAL_TARGETS / (8 * row["sliding_tokens_per_s"]), 1)
     row["ttt3_8gpu_full_val_s"] = round(FINEWEB_VAL_TARGETS / (8 * row["ttt3_tokens_per_s"]), 1)
     t = time.perf_counter()
-    blob = tg.pack_artifact(tg.quantize_state(model.state_dict(), h), {}, "zstd")
+    blob = tg.pack_artifact(tg.quantize_state(model.state_dict(), tg.quant_plan(h)), {}, "zstd")
     row["export_s"] = round(time.perf_counter() - t, 2)
     row["artifact_bytes"] = len(blob)
     return row
