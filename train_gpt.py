@@ -245,6 +245,8 @@ class Hyperparameters:
              or self.gptq_reserve_seconds < self.max_wallclock_seconds,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
              f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} (QUANT_METHOD=full)")
+        need(self.beta1 ** 2 < self.beta2 < 1, f"BETA1={self.beta1}, BETA2={self.beta2}: need BETA1^2 < BETA2 < 1 "
+             "(else Adam's step, momentum over the root second moment, is unbounded)")
         need(self.muon_ns == "classic" or self.muon_backend_steps == 5,
              "MUON_NS=polar has exactly 5 tuned steps: set MUON_BACKEND_STEPS=5")
 
@@ -1012,16 +1014,16 @@ def gptq_round(w: Tensor, H: Tensor, scale: Tensor, qmax: int, damp: float, bloc
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     order = torch.argsort(H.diagonal(), descending=True)
-    W, H = W[:, order], H[order][:, order]
+    W, H = W[:, order], H[order][:, order] / H.diagonal().mean()  # scale-free; damping cannot underflow
     for attempt in range(6):
-        Hd = H + torch.eye(len(H), device=H.device) * damp * (10 ** attempt) * H.diagonal().mean()
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = torch.linalg.cholesky_ex(H + torch.eye(len(H), device=H.device) * damp * 10 ** attempt)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if info == 0:
             break
     else:
         raise ConfigError(f"GPTQ: a Hessian is not positive definite with GPTQ_DAMP={damp} x 1e5 (nan weights? else "
                           "raise GPTQ_DAMP)")
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     Q = torch.zeros_like(W)
     for i1 in range(0, W.size(1), block):
         i2 = min(i1 + block, W.size(1))

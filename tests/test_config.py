@@ -73,6 +73,8 @@ def test_parsing_of_each_type():
     ({"MLP_MULT": "0.001"}, "MLP_MULT=0.001 gives no MLP hidden unit at MODEL_DIM=512"),  # 0 columns: 1/0 in Muon
     ({"SEED": "-1"}, "SEED=-1: must be in [0, 4294967295]"),  # numpy's seed range
     ({"VAL_MAX_TOKENS": "100"}, "VAL_MAX_TOKENS=100 is shorter than one window"),  # IndexError in the eval
+    ({"BETA2": "1"}, "BETA1=0.9, BETA2=1.0: need BETA1^2 < BETA2 < 1"),  # torch's AdamW refuses it, after training
+    ({"BETA2": "0", "ADAM_EPS": "1e-14"}, "BETA1=0.9, BETA2=0.0: need BETA1^2"),  # weights blew up: nan in TTT
     # not a crash: a reserve as long as the cap made the cap 0, i.e. none
     ({"QUANT_METHOD": "full", "MAX_WALLCLOCK_SECONDS": "5"}, "GPTQ_RESERVE_SECONDS=8.0 leaves no training time"),
 ])
