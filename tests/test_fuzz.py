@@ -3,7 +3,7 @@ ConfigError (before any data is read) or work: a tiny train step, export, read b
 finite loss (many draws), and whole in-process runs (a few draws). Each crash it found is a rule in
 Hyperparameters.validate() or a knob's range now, with a named case in test_config.py. The sampler is
 seeded (a failing seed replays alone: -k "[SEED]") and leans on the edges the way a property-based tool
-does: bounds, subnormal and smallest-normal floats, tiny values."""
+does: bounds, subnormal and smallest-normal floats, tiny values. FUZZ_STEPS / FUZZ_RUNS draw more."""
 
 import dataclasses
 import math
@@ -35,6 +35,9 @@ TINY = dict(val_max_tokens=300, iterations=3, max_wallclock_seconds=2.0, train_b
 
 
 class Sampler(random.Random):
+    """Draws that favour the edges of a range: its bounds, lo + 1, lo + a subnormal or the smallest
+    normal float, lo + a tiny fraction; otherwise uniform."""
+
     def int(self, lo: int, hi: int) -> int:
         return self.choice([lo, hi, lo + 1, self.randint(lo, hi), self.randint(lo, hi)]) if hi > lo else lo
 
