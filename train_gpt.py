@@ -73,7 +73,7 @@ class Hyperparameters:
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin shards
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model of the shards
     run_id: str = ""  # names logs/{RUN_ID}.txt and .json; "" = a fresh uuid4
-    seed: int = 1337  # model init (data order is fixed by the shards)
+    seed: int = knob(1337, 0, 2 ** 32 - 1)  # model init (data order is fixed by the shards)
     vocab_size: int = knob(1024, 2, 65536)  # must equal the tokenizer's piece count
     val_max_tokens: int = knob(0, 0)  # score only this many val targets (0 = all; not a record)
     # training schedule
@@ -105,7 +105,7 @@ class Hyperparameters:
     mlp_mult: float = knob(3.0, 0.0)  # MLP hidden width / MODEL_DIM
     mlp_neg_slope: float = knob(0.5, 0.0, 1.0)  # LeakyReLU(s)^2; 0 = relu^2 (the baseline)
     logit_softcap: float = knob(30.0, 0.0)  # logits = c * tanh(z / c); 0 = off
-    rope_base: float = knob(10000.0, 1.0)  # RoPE base (NTK-stretched beyond TRAIN_SEQ_LEN)
+    rope_base: float = knob(10000 * 2 ** (16 / 14), 1.0)  # RoPE base at TRAIN_SEQ_LEN (R23: 10000 NTK-stretched 1024->2048)
     rope_dims: int = knob(16, 0)  # rotated dims per head (0 = all)
     qk_gain_init: float = 1.5  # initial learnable per-head query scale
     tied_embed_init_std: float = knob(0.005, 0.0)  # init std of the tied embedding
@@ -137,7 +137,7 @@ class Hyperparameters:
     embed_wd: float = knob(-1.0, -1.0)  # AdamW weight decay of the embedding tables (-1 = ADAM_WD)
     beta1: float = knob(0.9, 0.0, 1.0)  # AdamW beta1 (also TTT with AdamW)
     beta2: float = knob(0.95, 0.0, 1.0)  # AdamW beta2
-    adam_eps: float = knob(1e-8, 0.0)  # AdamW epsilon
+    adam_eps: float = knob(1e-8, 1e-30)  # AdamW epsilon (0 gives 0/0 = nan on a zero gradient)
     # weight averaging and QAT
     ema_decay: float = knob(0.997, 0.0, 1.0)  # EMA of the weights every step; 0 = off
     swa_every: int = knob(0, 0)  # SWA snapshot period (of the EMA when on); 0 = off
@@ -155,7 +155,7 @@ class Hyperparameters:
     quant_method: str = knob("lite", choices=("lite", "full"))  # row clip alone, or + Hessian GPTQ
     gptq_calib_batches: int = knob(16, 1)  # training micro-batches per rank for the Hessians (full)
     gptq_reserve_seconds: float = knob(8.0, 0.0)  # training stops this early to calibrate in budget (full)
-    gptq_damp: float = knob(0.01, 0.0)  # Hessian damping, relative to its mean diagonal
+    gptq_damp: float = knob(0.01, 1e-6)  # Hessian damping, relative to its mean diagonal (x10 per failed try)
     compressor: str = knob("brotli", choices=("zstd", "brotli", "lzma"))  # brotli-11 (smallest), zstd-22 or lzma-9e
     artifact_path: str = "final_model.int6.ptz"  # where the artifact is written
     byte_budget: int = knob(16_000_000, 1)  # total-bytes limit; can only tighten the 16,000,000 rule
@@ -231,8 +231,9 @@ class Hyperparameters:
              f"NUM_HEADS={self.num_heads} must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
         head_dim = self.model_dim // self.num_heads
         need(head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
-        need(self.rope_dims == 0 or (self.rope_dims % 2 == 0 and 4 <= self.rope_dims <= head_dim),
-             f"ROPE_DIMS={self.rope_dims} must be 0 (all) or even in [4, head dim {head_dim}]")
+        need(4 <= (self.rope_dims or head_dim) <= head_dim and self.rope_dims % 2 == 0,
+             f"ROPE_DIMS={self.rope_dims}: the rotated dims per head ({self.rope_dims or head_dim}) must be even and in "
+             f"[4, head dim MODEL_DIM/NUM_HEADS={head_dim}] (0 = all; the NTK stretch needs more than 2)")
         need(self.unique_layers <= self.num_layers,
              f"UNIQUE_LAYERS={self.unique_layers} cannot exceed NUM_LAYERS={self.num_layers}")
         if self.loop_repeats:
@@ -257,6 +258,19 @@ class Hyperparameters:
              "(or smaller than it)")
         need(self.quant_bits_attn != 1 and self.quant_bits_mlp != 1, "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8")
         need(not (self.export_from and self.eval_only_artifact), "set EXPORT_FROM or EVAL_ONLY_ARTIFACT, not both")
+        need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: 0 (off) or >= 2 buckets (one is for sequence starts)")
+        need(int(self.mlp_mult * self.model_dim) >= 1, f"MLP_MULT={self.mlp_mult} gives no MLP hidden unit at "
+             f"MODEL_DIM={self.model_dim}")
+        need(self.logit_softcap == 0 or self.logit_softcap >= 1, f"LOGIT_SOFTCAP={self.logit_softcap}: 0 (off) or >= 1")
+        need(not self.val_max_tokens or self.val_max_tokens >= max(self.eval_len, self.train_seq_len),
+             f"VAL_MAX_TOKENS={self.val_max_tokens} is shorter than one window of max(TRAIN_SEQ_LEN, eval length) = "
+             f"{max(self.eval_len, self.train_seq_len)} tokens")
+        need(self.quant_method != "full" or not self.max_wallclock_seconds
+             or self.gptq_reserve_seconds < self.max_wallclock_seconds,
+             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
+             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} (QUANT_METHOD=full)")
+        need(self.beta1 ** 2 < self.beta2 < 1, f"BETA1={self.beta1}, BETA2={self.beta2}: need BETA1^2 < BETA2 < 1 "
+             "(else Adam's step, momentum over the root second moment, is unbounded)")
         need(self.muon_ns == "classic" or self.muon_backend_steps == 5,
              "MUON_NS=polar has exactly 5 tuned steps: set MUON_BACKEND_STEPS=5")
 
@@ -507,13 +521,13 @@ class TrainLoader:
 
 
 def load_val_tokens(h: Hyperparameters, rt: Runtime) -> Tensor:
+    """Every evaluator scores whole windows: of the eval length, and of TRAIN_SEQ_LEN while training."""
     files, _ = find_shards(h, "val")
-    tokens = np.concatenate([load_shard(f) for f in files])
-    if h.val_max_tokens:
-        tokens = tokens[: h.val_max_tokens + 1]
-    if len(tokens) < h.eval_len + 1:
-        raise ConfigError(f"the val split has {len(tokens)} tokens, fewer than one sequence + 1 "
-                          f"({h.eval_len + 1}); lower TRAIN_SEQ_LEN/EVAL_SEQ_LEN or raise VAL_MAX_TOKENS")
+    tokens = np.concatenate([load_shard(f) for f in files])[: h.val_max_tokens + 1 if h.val_max_tokens else None]
+    need = max(h.eval_len, h.train_seq_len) + 1
+    if len(tokens) < need:
+        raise ConfigError(f"the val split ({', '.join(files)}) has {len(tokens)} tokens, fewer than one window + 1 "
+                          f"({need}); lower TRAIN_SEQ_LEN/EVAL_SEQ_LEN")
     return torch.from_numpy(tokens.astype(np.int32)).to(rt.device)
 
 
@@ -535,6 +549,20 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if sp.bos_id() != BOS_ID:
         raise ConfigError(f"{h.tokenizer_path}: bos_id is {sp.bos_id()}, the shard format needs {BOS_ID}")
     return sp
+
+
+def read_manifest(h: Hyperparameters, tokenizer_sha: str) -> dict:
+    """The shards' manifest.json from data/prepare_data.py ({} when there is none, as for FineWeb).
+    Its tokenizer must be the one in use: another of the same vocab size gives wrong byte counts."""
+    path = os.path.join(h.data_path, "manifest.json")
+    if not os.path.isfile(path):
+        return {}
+    manifest = json.loads(Path(path).read_text(encoding="utf-8"))
+    made_with = manifest.get("tokenizer", {})
+    if made_with.get("sha256", tokenizer_sha) != tokenizer_sha:
+        raise ConfigError(f"{path}: the shards were tokenized with {made_with.get('path')} (sha256 "
+                          f"{made_with['sha256']}), but TOKENIZER_PATH={h.tokenizer_path} has sha256 {tokenizer_sha}")
+    return manifest
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -938,6 +966,7 @@ class Muon(torch.optim.Optimizer):
         self.stacks: dict[tuple, list[Tensor]] = {}
         for p in self.param_groups[0]["params"]:
             self.stacks.setdefault(tuple(p.shape), []).append(p)
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p)  # once: a step allocates nothing
         self.orthogonalize = torch.compile(newton_schulz) if rt.compile else newton_schulz
 
     @torch.no_grad()
@@ -950,7 +979,7 @@ class Muon(torch.optim.Optimizer):
             if not live:
                 continue
             grads = [p.grad for p in live]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in live]
+            bufs = [self.state[p]["momentum_buffer"] for p in live]
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
             U = torch.stack(torch._foreach_add(grads, bufs, alpha=mu))  # Nesterov
@@ -1119,13 +1148,16 @@ def gptq_round(w: Tensor, H: Tensor, scale: Tensor, qmax: int, damp: float, bloc
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     order = torch.argsort(H.diagonal(), descending=True)
-    W, H = W[:, order], H[order][:, order]
+    W, H = W[:, order], H[order][:, order] / H.diagonal().mean()  # scale-free; damping cannot underflow
     for attempt in range(6):
-        Hd = H + torch.eye(len(H), device=H.device) * damp * (10 ** attempt) * H.diagonal().mean()
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = torch.linalg.cholesky_ex(H + torch.eye(len(H), device=H.device) * damp * 10 ** attempt)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if info == 0:
             break
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    else:
+        raise ConfigError(f"GPTQ: a Hessian is not positive definite with GPTQ_DAMP={damp} x 1e5 (nan weights? else "
+                          "raise GPTQ_DAMP)")
     Q = torch.zeros_like(W)
     for i1 in range(0, W.size(1), block):
         i2 = min(i1 + block, W.size(1))
@@ -2000,7 +2032,7 @@ def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
 # =====================================================================================================
 
 
-def compliance_checks(h: Hyperparameters, train: dict | None, ev: dict, sizes: dict | None) -> list:
+def compliance_checks(h: Hyperparameters, train: dict | None, ev: dict, sizes: dict | None, manifest: dict) -> list:
     checks = []
     if train is None:
         checks.append(("train_time", "SKIP", "no training in this run"))
@@ -2025,10 +2057,9 @@ def compliance_checks(h: Hyperparameters, train: dict | None, ev: dict, sizes: d
     checks.append(("full_val", "PASS" if full else "FAIL",
                    f"scored {scored} of {ev['n_targets']} val targets" + (f", VAL_MAX_TOKENS={h.val_max_tokens}"
                                                                          if h.val_max_tokens else "")))
-    manifest = os.path.join(h.data_path, "manifest.json")
-    disjoint = json.loads(Path(manifest).read_text()).get("train_val_disjoint") if os.path.isfile(manifest) else None
+    disjoint = manifest.get("train_val_disjoint")
     checks.append(("train_val_disjoint", {True: "PASS", False: "FAIL", None: "SKIP"}[disjoint],
-                   f"{manifest}: train_val_disjoint={disjoint}" if disjoint is not None
+                   f"{os.path.join(h.data_path, 'manifest.json')}: train_val_disjoint={disjoint}" if disjoint is not None
                    else "no data/prepare_data.py manifest to check"))
     return checks
 
@@ -2053,6 +2084,8 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         log(f"warning: {name} is not a knob and is ignored; did you mean {knob_name}?")
     log.phase("data")
     sp = load_tokenizer(h)
+    tokenizer_sha = file_sha256(h.tokenizer_path)
+    manifest = read_manifest(h, tokenizer_sha)
     luts = build_byte_luts(sp, rt.device)
     train_files = None if h.eval_only_artifact or h.export_from else find_shards(h, "train")
     val_tokens = load_val_tokens(h, rt)
@@ -2062,7 +2095,6 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{len(train_files[0])} "
             f"tokens:{train_files[1]}")
     log(f"val_loader:shards pattern={val_pattern} tokens:{val_tokens.numel() - 1}")
-    tokenizer_sha = file_sha256(h.tokenizer_path)
     train_info, sizes = None, None
     summary = dict(run_id=run_id, seed=h.seed, config=dataclasses.asdict(h), config_hash=config_hash(h),
                    code_sha256=hashlib.sha256(code.encode()).hexdigest(), torch=torch.__version__,
@@ -2127,7 +2159,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     log.phase("done")
     if rt.compile:
         log(compile_cache_line(h))
-    checks = compliance_checks(h, train_info, ev, sizes)
+    checks = compliance_checks(h, train_info, ev, sizes, manifest)
     for name, status, detail in checks:
         log(f"compliance:{name} {status} {detail}")
     record_hw = rt.device.type == "cuda" and rt.world_size == 8 and "H100" in summary["device"]
@@ -2145,12 +2177,17 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     return summary
 
 
+def read_source(path: str) -> str:
+    """The file's raw bytes as text, without newline translation: a CRLF copy counts every byte it has."""
+    return Path(path).read_bytes().decode("utf-8")
+
+
 def main() -> None:
     env = os.environ
     h = Hyperparameters.from_env(env)
     rt = setup_runtime(h, env)
     try:
-        run(h, rt, Path(__file__).read_text(encoding="utf-8"), misspelt_knobs(env))
+        run(h, rt, read_source(__file__), misspelt_knobs(env))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

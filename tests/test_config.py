@@ -9,12 +9,34 @@ import pytest
 from conftest import PY, REPO, make_env, run_script, tg
 
 
-def test_defaults_are_the_record_run():
-    h = tg.Hyperparameters.from_env({})
-    assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult) == (11, 512, 8, 4, 3.0)
-    assert (h.bigram_vocab_size, h.ve_layers, h.xsa_last_n, h.rope_dims) == (1536, (9, 10), 4, 16)
-    assert (h.ttt_enabled, h.ttt_freeze_blocks, h.ttt_epochs, h.eval_stride) == (True, 0, 3, 64)
-    assert (h.train_batch_tokens, h.train_seq_len, h.max_wallclock_seconds) == (786432, 2048, 600.0)
+# R23 ("2026-03-23_LeakyReLU_LegalTTT_ParallelMuon", the submitted run, not its code defaults) from
+# /work/shared/reference/records-spec.md, by section: every default the README calls the record's.
+R23 = [
+    ("§1", "VOCAB_SIZE", 1024), ("§1", "TRAIN_BATCH_TOKENS", 786432), ("§1", "TRAIN_SEQ_LEN", 2048),
+    ("§2", "VAL_BATCH_SIZE", 524288),
+    ("§3", "NUM_LAYERS", 11), ("§3", "MODEL_DIM", 512), ("§3", "NUM_HEADS", 8), ("§3", "NUM_KV_HEADS", 4),
+    ("§3", "MLP_MULT", 3.0), ("§3", "MLP_NEG_SLOPE", 0.5), ("§3", "BIGRAM_VOCAB_SIZE", 1536), ("§3", "BIGRAM_DIM", 128),
+    ("§3", "SMEAR_GATE", True), ("§3", "XSA_LAST_N", 4), ("§3", "ROPE_DIMS", 16), ("§3", "VE_LAYERS", (9, 10)),
+    ("§3", "VE_DIM", 128), ("§3", "LN_SCALE", True), ("§3", "QK_GAIN_INIT", 1.5), ("§3", "TIED_EMBED_INIT_STD", 0.005),
+    ("§3", "LOGIT_SOFTCAP", 30.0), ("§3", "UNIQUE_LAYERS", 0), ("§3", "LOOP_REPEATS", 0), ("§3", "PARALLEL_START", -1),
+    ("§4", "MUON_BACKEND_STEPS", 5), ("§4", "MUON_NS", "classic"), ("§4", "MUON_EQ_R", False), ("§4", "MATRIX_LR", 0.025),
+    ("§4", "MUON_WD", 0.04), ("§4", "MUON_MOMENTUM", 0.99), ("§4", "MUON_MOMENTUM_WARMUP_START", 0.92),
+    ("§4", "MUON_MOMENTUM_WARMUP_STEPS", 1500), ("§4", "BETA1", 0.9), ("§4", "BETA2", 0.95), ("§4", "ADAM_EPS", 1e-8),
+    ("§4", "ADAM_WD", 0.04), ("§4", "TIED_EMBED_LR", 0.035), ("§4", "SCALAR_LR", 0.025), ("§4", "WARMUP_STEPS", 20),
+    ("§4", "WARMDOWN_ITERS", 3500), ("§4", "GRAD_CLIP_NORM", 0.3), ("§4", "MAX_WALLCLOCK_SECONDS", 600.0),
+    ("§4", "ITERATIONS", 20000),
+    ("§5", "EMA_DECAY", 0.997), ("§5", "SWA_EVERY", 0), ("§5", "LATE_QAT_THRESHOLD", 0.15),  # R23's SWA: never applied
+    ("§6", "QUANT_BITS", 6), ("§6", "EMBED_BITS", 8), ("§6", "QUANT_METHOD", "lite"),
+    ("§7", "EVAL_SEQ_LEN", 0), ("§7", "EVAL_STRIDE", 64), ("§7", "EVAL_SLIDING", True), ("§7", "TTT_ENABLED", True),
+    ("§7", "TTT_CHUNK_TOKENS", 32768), ("§7", "TTT_EPOCHS", 3), ("§7", "TTT_OPTIMIZER", "sgd"), ("§7", "TTT_LR", 0.002),
+    ("§7", "TTT_MOMENTUM", 0.9), ("§7", "TTT_FREEZE_BLOCKS", 0), ("§7", "TTT_GRAD_CLIP", 1.0), ("§7", "TTT_BATCH_SEQS", 32),
+    ("§8", "VAL_LOSS_EVERY", 4000), ("§8", "TRAIN_LOG_EVERY", 500), ("§9", "SEED", 1337),
+]
+
+
+@pytest.mark.parametrize("section, name, value", R23, ids=[n for _, n, _ in R23])
+def test_defaults_are_the_record_run(section, name, value):
+    assert getattr(tg.Hyperparameters.from_env({}), name.lower()) == value, f"records-spec {section}"
 
 
 def test_parsing_of_each_type():
@@ -42,6 +64,20 @@ def test_parsing_of_each_type():
     ({"ROPE_DIMS": "2"}, "ROPE_DIMS=2"),
     ({"TTT_CHUNK_TOKENS": "1000"}, "TTT_CHUNK_TOKENS=1000 must be a multiple of EVAL_STRIDE=64"),
     ({"MUON_NS": "polar", "MUON_BACKEND_STEPS": "4"}, "MUON_NS=polar"),
+    # found by tests/test_fuzz.py (each crashed or trained to nan before its rule)
+    ({"BIGRAM_VOCAB_SIZE": "1"}, "BIGRAM_VOCAB_SIZE=1: 0 (off) or >= 2"),  # modulo 0 in BigramHash
+    ({"NUM_HEADS": "8", "MODEL_DIM": "16", "ROPE_DIMS": "0"}, "ROPE_DIMS=0: the rotated dims per head (2)"),  # Rotary 2/0
+    ({"GPTQ_DAMP": "0"}, "GPTQ_DAMP=0: must be in [1e-06, inf]"),  # cholesky of a singular Hessian
+    ({"ADAM_EPS": "0"}, "ADAM_EPS=0: must be in [1e-30, inf]"),  # 0/0 on a zero gradient: nan
+    ({"ADAM_EPS": "1e-50"}, "ADAM_EPS=1e-50: must be in [1e-30, inf]"),  # 0 in fp32: nan
+    ({"LOGIT_SOFTCAP": "1e-200"}, "LOGIT_SOFTCAP=1e-200: 0 (off) or >= 1"),  # 0 in fp32: nan
+    ({"MLP_MULT": "0.001"}, "MLP_MULT=0.001 gives no MLP hidden unit at MODEL_DIM=512"),  # 0 columns: 1/0 in Muon
+    ({"SEED": "-1"}, "SEED=-1: must be in [0, 4294967295]"),  # numpy's seed range
+    ({"VAL_MAX_TOKENS": "100"}, "VAL_MAX_TOKENS=100 is shorter than one window"),  # IndexError in the eval
+    ({"BETA2": "1"}, "BETA1=0.9, BETA2=1.0: need BETA1^2 < BETA2 < 1"),  # torch's AdamW refuses it, after training
+    ({"BETA2": "0", "ADAM_EPS": "1e-14"}, "BETA1=0.9, BETA2=0.0: need BETA1^2"),  # weights blew up: nan in TTT
+    # not a crash: a reserve as long as the cap made the cap 0, i.e. none
+    ({"QUANT_METHOD": "full", "MAX_WALLCLOCK_SECONDS": "5"}, "GPTQ_RESERVE_SECONDS=8.0 leaves no training time"),
 ])
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(tg.ConfigError, match=re.escape(message)):

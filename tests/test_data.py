@@ -54,10 +54,26 @@ def test_tokenizer_checks(tmp_path, small_data):
         tg.load_tokenizer(hparams(small_data, VOCAB_SIZE=1024))
 
 
-def test_val_shorter_than_one_sequence(tmp_path, small_data):
+@pytest.mark.parametrize("eval_len", [0, 32])
+def test_val_shorter_than_one_window(tmp_path, small_data, eval_len):
+    # EVAL_SEQ_LEN=32 < TRAIN_SEQ_LEN=64: the 50 tokens hold an eval window, but not the training-length
+    # window the diagnostic eval scores (it was an IndexError there, after training)
     write_shard(tmp_path / "fineweb_val_000000.bin", range(50))
-    with pytest.raises(tg.ConfigError, match="the val split has 50 tokens, fewer than one sequence"):
-        tg.load_val_tokens(hparams(small_data, DATA_PATH=tmp_path), cpu_runtime())
+    with pytest.raises(tg.ConfigError, match=r"the val split \(.*fineweb_val_000000.bin\) has 50 tokens, fewer than "
+                                             r"one window \+ 1 \(65\)"):
+        tg.load_val_tokens(hparams(small_data, DATA_PATH=tmp_path, EVAL_SEQ_LEN=eval_len, EVAL_STRIDE=32), cpu_runtime())
+
+
+def test_manifest_tokenizer_must_be_the_one_in_use(tmp_path, small_data):
+    h = hparams(small_data)
+    sha = tg.file_sha256(h.tokenizer_path)
+    assert tg.read_manifest(h, sha)["train_val_disjoint"] is True
+    assert tg.read_manifest(hparams(small_data, DATA_PATH=tmp_path), sha) == {}  # no manifest (FineWeb): no check
+    other = tmp_path / "other.model"
+    other.write_bytes(b"another tokenizer")
+    with pytest.raises(tg.ConfigError, match=rf"manifest.json: the shards were tokenized with .*small_512_bpe.model "
+                                             rf"\(sha256 {sha}\), but TOKENIZER_PATH=.*other.model has sha256"):
+        tg.read_manifest(hparams(small_data, TOKENIZER_PATH=other), tg.file_sha256(str(other)))
 
 
 def test_loader_splits_ranks_and_wraps(tmp_path):

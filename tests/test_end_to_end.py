@@ -63,6 +63,13 @@ def test_budget_accounting_equals_bytes_on_disk(smoke):
     assert summary(cwd, "smoke")["bytes"]["total"] == total
 
 
+def test_code_bytes_are_the_files_raw_bytes(tmp_path):
+    crlf = tmp_path / "train_gpt.py"
+    crlf.write_bytes((REPO / "train_gpt.py").read_bytes().replace(b"\n", b"\r\n"))
+    assert len(tg.read_source(str(crlf)).encode()) == crlf.stat().st_size  # read_text() counts each CRLF as 1
+    assert "read_source(__file__)" in (REPO / "train_gpt.py").read_text()  # what main() hands to run()
+
+
 def test_same_seed_same_run(smoke, tmp_path):
     _, env, out = smoke
     proc = run_script({**env, "RUN_ID": "again", "ARTIFACT_PATH": str(tmp_path / "m.ptz")}, tmp_path)

@@ -197,3 +197,14 @@ def test_controls_per_block_are_shared_by_recurrence_passes():
     with pytest.raises(tg.ConfigError, match="CONTROLS_PER=block: block 4"):
         tg.Hyperparameters.from_env({**env, "CONTROLS_PER": "block", "VE_LAYERS": "4"})  # slot 7 reruns block 4
 
+
+@pytest.mark.parametrize("length", [2048, 4096])
+def test_default_rope_is_the_records_effective_rope(length):
+    # records-spec §3 and §10.6: R23 builds its rotary with train_seq_len hard-coded to 1024, so at T >= 1024
+    # its 16 rotated dims use base 10000 * (T / 1024)^(16/14): about 22,082 at T = 2048, in training and eval
+    h = tg.Hyperparameters.from_env({"MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "NUM_LAYERS": "1",
+                                     "VE_LAYERS": "", "XSA_LAST_N": "0", "EVAL_SEQ_LEN": str(length)})
+    cos, sin = tg.GPT(h).rotary(length)
+    r23_inv_freq = (10000 * (length / 1024) ** (16 / 14)) ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    assert torch.allclose(torch.atan2(sin[1], cos[1]).double(), r23_inv_freq, rtol=1e-6)
+    assert length > 2048 or round(h.rope_base) == 22082

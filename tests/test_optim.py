@@ -54,6 +54,25 @@ def test_muon_update_is_scaled_orthogonal_with_decay():
     assert s.min() > 0.8 and s.max() < 1.2
 
 
+def test_muon_momentum_buffer_is_made_once_and_steps_nesterov(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(16, 8, generator=gen))
+    opt = tg.Muon([p], lr=0.05, momentum=0.9, weight_decay=0.1, steps=5, polar=False, row_normalize=False,
+                  rt=cpu_runtime())
+    buf = opt.state[p]["momentum_buffer"]
+    w, m = p.detach().clone(), torch.zeros(16, 8)
+    made = []
+    monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: made.append(a) or torch.zeros(a[0].shape))
+    for _ in range(3):
+        p.grad = torch.randn(16, 8, generator=gen)
+        m = 0.9 * m + p.grad
+        w = w * (1 - 0.05 * 0.1) - 0.05 * 2 ** 0.5 * tg.newton_schulz((p.grad + 0.9 * m)[None], 5, False)[0]
+        opt.step()
+        assert opt.state[p]["momentum_buffer"].data_ptr() == buf.data_ptr()  # updated in place
+    assert not made  # no step allocates (or zeroes) a buffer
+    assert torch.allclose(buf, m, atol=1e-6) and torch.allclose(p.detach(), w, atol=1e-6)
+
+
 def test_parameter_groups_cover_every_parameter_once():
     model = full_model()
     muon, adam = tg.build_optimizers(model, tg.Hyperparameters.from_env({}), cpu_runtime())
