@@ -178,7 +178,7 @@ def test_gates_and_mixes_train_with_adamw_and_stay_fp16():
     in_muon = {id(p) for p in muon.param_groups[0]["params"]}
     for c in model.controls:
         assert all(id(p) not in in_muon for p in c.parameters())
-    qstate = tg.quantize_state({k: v.detach() for k, v in model.state_dict().items()}, h)
+    qstate = tg.quantize_state({k: v.detach() for k, v in model.state_dict().items()}, tg.quant_plan(h))
     assert all(q.bits == 0 for n, q in qstate.items() if n.startswith("controls."))
 
 

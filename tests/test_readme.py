@@ -27,3 +27,11 @@ def test_env_reference_is_current_and_complete():
     assert len(re.findall(r'os\.environ(?!\["TORCHINDUCTOR_CACHE_DIR"\] = )', source)) == 1
     for name in read:
         assert f"| `{name}` |" in section, name
+
+
+def test_the_script_stays_readable_and_small():
+    """The conventions' caps: at most 2,500 lines of readable source, at most 45 KB packed."""
+    from conftest import tg
+    source = (REPO / "train_gpt.py").read_text()
+    assert len(source.splitlines()) <= 2500
+    assert len(tg.packed_code(source).encode()) <= 45_000

@@ -98,7 +98,7 @@ def test_package_writes_a_verified_folder(two_runs, tmp_path, packed):
                                                       "train_seed1.log", "train_seed2.log"]
     folder_sub = json.loads((out / "submission.json").read_text())
     assert folder_sub["bytes_code"] == (out / "train_gpt.py").stat().st_size
-    assert (folder_sub["bytes_code"] < 40_000) == packed and "val_bpb" in (out / "README.md").read_text()
+    assert (folder_sub["bytes_code"] < 60_000) == packed and "val_bpb" in (out / "README.md").read_text()
 
 
 def test_package_verification_rejects_bad_folders(two_runs, tmp_path):
