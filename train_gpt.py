@@ -292,10 +292,15 @@ class Hyperparameters:
         return {k: getattr(self, k) for k in MODEL_FIELDS}
 
 
+def knob_names() -> list[str]:
+    """The environment variable of every Hyperparameters field."""
+    return [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
+
+
 def misspelt_knobs(env) -> list[tuple[str, str]]:
     """Environment variables that are no knob but look like one: (name, the closest knob). A typo such
     as MATRIX_LRR=0.1 is otherwise ignored and the run silently uses the default."""
-    knobs = [f.name.upper() for f in dataclasses.fields(Hyperparameters)] + ["RANK", "WORLD_SIZE", "LOCAL_RANK"]
+    knobs = knob_names() + ["RANK", "WORLD_SIZE", "LOCAL_RANK"]
     found = []
     for name in sorted(env):
         if name in knobs or name.startswith(FOREIGN_ENV_PREFIXES):
@@ -415,7 +420,7 @@ class Log:
 
 def compile_cache_line(h: Hyperparameters) -> str:
     """torch.compile's disk-cache hits this run (a warm COMPILE_CACHE_DIR: misses 0)."""
-    c = torch._dynamo.utils.counters
+    c = dynamo_counters()
     return (f"compile_cache:{h.compile_cache_dir or 'default'} "
             f"fx_graph_hits:{c['inductor']['fxgraph_cache_hit']} fx_graph_misses:{c['inductor']['fxgraph_cache_miss']} "
             f"aot_autograd_hits:{c['aot_autograd']['autograd_cache_hit']} "
@@ -1447,12 +1452,15 @@ def compile_model(model: GPT, rt: Runtime):
     return torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
 
 
+def dynamo_counters():
+    """torch.compile's counters (graphs built, cache hits); torch._dynamo is slow to import, so only when compiling."""
+    from torch._dynamo.utils import counters
+    return counters
+
+
 def compiled_graphs(rt: Runtime) -> int:
-    """Graphs torch.compile has built so far in this process (dynamo's counter; 0 when not compiling)."""
-    if not rt.compile:
-        return 0
-    from torch._dynamo.utils import counters  # torch._dynamo is slow to import: only when compiling
-    return counters["stats"]["unique_graphs"]
+    """Graphs torch.compile has built so far in this process (0 when not compiling)."""
+    return dynamo_counters()["stats"]["unique_graphs"] if rt.compile else 0
 
 
 def make_score_fn(model: GPT, rt: Runtime):
@@ -2008,7 +2016,8 @@ def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
         raise ConfigError(f"EXPORT_FROM={path}: file not found")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        assert ck["format"] == CHECKPOINT_FORMAT
+        if ck.get("format") != CHECKPOINT_FORMAT:  # a rule, not an assert: it must survive python -O
+            raise ValueError(f"format {ck.get('format')!r}")
     except Exception as e:
         raise ConfigError(f"EXPORT_FROM={path}: not a {CHECKPOINT_FORMAT} checkpoint written by FINAL_MODEL_PATH "
                           f"({type(e).__name__}: {e})") from None

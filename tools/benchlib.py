@@ -31,7 +31,7 @@ def child_env(env: dict) -> dict:
     image needs them) without any variable train_gpt.py reads as a knob or from torchrun, plus `env`."""
     sys.path.insert(0, str(REPO))
     import train_gpt as tg
-    knobs = {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}
+    knobs = set(tg.knob_names())
     knobs |= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     return {**{k: v for k, v in os.environ.items() if k not in knobs}, **{k: str(v) for k, v in env.items()}}
 

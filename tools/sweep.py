@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import train_gpt as tg  # noqa: E402
 from submission import student_t_cdf  # noqa: E402
 
-KNOBS = {f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)}
+KNOBS = set(tg.knob_names())
 PATH_KNOBS = ("DATA_PATH", "TOKENIZER_PATH", "EVAL_ONLY_ARTIFACT")
 
 
