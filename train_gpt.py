@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # =====================================================================================================
 # HYPERPARAMETERS
@@ -122,6 +123,8 @@ class Hyperparameters:
     skip_gates: bool = False  # U-Net skips as lerp(w*skip, x, sigmoid(g)) with a learned gate g (#1493)
     value_residual: bool = False  # layers 1.. mix layer 0's values in: v = l0*v0 + l1*v, l init (0.5, 0.5) (#490)
     attn_gate: str = knob("off", choices=("off", "dense"))  # per-head sigmoid(W x + b) on attention output (#490)
+    doc_attention: bool = False  # attend only within the document (from its BOS): training and eval
+    doc_attention_kernel: str = knob("auto", choices=("auto", "mask", "flex"))  # auto: FlexAttention on CUDA, else a mask
     # optimizers
     matrix_lr: float = knob(0.025, 0.0)  # Muon LR (block matrices)
     scalar_lr: float = knob(0.025, 0.0)  # AdamW LR of gains, scales and small projections
@@ -169,6 +172,7 @@ class Hyperparameters:
     eval_sliding: bool = True  # the sliding-window pass (TTT's scoring pass is one too)
     eval_budget_seconds: float = knob(600.0, 0.0)  # timed eval budget; TTT cuts epochs to fit
     ttt_enabled: bool = True  # legal score-first test-time training
+    ttt_mode: str = knob("chunk", choices=("chunk", "lora", "phased"))  # full-weight chunks, per-document LoRA, + SGD phases
     ttt_chunk_tokens: int = knob(32768, 1)  # tokens scored, then trained on, per step of the pass
     ttt_epochs: int = knob(3, 0)  # passes over each scored chunk (the budget guard may lower it)
     ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"))  # TTT optimizer (one, across chunks)
@@ -178,6 +182,12 @@ class Hyperparameters:
     ttt_freeze_blocks: int = knob(0, 0)  # first N logical layers stay fixed
     ttt_grad_clip: float = knob(1.0, 0.0)  # global-norm clip of TTT gradients; 0 = off
     ttt_batch_seqs: int = knob(32, 1)  # sequences per TTT step, all ranks together
+    ttt_lora_rank: int = knob(80, 1)  # LoRA TTT: adapter rank on every block matrix and the output head
+    ttt_lora_lr: float = knob(1e-4, 0.0)  # LoRA TTT: Adam LR (beta1 0, TTT_BETA2), one step per scored chunk
+    ttt_lora_chunk: int = knob(48, 1)  # LoRA TTT: tokens of a document scored, then learned from, per step
+    ttt_docs_per_batch: int = knob(64, 1)  # LoRA TTT: documents adapted side by side on each rank, longest first
+    ttt_phase_docs: int = knob(2500, 1)  # phased: after this many documents (the longest) ...
+    ttt_phases: int = knob(3, 1)  # ... in this many equal steps, base weights take one SGD epoch on all scored docs
 
     @classmethod
     def from_env(cls, env) -> Hyperparameters:
@@ -256,6 +266,10 @@ class Hyperparameters:
         need(self.ttt_chunk_tokens % min(self.eval_len, self.ttt_chunk_tokens) == 0,
              f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a multiple of the eval length {self.eval_len} "
              "(or smaller than it)")
+        need(self.doc_attention_kernel != "flex" or torch.cuda.is_available(), "DOC_ATTENTION_KERNEL=flex needs CUDA "
+             "(FlexAttention has no CPU backward); auto picks it on CUDA and the mask elsewhere")
+        need(self.ttt_mode == "chunk" or self.ttt_lora_chunk <= self.eval_len,
+             f"TTT_LORA_CHUNK={self.ttt_lora_chunk} exceeds the eval length {self.eval_len} (TTT_MODE={self.ttt_mode})")
         need(self.quant_bits_attn != 1 and self.quant_bits_mlp != 1, "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8")
         need(not (self.export_from and self.eval_only_artifact), "set EXPORT_FROM or EVAL_ONLY_ARTIFACT, not both")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: 0 (off) or >= 2 buckets (one is for sequence starts)")
@@ -317,7 +331,7 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "unique_layers", "loop_start", "loop
                 "loop_enable_at", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_neg_slope",
                 "logit_softcap", "rope_base", "rope_dims", "qk_gain_init", "ln_scale", "xsa_last_n",
                 "bigram_vocab_size", "bigram_dim", "smear_gate", "ve_layers", "ve_dim", "parallel_start",
-                "controls_per", "skip_gates", "value_residual", "attn_gate", "train_seq_len")
+                "controls_per", "skip_gates", "value_residual", "attn_gate", "doc_attention", "train_seq_len")
 
 
 # =====================================================================================================
@@ -603,8 +617,9 @@ def loss_and_bpb(totals: Tensor) -> tuple[float, float]:
 # MODEL
 # GPT with tied embeddings, logit softcap, U-Net skips, input-embedding residual mix, GQA attention with
 # q/k RMSNorm, learnable per-head QK gain, partial RoPE and XSA; LeakyReLU^2 MLP; BigramHash, SmearGate
-# and value embeddings at the input. Depth recurrence is a schedule of logical layers ("slots") over
-# shared physical blocks; each slot keeps its own scales. The hidden-state path is shared by the loss,
+# and value embeddings at the input; optionally, attention within documents only (DOC_ATTENTION: with
+# BigramHash and SmearGate reset at BOS, nothing of one document reaches the next). Depth recurrence is
+# a schedule of logical layers ("slots") over shared physical blocks; each slot keeps its own scales. The hidden-state path is shared by the loss,
 # the logits and per-token NLL, so training, scoring and TTT can never run different forwards.
 # =====================================================================================================
 
@@ -618,20 +633,27 @@ class RMSNorm(nn.Module):
         return rms_norm(x)
 
 
+def lora_linear(x: Tensor, w: Tensor, lora: tuple[Tensor, Tensor] | None) -> Tensor:
+    """x @ w.T, plus LoRA TTT's per-row adapter x @ A @ B (row r of the batch is document r's)."""
+    y = F.linear(x, w)
+    return y if lora is None else y + torch.bmm(torch.bmm(x, lora[0]), lora[1])
+
+
 class CastedLinear(nn.Linear):
     """fp32 master weight (autocast computes in bf16). When qat = (bits, k) is set, the forward sees the
-    exporter's fake-quantized weight with a straight-through gradient. qat is a plain attribute:
-    torch.compile guards on it, so flipping it recompiles once instead of being constant-folded."""
+    exporter's fake-quantized weight with a straight-through gradient; lora = (A, B) adds LoRA TTT's
+    adapters. Both are plain attributes: torch.compile guards on them, so setting one recompiles once
+    instead of being constant-folded."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
-        self.zero_init, self.qat = zero_init, None
+        self.zero_init, self.qat, self.lora = zero_init, None, None
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if self.qat:
             w = w + (fake_quantize(w.detach(), *self.qat) - w).detach()
-        return F.linear(x, w)
+        return lora_linear(x, w, self.lora)
 
 
 def layer_slots(h) -> list[tuple[int, int]]:
@@ -674,13 +696,33 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+
+
+def document_attention(starts: Tensor, kernel: str):
+    """Causal attention that stays inside each document (a row's first position and every BOS start
+    one), built once per forward for all layers: a FlexAttention block mask, which skips the blocks
+    across documents (fused when compiled: CUDA), or a dense boolean mask for SDPA (any device)."""
+    docs = starts.cumsum(1)
+    B, T = docs.shape
+    if kernel == "flex" or (kernel == "auto" and docs.is_cuda):
+        block = create_block_mask(lambda b, h, q, kv: (docs[b, q] == docs[b, kv]) & (q >= kv), B, None, T, T,
+                                  device=docs.device)
+        return lambda q, k, v: flex_attention(q, k, v, block_mask=block, enable_gqa=k.size(1) != q.size(1))
+    mask = (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+
+
 @dataclasses.dataclass
 class AttnContext:
-    """What every layer's attention reads in one forward: the rotary tables, the value embeddings, and
-    the first layer's values (for Value Residual), which that layer fills in."""
+    """What every layer's attention reads in one forward: the rotary tables, the value embeddings, the
+    attention kernel (causal, or within documents), and the first layer's values (for Value Residual),
+    which that layer fills in."""
     cos: Tensor
     sin: Tensor
     ve: Tensor | None
+    attend: object = causal_attention
     v0: Tensor | None = None
 
 
@@ -709,8 +751,7 @@ class Attention(nn.Module):
         q = apply_rope(rms_norm(q), ctx.cos, ctx.sin)
         q = q * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), ctx.cos, ctx.sin)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=self.n_kv != self.n_heads).transpose(1, 2)
+        y = ctx.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         if xsa:  # remove each head's component along its own position's value vector
             y = y.reshape(B, T, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             v_hat = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)
@@ -865,6 +906,8 @@ class GPT(nn.Module):
         self.rotary = Rotary(h.rope_dims or dim // h.num_heads, h.rope_base, h.train_seq_len, h.eval_len)
         self.final_norm = RMSNorm()
         self.softcap = h.logit_softcap
+        self.doc_kernel = h.doc_attention and h.doc_attention_kernel
+        self.head_lora = None  # LoRA TTT's adapter of the tied output head
         self.set_stage(0)
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         for m in self.modules():
@@ -896,6 +939,8 @@ class GPT(nn.Module):
             x = self.smear(x, starts)
         x0 = x
         ctx = AttnContext(*self.rotary(ids.size(1)), self.value_embed(ids) if self.value_embed is not None else None)
+        if self.doc_kernel:
+            ctx.attend = document_attention(starts, self.doc_kernel)
         n_enc = len(self.active) // 2
         skips = []
         for pos, i in enumerate(self.active):
@@ -917,7 +962,7 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def logits(self, ids: Tensor) -> Tensor:
-        z = F.linear(self.hidden(ids), self.tok_emb.weight).float()
+        z = lora_linear(self.hidden(ids), self.tok_emb.weight, self.head_lora).float()
         return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
 
     def token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
@@ -1712,14 +1757,39 @@ def ttt_plan(n_targets: int, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray
     return windows, bounds, np.arange(0, C, min(h.eval_len, C))
 
 
-def ttt_backward(train_fn, tokens: Tensor, starts: Tensor, seq: int, weight: float, rt: Runtime) -> Tensor:
-    """One TTT micro-step's forward and backward on tokens[start:start+seq+1] per row; returns the
-    input positions it read."""
-    idx = starts[:, None] + torch.arange(seq, device=rt.device)
+def ttt_backward(train_fn, tokens: Tensor, idx: Tensor, weight: float, rt: Runtime) -> None:
+    """One TTT micro-step's forward and backward: row r reads inputs tokens[idx[r]], targets tokens[idx[r] + 1]."""
     with rt.autocast():
         loss = train_fn(tokens[idx].long(), tokens[idx + 1].long())
     (loss * weight).backward()
-    return idx
+
+
+def ttt_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Optimizer:
+    if h.ttt_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    return torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2),
+                             weight_decay=0.0)
+
+
+def train_rows(train_fn, tokens: Tensor, rows: np.ndarray, params: list[Tensor], opt, h: Hyperparameters,
+               rt: Runtime, observer=None) -> None:
+    """One pass of full-weight TTT steps over `rows` (each a sequence of input positions), TTT_BATCH_SEQS
+    rows per step shared out over the ranks, the loss a mean over the step's rows."""
+    for b in range(0, len(rows), h.ttt_batch_seqs):
+        group = rows[b: b + h.ttt_batch_seqs]
+        mine = torch.as_tensor(group[rt.rank:: rt.world_size], device=rt.device)
+        if len(mine):
+            ttt_backward(train_fn, tokens, mine, len(mine) / len(group), rt)
+            if observer is not None:
+                observer("train", mine, None)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        all_reduce_grads(params, rt, 1.0)
+        if h.ttt_grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 class TTTBudgetGuard:
@@ -1774,11 +1844,7 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
     windows, bounds, offsets = ttt_plan(n, h)
     n_chunks = len(bounds) - 1
     params, n_frozen = ttt_params(model, h.ttt_freeze_blocks)
-    if h.ttt_optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-    else:
-        opt = torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2),
-                                weight_decay=0.0)
+    opt = ttt_optimizer(params, h)
     score_fn, train_fn = make_score_fn(model, rt), compile_model(model, rt)
     batch = eval_batch(h, rt.world_size, L)
     log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(windows)} stride={h.eval_stride} "
@@ -1815,21 +1881,7 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
                 raise RuntimeError(f"TTT chunk {c} would train on targets up to {starts[-1] + seq}, scored: {scored_upto}")
             model.train()
             for _ in range(chosen):
-                for b in range(0, len(starts), h.ttt_batch_seqs):
-                    group = starts[b: b + h.ttt_batch_seqs]
-                    mine = torch.as_tensor(group[rt.rank:: rt.world_size], device=rt.device)
-                    if len(mine):  # mean over the whole group's tokens
-                        idx = ttt_backward(train_fn, tokens, mine, seq, len(mine) / len(group), rt)
-                        if observer is not None:
-                            observer("train", idx, None)
-                    for p in params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                    all_reduce_grads(params, rt, 1.0)
-                    if h.ttt_grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                train_rows(train_fn, tokens, starts[:, None] + np.arange(seq), params, opt, h, rt, observer)
             model.eval()
             rt.sync()
             epoch_s = (now() - t1) / chosen
@@ -1844,35 +1896,241 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
                         probes=guard.probes, legal=True)  # legality is checked per chunk, above
 
 
-def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, luts) -> int:
+def documents(tokens: Tensor, n_targets: int) -> np.ndarray:
+    """Rows (first input position, length) of the documents, longest first (ties in stream order). A
+    document runs from a BOS (or position 0) to the next; target j belongs to the document of input j,
+    so the documents partition the targets [0, n_targets) (a document's last target is the next BOS)."""
+    starts = np.union1d([0], np.flatnonzero(tokens[:n_targets].cpu().numpy() == BOS_ID))
+    lengths = np.diff(np.r_[starts, n_targets])
+    order = np.argsort(-lengths, kind="stable")
+    return np.stack((starts[order], lengths[order]), axis=1)
+
+
+def lora_widths(h: Hyperparameters) -> list[int]:
+    """The row widths LoRA TTT runs at: powers of two from the chunk's up, capped at the eval length. A
+    step's rows are as wide as the first of these that holds its longest window: a few fixed shapes, all
+    compiled before the eval timer, whatever the documents."""
+    w = 1 << (h.ttt_lora_chunk - 1).bit_length()
+    return sorted({min(w << i, h.eval_len) for i in range(max(h.eval_len // w, 1).bit_length() + 1)})
+
+
+class LoRAAdapters:
+    """LoRA TTT's adapters: A (rows, in, rank) and B (rows, rank, out) on every block matrix and on the tied
+    output head, row r for document r of a batch. They are not model parameters (the artifact's weights
+    stay as they are) and are reset in place for each batch, A seeded-random and B zero, so a fresh
+    adapter adds exactly zero and compiled graphs see the same tensors throughout."""
+
+    def __init__(self, model: GPT, rows: int, rank: int, seed: int):
+        self.model, self.seed = model, seed
+        self.linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
+        dev = model.tok_emb.weight.device
+        shapes = [(m.in_features, m.out_features) for m in self.linears] + [model.tok_emb.weight.shape[::-1]]
+        self.pairs = [(torch.zeros(rows, i, rank, device=dev, requires_grad=True),
+                       torch.zeros(rows, rank, o, device=dev, requires_grad=True)) for i, o in shapes]
+        self.params = [t for pair in self.pairs for t in pair]
+        self.gen = torch.Generator(dev)
+
+    def attach(self, on: bool) -> None:
+        for m, pair in zip(self.linears, self.pairs):
+            m.lora = pair if on else None
+        self.model.head_lora = self.pairs[-1] if on else None
+
+    @torch.no_grad()
+    def reset(self, batch: int) -> None:
+        self.gen.manual_seed(self.seed + batch)
+        for a, b in self.pairs:
+            a.uniform_(-1, 1, generator=self.gen).mul_(a.size(1) ** -0.5)
+            b.zero_()
+
+
+class LoRABudget:
+    """LoRA TTT's eval-time guard. Adapted scoring costs the measured seconds per document token (median of
+    the last batches). Before a batch: if the rest of this rank's documents at that rate would end past
+    the budget, the batch is scored without adapting (one forward per window, not one step per chunk).
+    Before a global-SGD phase: if the phase (at the last phase's rate, else the LoRA rate) on top of the
+    slowest rank's rest would overrun, it is skipped."""
+
+    MARGIN, WINDOW = 0.02, 5
+
+    def __init__(self, budget_s: float):
+        self.budget_s, self.rates, self.sgd_rate = budget_s, [], None
+
+    def rate(self) -> float:
+        return statistics.median(self.rates[-self.WINDOW:]) if self.rates else 0.0
+
+    def fits(self, projected_s: float) -> bool:
+        return projected_s <= self.budget_s * (1 - self.MARGIN)
+
+    def phase_fits(self, rest_s: float, phase_tokens: int) -> bool:
+        return self.fits(rest_s + phase_tokens * (self.rate() if self.sgd_rate is None else self.sgd_rate))
+
+
+def lora_batch(score_fn, adapters: LoRAAdapters, opt, tokens: Tensor, batch: np.ndarray, index: int,
+               h: Hyperparameters, rt: Runtime, luts, adapt: bool, observer=None) -> Tensor:
+    """Score one batch of documents (a row each), TTT_LORA_CHUNK tokens per document per step, each chunk
+    under the adapters as they are, the window its document's last EVAL_SEQ_LEN tokens up to the chunk's
+    end; then (adapt) one Adam step on the chunks just scored, except a document's last. Unadapted, a
+    step scores a whole window. The scores come from the forward the step differentiates, fixed before
+    its backward. Returns (NLL sum, byte sum, target count)."""
+    R, L = h.ttt_docs_per_batch, h.eval_len
+    K = h.ttt_lora_chunk if adapt else L
+    start, length = np.zeros(R, np.int64), np.zeros(R, np.int64)
+    start[: len(batch)], length[: len(batch)] = batch.T
+    adapters.reset(index)
+    opt.state.clear()  # Adam starts afresh with each document
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    done = np.zeros(R, np.int64)  # targets scored per document
+    for lo in range(0, int(length.max()), K):
+        live, end = length > lo, np.minimum(lo + K, length)
+        first = np.maximum(end - L, 0)  # window start, in document positions
+        cols = np.arange(min(w for w in lora_widths(h) if w >= (end - first)[live].max()))
+        at = first[:, None] + cols  # document position of each column
+        valid = live[:, None] & (cols < (end - first)[:, None])
+        score = valid & (at >= lo)
+        learn = score & ((end < length) & adapt)[:, None]
+        pos = torch.as_tensor(start[:, None] + np.where(valid, at, 0), device=rt.device)
+        valid_t, score_t, learn_t = (torch.as_tensor(m, device=rt.device) for m in (valid, score, learn))
+        x = torch.where(valid_t, tokens[pos], 0).long()
+        y = torch.where(valid_t, tokens[pos + 1], 0).long()
+        with torch.enable_grad(), rt.autocast():
+            nll = score_fn(x, y).float()
+        scored = nll.detach()
+        totals += torch.stack(((scored.double() * score_t).sum(), (target_bytes(x, y, luts) * score_t).sum().double(),
+                               score_t.sum().double()))
+        done += score.sum(1)
+        if observer is not None:
+            observer("score", pos[score_t], scored[score_t])
+        if learn.any():  # rules, not asserts: only targets scored, never a document's last chunk
+            if (learn & (at >= done[:, None])).any() or (learn.any(1) & (done >= length)).any():
+                raise RuntimeError(f"LoRA TTT batch {index}: a step would learn from unscored targets or a last chunk")
+            ((nll * learn_t).sum(1) / learn_t.sum(1).clamp(min=1)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if observer is not None:
+                observer("train", pos[learn_t], None)
+    if (done != length).any():
+        raise RuntimeError(f"LoRA TTT batch {index}: targets scored per document {done}, lengths {length}")
+    return totals
+
+
+def phase_rows(docs: np.ndarray, h: Hyperparameters) -> np.ndarray:
+    """A global-SGD phase's training rows: the documents' input positions end to end, EVAL_SEQ_LEN per
+    row, wrapped round to whole steps of TTT_BATCH_SEQS rows (fixed shapes; the wrap repeats scored tokens)."""
+    src = np.concatenate([np.arange(s, s + n) for s, n in docs])
+    step = h.ttt_batch_seqs * h.eval_len
+    return np.resize(src, -(-len(src) // step) * step).reshape(-1, h.eval_len)
+
+
+def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts,
+                  log: Log, budget_s: float, observer=None) -> tuple[Tensor, dict]:
+    """Document-independent LoRA TTT, longest documents first, batches shared out round-robin over the
+    ranks. Phased: before the batch that brings the scored count to TTT_PHASE_DOCS*k/TTT_PHASES, every
+    rank stops and the base weights take one epoch of full-weight TTT steps on all documents scored."""
+    n, R = tokens.numel() - 1, h.ttt_docs_per_batch
+    docs = documents(tokens, n)
+    batches = [docs[i: i + R] for i in range(0, len(docs), R)]
+    phase_at = [] if h.ttt_mode != "phased" else sorted(
+        {b for k in range(1, h.ttt_phases + 1) if (b := -(-min(h.ttt_phase_docs, len(docs)) * k // h.ttt_phases // R)) < len(batches)})
+    mine = [b for b in range(len(batches)) if b % rt.world_size == rt.rank]
+    rest = np.cumsum([batches[b][:, 1].sum() * (b in mine) for b in range(len(batches))][::-1])[::-1]  # my tokens from b
+    opt = torch.optim.Adam(adapters.params, lr=h.ttt_lora_lr, betas=(0.0, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2))
+    score_fn, train_fn = make_score_fn(model, rt), compile_model(model, rt)
+    log(f"ttt_lora:start docs={len(docs)} batches={len(batches)} docs_per_batch={R} chunk={h.ttt_lora_chunk} "
+        f"rank={h.ttt_lora_rank} lr={h.ttt_lora_lr} phases_before_batches={phase_at}")
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    scored_docs = torch.zeros(len(docs), dtype=torch.float64, device=rt.device)  # targets scored, this rank
+    guard, adapted, phases = LoRABudget(budget_s), 0, 0
+    t_start = now()
+    adapters.attach(True)
+    for b, batch in enumerate(batches):
+        if b in phase_at:
+            projected = rt.all_reduce(torch.tensor([now() - t_start + rest[b] * guard.rate()], device=rt.device,
+                                                   dtype=torch.float64), dist.ReduceOp.MAX).item()
+            done = rt.all_reduce(scored_docs.clone())[: b * R]
+            if not torch.equal(done.cpu(), torch.as_tensor(docs[: b * R, 1], dtype=torch.float64)):
+                raise RuntimeError(f"TTT phase before batch {b}: a document to train on is not fully scored")
+            rows = phase_rows(docs[: b * R], h)
+            run_phase = guard.phase_fits(projected, rows.size)
+            if run_phase:
+                t0 = now()
+                adapters.attach(False)
+                params, _ = ttt_params(model, h.ttt_freeze_blocks)
+                model.train()
+                train_rows(train_fn, tokens, rows, params, ttt_optimizer(params, h), h, rt, observer)
+                model.eval().requires_grad_(False)
+                adapters.attach(True)
+                rt.sync()
+                guard.sgd_rate, phases = (now() - t0) / rows.size, phases + 1
+            log(f"ttt_phase: before batch {b}/{len(batches)} docs={b * R} rows={len(rows)} "
+                f"{'trained' if run_phase else 'skipped (budget)'} at {now() - t_start:.1f}s")
+        if b % rt.world_size != rt.rank:
+            continue
+        t0 = now()
+        adapt = guard.fits(t0 - t_start + rest[b] * guard.rate())
+        chunk = lora_batch(score_fn, adapters, opt, tokens, batch, b, h, rt, luts, adapt, observer)
+        totals += chunk
+        scored_docs[b * R: b * R + len(batch)] = torch.as_tensor(batch[:, 1], dtype=torch.float64)
+        if adapt:
+            rt.sync()
+            guard.rates.append((now() - t0) / batch[:, 1].sum())
+            adapted += 1
+        if b == mine[0] or b == mine[-1] or len(mine) > 10 and b % (len(batches) // 10) == 0:
+            log(f"  ttt_lora [{b + 1}/{len(batches)}] rank0_bpb={loss_and_bpb(totals)[1]:.6f} time={now() - t_start:.1f}s")
+    adapters.attach(False)
+    model.requires_grad_(True)
+    adapted = int(rt.all_reduce(torch.tensor(float(adapted), device=rt.device)).item())
+    log(f"ttt_budget: adapted {adapted}/{len(batches)} batches, global SGD phases {phases}/{len(phase_at)} "
+        f"(budget {budget_s:.1f}s)")
+    return rt.all_reduce(totals), dict(docs=len(docs), batches=len(batches), adapted=adapted, phases=phases,
+                                       planned_phases=len(phase_at), legal=True)  # rules checked per step, above
+
+
+def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, luts, adapters=None) -> int:
     """Compile, before the eval timer, every graph the timed eval runs: each scoring batch shape of each
-    pass (a last partial batch included) and each TTT training shape, called through the same code
-    with the same modes (eval/train, inference mode, frozen params, distinct ids and targets), on random
-    tokens. Weights are untouched (no optimizer step); returns the number of shapes."""
-    L, batch = h.eval_len, eval_batch(h, rt.world_size, h.eval_len)
+    pass (a last partial batch included), each TTT training shape and each LoRA TTT width, called
+    through the same code with the same modes (eval/train, inference mode, frozen params, adapters on or
+    off, distinct ids and targets), on random tokens. Weights are untouched (no optimizer step);
+    returns the number of shapes."""
+    L, batch, seq = h.eval_len, eval_batch(h, rt.world_size, h.eval_len), h.eval_len
     shares = [rank_share(plan_windows(n_targets, L, L), rt)]
     if h.eval_sliding and h.eval_stride < L:
         shares.append(rank_share(plan_windows(n_targets, L, h.eval_stride), rt))
-    train_shapes = set()
-    if h.ttt_enabled:
+    train_shapes, widths = set(), lora_widths(h) if adapters else []
+    if h.ttt_enabled and h.ttt_mode == "chunk":
         windows, bounds, offsets = ttt_plan(n_targets, h)
         shares += [rank_share(windows[a:b], rt) for a, b in zip(bounds[:-1], bounds[1:])]
+        seq = min(L, h.ttt_chunk_tokens)
         if len(bounds) > 2:  # a chunk is trained
             train_shapes = {len(offsets[b: b + h.ttt_batch_seqs][rt.rank:: rt.world_size])
                             for b in range(0, len(offsets), h.ttt_batch_seqs)} - {0}
+    elif h.ttt_enabled and h.ttt_mode == "phased":  # phase_rows: whole steps of TTT_BATCH_SEQS rows
+        train_shapes = {len(range(rt.rank, h.ttt_batch_seqs, rt.world_size))} - {0}
     noise = torch.randint(0, h.vocab_size, (L + 1,), device=rt.device).to(torch.int32)
     score_fn, score_shapes = make_score_fn(model, rt), {score_batch(len(s), batch) for s in shares if len(s)}
     model.eval()
     for b in score_shapes:
         score_windows(score_fn, noise, np.array([[0, 0, L]] * b), L, b, luts, rt)
+    if widths:
+        adapters.attach(True)
+        for w in widths:
+            x = noise[:w].long().expand(h.ttt_docs_per_batch, w)
+            with torch.enable_grad(), rt.autocast():
+                score_fn(x, x.flip(1)).float().sum().backward()
+        adapters.attach(False)
+        for t in adapters.params:
+            t.grad = None
     if train_shapes:
-        seq, train_fn = min(L, h.ttt_chunk_tokens), compile_model(model, rt)
+        train_fn = compile_model(model, rt)
+        if h.ttt_mode == "phased":  # the phases unfreeze TTT's parameters
+            ttt_params(model, h.ttt_freeze_blocks)
         model.train()
         for b in train_shapes:
-            ttt_backward(train_fn, noise, torch.zeros(b, dtype=torch.long, device=rt.device), seq, 1.0, rt)
+            ttt_backward(train_fn, noise, torch.arange(seq, device=rt.device).expand(b, seq), 1.0, rt)
         model.zero_grad(set_to_none=True)
         model.eval()
-    return len(score_shapes) + len(train_shapes)
+        if h.ttt_mode == "phased":
+            model.requires_grad_(False)
+    return len(score_shapes) + len(train_shapes) + len(widths)
 
 
 def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Tensor, luts, log: Log) -> dict:
@@ -1881,12 +2139,16 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
     number of graphs compiled inside the timer is logged (it should be 0)."""
     L, bits = h.eval_len, h.quant_bits
     batch = eval_batch(h, rt.world_size, L)
-    if h.ttt_enabled:  # the whole eval runs with TTT's frozen set, so no graph sees a requires_grad change
-        ttt_params(model, h.ttt_freeze_blocks)
+    adapters = None
+    if h.ttt_enabled and h.ttt_mode == "chunk":  # the whole eval runs with TTT's frozen set: no graph sees
+        ttt_params(model, h.ttt_freeze_blocks)   # a requires_grad change
+    elif h.ttt_enabled:  # LoRA TTT: the model's weights are fixed (but in global-SGD phases)
+        model.requires_grad_(False)
+        adapters = LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed)
     score_fn = make_score_fn(model, rt)
     if rt.compile:
         t = now()
-        shapes = warm_up_eval(model, h, rt, val_tokens.numel() - 1, luts)
+        shapes = warm_up_eval(model, h, rt, val_tokens.numel() - 1, luts, adapters)
         log(f"eval_warmup: {shapes} graph shapes compiled in {now() - t:.1f}s (before the eval timer)")
     model.eval()
     graphs_before = compiled_graphs(rt)
@@ -1912,7 +2174,9 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
     ttt_info = None
     if h.ttt_enabled:
         t0 = now()
-        totals, ttt_info = eval_ttt(model, val_tokens, h, rt, luts, log, h.eval_budget_seconds - (t0 - t_eval))
+        left = h.eval_budget_seconds - (t0 - t_eval)
+        totals, ttt_info = (eval_ttt(model, val_tokens, h, rt, luts, log, left) if adapters is None else
+                            eval_ttt_lora(model, adapters, val_tokens, h, rt, luts, log, left))
         loss, bpb = loss_and_bpb(totals)
         log(f"ttt_sliding:done val_loss={loss:.6f} val_bpb={bpb:.6f} elapsed={now() - t0:.1f}s")
         record("ttt", "legal_ttt", totals, t0)

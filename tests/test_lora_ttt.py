@@ -1,0 +1,156 @@
+"""Document-aware scoring and LoRA TTT: documents partitioned, each target scored once, adapters reset
+per document, only scored targets learned from (never a document's last chunk), phases only on fully
+scored documents, the zero-adapter forward equal to the scoring forward, ranks, the budget guard."""
+
+import numpy as np
+import torch
+
+from conftest import SILENT, cpu_runtime, run_distributed, tg
+from test_eval import Recorder, sliding_scores, tiny_setup
+
+# 5 documents of 1913, 1475, 1296, 222 and 94 tokens: 3 batches of 2, phases before batches 1 and 2
+LORA = dict(VAL_MAX_TOKENS=5000, TTT_MODE="lora", TTT_LORA_RANK=4, TTT_LORA_CHUNK=32, TTT_DOCS_PER_BATCH=2,
+            TTT_LORA_LR=0.01, TTT_PHASE_DOCS=4, TTT_PHASES=2, TTT_LR=0.01, TTT_BATCH_SEQS=4)
+
+
+def lora_run(data, tokens=None, world=(0, 1), budget=1e9, **over):
+    h, model, rt, val, luts = tiny_setup(data, **{**LORA, **over})
+    rt = cpu_runtime(*world)
+    model.requires_grad_(False)
+    adapters = tg.LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed)
+    rec = Recorder()
+    totals, info = tg.eval_ttt_lora(model, adapters, val if tokens is None else tokens, h, rt, luts, SILENT, budget, rec)
+    return h, val, rec, totals, info
+
+
+def doc_of(tokens, n):
+    """Document index (in stream order) of every input position 0..n-1."""
+    return np.cumsum(tokens[:n].numpy() == tg.BOS_ID) - 1
+
+
+def test_documents_partition_the_targets_longest_first(small_data):
+    h, _, _, tokens, _ = tiny_setup(small_data, **LORA)
+    docs = tg.documents(tokens, 5000)
+    assert tokens[0] == tg.BOS_ID and len(docs) == int((tokens[:5000] == tg.BOS_ID).sum()) == 5
+    assert (np.diff(docs[:, 1]) <= 0).all() and docs[:, 1].sum() == 5000
+    cover = np.zeros(5000, int)
+    for s, n in docs:
+        cover[s: s + n] += 1
+        assert tokens[s] == tg.BOS_ID and (tokens[s + 1: s + n] != tg.BOS_ID).all()
+    assert (cover == 1).all()
+    assert tg.lora_widths(h) == [32, 64] and tg.lora_widths(tg.Hyperparameters(ttt_lora_chunk=48)) == [
+        64, 128, 256, 512, 1024, 2048] and tg.lora_widths(tg.Hyperparameters(eval_seq_len=2560)) == [64, 128, 256, 512,
+                                                                                                  1024, 2048, 2560]
+
+
+def test_zero_adapters_leave_the_scoring_forward_exact(small_data):
+    """A fresh adapter adds exactly zero: the TTT forward equals the plain scoring forward bit for bit
+    (a record scored 1.908 when its TTT forward lacked a gate); a trained one changes it."""
+    h, model, _, tokens, _ = tiny_setup(small_data, **LORA, DOC_ATTENTION=1)
+    adapters = tg.LoRAAdapters(model, 3, 4, 0)
+    x, y = tokens[:192].view(3, 64).long(), tokens[1:193].view(3, 64).long()
+    x[1, 30] = tg.BOS_ID
+    with torch.no_grad():
+        plain = model.token_nll(x, y)
+        adapters.reset(5)
+        adapters.attach(True)
+        adapted = model.token_nll(x, y)
+        adapters.pairs[0][1][1].normal_()  # document 1's adapter on the first matrix
+        moved = model.token_nll(x, y)
+    assert torch.equal(plain, adapted)
+    assert torch.equal(moved[0], plain[0]) and torch.equal(moved[2], plain[2]) and not torch.allclose(moved[1], plain[1])
+
+
+def check_legal(rec, tokens, docs, n):
+    """Every target scored once; each training event only on targets already scored, inside one
+    document, never its last chunk (LoRA) -- or, in a phase, only documents scored to the end."""
+    assert sorted(rec.scores) == list(range(n))
+    doc = doc_of(tokens, n)
+    length = np.bincount(doc)
+    scored = np.zeros(len(length), int)
+    lora_steps = phase_steps = 0
+    for kind, idx in rec.events:
+        if kind == "score":
+            np.add.at(scored, doc[idx], 1)
+            continue
+        d = np.unique(doc[idx])
+        if len(idx) <= 2 * 32:  # a LoRA step (TTT_DOCS_PER_BATCH x TTT_LORA_CHUNK at most): the chunks just scored, no last chunk
+            lora_steps += 1
+            assert (scored[d] < length[d]).all()
+        else:  # a global-SGD phase step: documents scored to the end
+            phase_steps += 1
+            assert (scored[d] == length[d]).all()
+    return lora_steps, phase_steps
+
+
+def test_lora_ttt_is_legal_and_documents_are_independent(small_data):
+    h, tokens, rec, totals, info = lora_run(small_data)
+    n = tokens.numel() - 1
+    lora_steps, phase_steps = check_legal(rec, tokens, tg.documents(tokens, n), n)
+    assert lora_steps > 20 and phase_steps == 0 and info["adapted"] == info["batches"]
+    assert int(totals[2]) == n
+    # a change inside one document moves its later scores and nothing else (adapters reset per document)
+    doc = doc_of(tokens, n)
+    target = int(np.bincount(doc).argmax())  # the longest document: adapted over several chunks
+    positions = np.flatnonzero(doc == target)
+    p = int(positions[len(positions) // 2])
+    changed = tokens.clone()
+    changed[p] = (int(changed[p]) + 17) % 400 + 2
+    _, _, rec2, _, _ = lora_run(small_data, changed)
+    same = [j for j in range(n) if rec2.scores[j] == rec.scores[j]]
+    assert set(range(n)) - set(same) <= set(positions[positions >= p - 1])
+    assert any(rec2.scores[j] != rec.scores[j] for j in positions[positions > p + 16])  # learned from it
+
+
+def test_phased_ttt_trains_base_weights_only_on_fully_scored_documents(small_data):
+    h, tokens, rec, totals, info = lora_run(small_data, TTT_MODE="phased")
+    n = tokens.numel() - 1
+    lora_steps, phase_steps = check_legal(rec, tokens, tg.documents(tokens, n), n)
+    assert info["phases"] == info["planned_phases"] == 2 and phase_steps >= 2 and lora_steps > 20
+    _, _, _, lora_totals, _ = lora_run(small_data)
+    assert not torch.equal(totals, lora_totals)  # the phases changed later documents' scores
+
+
+def test_lora_ttt_without_adaptation_is_document_scoring(small_data):
+    """With a learning rate of 0 LoRA TTT scores each document alone: the sliding evaluator with document
+    attention gives the same scores wherever its window starts inside the target's document."""
+    _, tokens, rec, _, _ = lora_run(small_data, TTT_LORA_LR=0.0, DOC_ATTENTION=1)
+    h, model, rt, _, luts = tiny_setup(small_data, **LORA, DOC_ATTENTION=1)
+    slide = sliding_scores(model, tokens, h, rt, luts)
+    n = tokens.numel() - 1
+    doc = doc_of(tokens, n)
+    first = {d: j for j, d in reversed(list(enumerate(doc)))}
+    # windows of EVAL_SEQ_LEN with stride EVAL_STRIDE: a target whose document starts inside its window
+    near = [j for j in range(n) if j - first[doc[j]] < h.eval_len - h.eval_stride]
+    assert len(near) == 5 * 32
+    assert max(abs(rec.scores[j] - slide[j]) for j in near) < 1e-4
+
+
+def lora_rank(rank, world, data):
+    _, tokens, rec, totals, info = lora_run(data, world=(rank, world), TTT_MODE="phased")
+    return totals, rec.scores, info
+
+
+def test_phased_lora_ttt_on_two_ranks_equals_one(tmp_path, small_data):
+    single, scores, info = lora_rank(0, 1, small_data)
+    results = run_distributed(lora_rank, 2, tmp_path, small_data)
+    merged = {}
+    for totals, s, i in results:
+        assert torch.allclose(totals, single, rtol=1e-6) and i["phases"] == info["phases"] == 2
+        assert not set(merged) & set(s)  # every target scored by exactly one rank
+        merged.update(s)
+    assert sorted(merged) == sorted(scores)
+    # Adam (beta1 0) turns float-order differences of the phases' all-reduced gradients into visible ones
+    assert max(abs(merged[j] - scores[j]) for j in scores) < 1e-2
+
+
+def test_lora_budget_guard_stops_adapting_and_phases_when_time_runs_out(small_data):
+    _, tokens, rec, totals, info = lora_run(small_data, TTT_MODE="phased", budget=0.0)
+    n = tokens.numel() - 1
+    assert info["adapted"] == 0 and info["phases"] == 0 and int(totals[2]) == n and len(rec.scores) == n
+    guard = tg.LoRABudget(100.0)
+    guard.rates += [1e-3, 1e-3, 5.0, 1e-3]  # a one-off slow batch does not move the median
+    assert guard.fits(50.0 + 40_000 * guard.rate()) and not guard.fits(50.0 + 60_000 * guard.rate())
+    assert guard.phase_fits(50.0, 40_000) and not guard.phase_fits(60.0, 40_000)
+    guard.sgd_rate = 1e-4
+    assert guard.phase_fits(60.0, 300_000)
