@@ -1,11 +1,14 @@
 """tools/: submission aggregation and its t-test, record packaging and verification, benchmarks, plots."""
 
+import ast
+import io
 import json
 import math
 import shutil
 import statistics
 import subprocess
 import sys
+import tokenize
 from argparse import Namespace
 from pathlib import Path
 
@@ -13,10 +16,11 @@ import pytest
 
 import torch
 
-from conftest import PY, REPO, make_env, run_script, script_env
+from conftest import PY, REPO, make_env, run_script, script_env, tg
 
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_report  # noqa: E402
+import pack_script  # noqa: E402
 import package_record  # noqa: E402
 import plot_curve  # noqa: E402
 import submission  # noqa: E402
@@ -99,6 +103,26 @@ def test_package_writes_a_verified_folder(two_runs, tmp_path, packed):
     folder_sub = json.loads((out / "submission.json").read_text())
     assert folder_sub["bytes_code"] == (out / "train_gpt.py").stat().st_size
     assert (folder_sub["bytes_code"] < 60_000) == packed and "val_bpb" in (out / "README.md").read_text()
+    if packed:  # a packed script must pack the very program the runs used (its log embeds the readable source)
+        (out / "train_gpt.py").write_text(tg.packed_code((REPO / "train_gpt.py").read_text() + "x = 1\n"))
+        with pytest.raises(package_record.Rejected, match="does not pack the code the runs used"):
+            package_record.verify(out)
+
+
+def test_packer_strips_comments_and_docstrings():
+    """The packed payload is the same program minified: smaller than packing the source verbatim, it
+    compiles, and has no comment and no docstring on the module or any class or function."""
+    source = (REPO / "train_gpt.py").read_text()
+    packed = tg.packed_code(source)
+    filters = [{"id": tg.lzma.FILTER_LZMA2, "preset": 9 | tg.lzma.PRESET_EXTREME}]
+    verbatim = tg.base64.b85encode(tg.lzma.compress(source.encode(), format=tg.lzma.FORMAT_RAW, filters=filters))
+    assert len(packed.encode()) < len(verbatim)  # even without the wrapper around the verbatim payload
+    payload = pack_script.unpack(packed)
+    compile(payload, "packed", "exec")
+    assert pack_script.same_program(packed, source)
+    assert not any(t.type == tokenize.COMMENT for t in tokenize.generate_tokens(io.StringIO(payload).readline))
+    assert all(ast.get_docstring(n) is None for n in ast.walk(ast.parse(payload))
+               if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
 
 
 def test_package_verification_rejects_bad_folders(two_runs, tmp_path):

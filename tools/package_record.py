@@ -8,8 +8,8 @@
 The folder holds README.md (generated), submission.json, train_gpt.py (the source, or with --packed its
 self-extracting form, which then is the counted code) and train_seed{S}.log for every seed. Verification
 (run after writing, and on its own with --verify) rejects a folder with a missing file, a log whose
-embedded source is not the shipped script, a seed without a log, or bytes_model + bytes of train_gpt.py
-over 16,000,000.
+embedded source is not the shipped script (or, packed, not the program it packs: same AST without
+docstrings), a seed without a log, or bytes_model + bytes of train_gpt.py over 16,000,000.
 """
 
 import argparse
@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pack_script import unpack
+from pack_script import same_program
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,10 +42,16 @@ def verify(folder: Path) -> dict:
     if missing:
         raise Rejected(f"{folder}/submission.json: missing fields {missing}")
     script = (folder / "train_gpt.py").read_text()
-    forms = [script] + ([unpack(script)] if script.startswith("import lzma as L,base64 as B\nexec(") else [])
+    forms = [script]
+    first = folder / f"train_seed{sub['seeds'][0]}.log" if sub["seeds"] else None
+    if script.startswith("import lzma as L,base64 as B\nexec(") and first and first.is_file():
+        forms.append(first.read_text().partition("\n" + "=" * 100 + "\n")[0])  # the source its log embeds
     ran = [f for f in forms if hashlib.sha256(f.encode()).hexdigest() == sub["code_sha256"]]
     if not ran:  # the runs may have executed the readable source or the packed file itself
         raise Rejected(f"{folder}/train_gpt.py is not the code the runs used (sha256 differs from code_sha256)")
+    if ran[0] is not script and not same_program(script, ran[0]):
+        raise Rejected(f"{folder}/train_gpt.py does not pack the code the runs used (its AST differs beyond "
+                       "docstrings); re-run tools/package_record.py --packed")
     code_bytes = len(script.encode())
     if sub["bytes_code"] != code_bytes or sub["bytes_total"] != sub["bytes_model"] + code_bytes:
         raise Rejected(f"{folder}: bytes_code/bytes_total do not match the {code_bytes}-byte train_gpt.py")
