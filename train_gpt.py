@@ -163,7 +163,7 @@ class Hyperparameters:
     compressor: str = knob("brotli", choices=("zstd", "brotli", "lzma"))  # brotli-11 (smallest), zstd-22 or lzma-9e
     artifact_path: str = "final_model.int6.ptz"  # where the artifact is written
     byte_budget: int = knob(16_000_000, 1)  # total-bytes limit; can only tighten the 16,000,000 rule
-    auto_fit: bool = True  # over budget: raise the SDClip k, then drop bits of the cheapest group
+    auto_fit: str = knob("1", choices=("1", "tighten", "0"))  # over: coarser k, fewer bits; 1 also fills spare bytes (finer k)
     final_model_path: str = "final_model.pt"  # post-EMA float weights saved for EXPORT_FROM; "" = none
     export_from: str = ""  # path: skip training, export and score this FINAL_MODEL_PATH file
     eval_only_artifact: str = ""  # path: skip training, score this artifact (what a verifier runs)
@@ -1146,14 +1146,15 @@ class WeightAverager:
 # k = 12.85 for matrices, 20 for embeddings: k sets the symbols' entropy) or the MSE-best clip of its
 # max |w|; late QAT fake-quantizes on exactly these grids. Full GPTQ keeps the grid and rounds columns in
 # act-order with Hessian error feedback. Rate control (AUTO_FIT) searches k, then bits per group, to fit
-# the byte budget. The artifact is magic + codec + sha256 + compressed payload (a JSON header and raw
-# arrays; no pickle), written atomically.
+# the byte budget, and spends bytes left under it on a finer k. The artifact is magic + codec + sha256 +
+# compressed payload (a JSON header and raw arrays; no pickle), written atomically.
 # =====================================================================================================
 
 SMALL_NUMEL = 65536
 CLIP_FRACTIONS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 ARTIFACT_MAGIC = b"PGOLF-Q1"
 CODECS = ("zstd", "brotli", "lzma")
+FILL_MIN_S = 0.25  # finer than k/4 (3.2 std for int6 matrices), SDClip clips more than the MSE clip would
 
 
 def round_to_grid(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
@@ -1384,17 +1385,19 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log):
+def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log, fill: bool = True):
     """Rate control: the plan (group -> (bits, k)) whose packed artifact fits `limit` bytes. Bytes fall
-    monotonically with k (entropy ~ bits - log2 k), so a common factor s in [1, 2] on every SDClip k
-    (s = 2 is worth about one bit) is bisected against the symbols' entropy times the measured
-    compressed/entropy ratio; the result is compressed for real, and a miss corrects the ratio and
-    searches again. When s = 2 is not enough, the group whose calibration loss rises least per byte
-    saved loses a bit, and k is searched again. Returns (plan, qstate, blob)."""
+    monotonically with k (entropy ~ bits - log2 k), so a common factor s on every SDClip k is bisected
+    against the symbols' entropy times the measured compressed/entropy ratio; only the result is
+    compressed for real, and a miss corrects the ratio and searches again. Over the limit, s in [1, 2]
+    (s = 2 is worth about one bit); when that is not enough, the group whose calibration loss rises least
+    per byte saved loses a bit, and k is searched again. Under it (`fill`), s in [FILL_MIN_S, 1] and the
+    MSE clip (k = 0) are the candidates: whichever fits with the lowest calibration loss, else (also
+    after three real misses) the plan as given. Returns (plan, qstate, blob)."""
     t0, steps = now(), [0]
 
-    def step(p: dict, real: bool, what: str):
-        q = quantize(p)
+    def step(p: dict, real: bool, what: str, q=None):
+        q = quantize(p) if q is None else q
         blob = pack(q) if real else None
         size = len(blob) if real else ratio * entropy_bytes(q)
         steps[0] += 1
@@ -1402,22 +1405,42 @@ def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log):
             f"limit:{limit} elapsed:{now() - t0:.1f}s")
         return q, size, blob
 
+    def smallest_fit(lo: float, hi: float, q_hi):  # the estimate fits at s = hi, not at lo: bisect
+        for _ in range(7):
+            mid = (lo + hi) / 2
+            q, est, _ = step(scaled(plan, mid), False, f"k x{mid:.3f}")
+            lo, hi, q_hi = (lo, mid, q) if est <= limit else (mid, hi, q_hi)
+        return hi, q_hi
+
     scaled = lambda p, f: {g: (b, k * f) for g, (b, k) in p.items()}
     qstate, size, blob = step(plan, True, "start")
-    ratio = size / entropy_bytes(qstate)
+    base_q, ratio = qstate, size / entropy_bytes(qstate)
+    for _ in range(3 if fill and size < limit and any(k for _, k in plan.values()) else 0):  # up to 3 tries
+        q, est, _ = step(scaled(plan, FILL_MIN_S), False, f"k x{FILL_MIN_S:.3f}")
+        s, q = (FILL_MIN_S, q) if est <= limit else smallest_fit(FILL_MIN_S, 1.0, qstate)
+        mse = {g: (b, 0.0) for g, (b, _) in plan.items()}
+        q_mse, est_mse, _ = step(mse, False, "mse clip")
+        options = [(scaled(plan, s), q)] * (s < 1) + [(mse, q_mse)] * (est_mse <= limit)
+        for p, q in [(plan, qstate)] * bool(options) + options:
+            loss = calib_loss(q)
+            log(f"auto_fit:candidate {fmt_plan(p)} est_bytes:{ratio * entropy_bytes(q):.0f} calib_loss:{loss:.5f} "
+                f"elapsed:{now() - t0:.1f}s")
+            best = (loss, p, q) if p is plan or loss < best[0] else best
+        if not options or best[1] is plan:
+            break
+        q, real, b = step(best[1], True, "fill", best[2])
+        if real <= limit:
+            return best[1], q, b
+        ratio *= real / (ratio * entropy_bytes(q)) * 1.002  # the estimate was low: correct, search again
     while size > limit:
-        if any(k for _, k in plan.values()) and step(scaled(plan, 2.0), False, "k x2.000")[1] <= limit:
-            lo, hi = 1.0, 2.0
-            for _ in range(7):
-                mid = (lo + hi) / 2
-                lo, hi = (lo, mid) if step(scaled(plan, mid), False, f"k x{mid:.3f}")[1] <= limit else (mid, hi)
-            qstate, size, blob = step(scaled(plan, hi), True, f"k x{hi:.3f}")
+        if any(k for _, k in plan.values()) and (top := step(scaled(plan, 2.0), False, "k x2.000"))[1] <= limit:
+            s, q = smallest_fit(1.0, 2.0, top[0])
+            qstate, size, blob = step(scaled(plan, s), True, f"k x{s:.3f}", q)
             if size <= limit:
-                plan = scaled(plan, hi)
+                plan = scaled(plan, s)
                 break
             ratio *= size / (ratio * entropy_bytes(qstate)) * 1.002  # the estimate was low: correct, again
             continue
-        base_q = quantize(plan)
         base_bytes, base_loss, best = entropy_bytes(base_q), calib_loss(base_q), None
         for g, (b, k) in plan.items():
             if b > 2:
@@ -1426,12 +1449,12 @@ def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log):
                 saved, cost = base_bytes - entropy_bytes(q), calib_loss(q) - base_loss
                 log(f"auto_fit:candidate {g} int{b}->int{b - 1} saves ~{ratio * saved:.0f} bytes, calib loss {cost:+.5f}")
                 if saved > 0 and (best is None or cost / saved < best[0]):
-                    best = (cost / saved, trial)
+                    best = (cost / saved, trial, q)
         if best is None:
             raise ConfigError(f"AUTO_FIT: nothing fits {limit} bytes: even {fmt_plan(plan)} with k x2 is over "
                               f"(last packed {size} bytes); raise BYTE_BUDGET or shrink the model")
-        plan = best[1]
-        qstate, size, blob = step(plan, True, "bits")
+        plan, base_q = best[1], best[2]
+        qstate, size, blob = step(plan, True, "bits", base_q)
     return plan, qstate, blob
 
 
@@ -2207,10 +2230,11 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
 # =====================================================================================================
 # ARTIFACT AND BUDGET REPORT
 # The counted size is the compressed model plus the bytes of the file that runs (this source, or its
-# packed form when that is what runs). Over the cap, AUTO_FIT=1 (default) raises k and drops bits until
-# it fits, logging each step and the calibration-loss cost; AUTO_FIT=0 gives a loud FAIL. The float
-# weights are saved first (FINAL_MODEL_PATH), so EXPORT_FROM can redo all of this without training.
-# Then every rank reads the artifact from disk.
+# packed form when that is what runs). Over the cap, AUTO_FIT=1 (default) or tighten raises k and drops
+# bits until it fits; under it, AUTO_FIT=1 lowers k (or takes the MSE clip) while that fits and lowers
+# the calibration loss. Each step is logged with the calibration-loss cost; AUTO_FIT=0 gives a loud
+# FAIL when over. The float weights are saved first (FINAL_MODEL_PATH), so EXPORT_FROM can redo all of
+# this without training. Then every rank reads the artifact from disk.
 # =====================================================================================================
 
 RULE_BYTES, RULE_TRAIN_S, RULE_EVAL_S = 16_000_000, 600.0, 600.0
@@ -2248,8 +2272,8 @@ def export_artifact(state: dict[str, Tensor], stage: int, h: Hyperparameters, rt
 
     quantize = lambda plan: quantize_state(state, plan, hessians, h.gptq_damp, h.prune_frac)
     pack = lambda qstate: pack_artifact(qstate, meta, h.compressor)
-    plan, qstate, blob = fit_to_budget(quantize, pack, quant_plan(h), limit - code_bytes if h.auto_fit else math.inf,
-                                       calib_loss, log)
+    fit_limit = limit - code_bytes if h.auto_fit != "0" else math.inf
+    plan, qstate, blob = fit_to_budget(quantize, pack, quant_plan(h), fit_limit, calib_loss, log, fill=h.auto_fit == "1")
     write_atomic(h.artifact_path, blob)
     export_s = now() - t
     n_params, total = sum(t.numel() for t in state.values()), len(blob) + code_bytes

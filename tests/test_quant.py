@@ -155,11 +155,11 @@ def rate_control_setup():
     quantize = lambda plan: tg.quantize_state(state, plan)
     pack = lambda q: tg.pack_artifact(q, {}, "zstd")
     attn_matters = lambda q: 1.0 if q["blocks.0.attn.c_q.weight"].bits < 6 else 0.0  # a calibration loss
-    return quantize, pack, attn_matters, len(pack(quantize(PLAN)))
+    return quantize, pack, attn_matters, len(pack(quantize(PLAN))), state
 
 
 def test_rate_control_hits_a_budget_and_refuses_an_impossible_one():
-    quantize, pack, loss, full = rate_control_setup()
+    quantize, pack, loss, full, _ = rate_control_setup()
     plan, qstate, blob = tg.fit_to_budget(quantize, pack, PLAN, int(0.6 * full), loss, SILENT)
     assert len(blob) <= 0.6 * full and blob == pack(qstate) and plan != PLAN
     assert any(b < PLAN[g][0] for g, (b, _) in plan.items())  # k x2 alone saves ~1 bit of 6: bits had to drop
@@ -169,3 +169,48 @@ def test_rate_control_hits_a_budget_and_refuses_an_impossible_one():
     assert tg.fit_to_budget(quantize, pack, PLAN, full, loss, SILENT)[0] == PLAN  # fits: nothing changes
     with pytest.raises(tg.ConfigError, match="AUTO_FIT: nothing fits 1000 bytes"):
         tg.fit_to_budget(quantize, pack, PLAN, 1000, loss, SILENT)
+
+
+def test_rate_control_spends_spare_bytes_on_a_finer_grid():
+    quantize, pack, _, full, state = rate_control_setup()
+    error = lambda q: sum((v.dequantize() - state[n]).square().sum().item() for n, v in q.items())  # a calib loss
+    calls, lines = {"quantize": 0, "pack": 0}, []
+
+    def counted(name, fn):
+        def wrapped(x):
+            calls[name] += 1
+            return fn(x)
+        return wrapped
+
+    start_loss = error(quantize(PLAN))
+    plan, qstate, blob = tg.fit_to_budget(counted("quantize", quantize), counted("pack", pack), PLAN, int(1.3 * full),
+                                          error, lines.append)
+    assert full < len(blob) <= 1.3 * full and blob == pack(qstate) and error(qstate) < 0.7 * start_loss
+    assert all(plan[g][0] == PLAN[g][0] and 0.25 * PLAN[g][1] < plan[g][1] < PLAN[g][1] for g in PLAN)  # s bisected
+    tries = sum(" fill plan:" in line for line in lines)  # a real size over the estimate: correct, search again
+    assert 1 <= tries <= 3 and calls == {"quantize": 1 + 9 * tries, "pack": 1 + tries}  # s = 1/4, 7 bisection steps, mse
+    assert sum(line.startswith("auto_fit:candidate") for line in lines) == 2 * tries  # start, finer k (mse: too big)
+    # room for everything: the finest SDClip (s = 1/4) and the MSE clip both fit; the lower loss wins
+    plan, qstate, blob = tg.fit_to_budget(quantize, pack, PLAN, 3 * full, error, SILENT)
+    finest = {g: (b, k / 4) for g, (b, k) in PLAN.items()}
+    assert plan == min((finest, MSE), key=lambda p: error(quantize(p))) and len(blob) <= 3 * full
+    # exactly at the start size, with a loss that does not fall, or with fill off: the plan as given
+    no_gain = lambda q: 0.0
+    for limit, loss, fill in ((full, error, True), (3 * full, no_gain, True), (3 * full, error, False)):
+        plan, _, blob = tg.fit_to_budget(quantize, pack, PLAN, limit, loss, SILENT, fill=fill)
+        assert plan == PLAN and len(blob) == full
+
+
+def test_rate_control_never_returns_a_miss():
+    """Codecs whose real size outgrows the estimates: a mild one (a tenth of every byte over the start
+    again) is met by correcting the ratio and trying again; one that misses always gives the plan as is."""
+    quantize, pack, _, full, state = rate_control_setup()
+    error = lambda q: sum((v.dequantize() - state[n]).square().sum().item() for n, v in q.items())
+    limit, lines = int(1.3 * full), []
+    mild = lambda q: pack(q) + bytes(max(0, len(pack(q)) - full) // 10)
+    plan, qstate, blob = tg.fit_to_budget(quantize, mild, PLAN, limit, error, lines.append)
+    assert full < len(blob) <= limit and blob == mild(qstate) and plan != PLAN
+    assert sum(" fill plan:" in line for line in lines) >= 2
+    always = lambda q: pack(q) + bytes(limit * (len(pack(q)) > full))
+    plan, qstate, blob = tg.fit_to_budget(quantize, always, PLAN, limit, error, SILENT)
+    assert plan == PLAN and len(blob) == full

@@ -5,6 +5,7 @@
   python3 tools/bench_quant.py --record              # bytes: the record and #1493-shape models, trained-like
   python3 tools/bench_quant.py --layouts             # int8 stream layouts x codecs on a record-shape slice
   python3 tools/bench_quant.py --fit 1493-shape      # AUTO_FIT's search on a trained-like record-scale model
+  python3 tools/bench_quant.py --fit record --fit-start-bytes 11685974   # ... sizes estimated, nothing compressed
   python3 tools/bench_quant.py --train-seconds 30 --bits 6
 
 Quality mode, per bit width and method (block matrices; embeddings int8, small tensors fp16): quant gap
@@ -125,15 +126,24 @@ def record_mode(args) -> None:
 
 def fit_mode(args) -> None:
     """train_gpt's rate control on a trained-like record-scale model: the default plan, AUTO_FIT's search
-    against 16,000,000 bytes minus train_gpt.py, with real compression by the default codec."""
+    against 16,000,000 bytes minus train_gpt.py, with real compression by the default codec, or with
+    --fit-start-bytes N (a measured size of the default plan) every size estimated as entropy x the ratio N
+    gives. No data here, so the calibration loss is the relative reconstruction error of the int tensors."""
     h, state = trained_like(SHAPES[args.fit])
     code = len((REPO / "train_gpt.py").read_bytes())
     pack = lambda q: tg.pack_artifact(q, {"model": h.model_config()}, h.compressor)
+    if args.fit_start_bytes:
+        ratio = args.fit_start_bytes / tg.entropy_bytes(tg.quantize_state(state, tg.quant_plan(h)))
+        pack = lambda q: bytes(round(ratio * tg.entropy_bytes(q)))
+    ref = sum(state[n].float().square().sum().item() for n in state if tg.quant_group(n, state[n]))
+    err = lambda q: sum((v.dequantize() - state[n].float()).square().sum().item() for n, v in q.items() if v.bits)
+    rel_err = lambda q: (err(q) / ref) ** 0.5
     t = time.time()
     plan, qstate, blob = tg.fit_to_budget(lambda p: tg.quantize_state(state, p), pack, tg.quant_plan(h),
-                                          tg.RULE_BYTES - code, lambda q: 0.0, lambda msg: print(msg, flush=True))
+                                          tg.RULE_BYTES - code, rel_err, lambda msg: print(msg, flush=True))
     row = dict(model=args.fit, plan=tg.fmt_plan(plan), codec=h.compressor, model_bytes=len(blob), code_bytes=code,
-               total=len(blob) + code, seconds=round(time.time() - t, 1))
+               estimated_from_start_bytes=args.fit_start_bytes, total=len(blob) + code, **symbol_stats(qstate, state),
+               seconds=round(time.time() - t, 1))
     print(json.dumps(row), flush=True)
     args.json.parent.mkdir(exist_ok=True)
     args.json.write_text(json.dumps(row, indent=1))
@@ -200,7 +210,8 @@ def quality_mode(args) -> None:
             measure(bits, f"sd {gptq}", plan_for(h, "sd", bits), hess)
             quantize = lambda p, hess=hess: tg.quantize_state(state, p, hess, h.gptq_damp)
             pack = lambda q: tg.pack_artifact(q, {}, "brotli")
-            plan, q, _ = tg.fit_to_budget(quantize, pack, plan_for(h, "sd", bits, k=2.0), mse_bytes, calib_loss, tg.Log(None))
+            plan, q, _ = tg.fit_to_budget(quantize, pack, plan_for(h, "sd", bits, k=2.0), mse_bytes, calib_loss, tg.Log(None),
+                                          fill=False)  # SDClip only: filling could pick the MSE clip
             measure(bits, f"sd rate@mse {gptq}", plan, hess, q)
     args.json.parent.mkdir(exist_ok=True)
     args.json.write_text(json.dumps(dict(float_bpb=float_bpb, params=n_params, steps=info["steps"], val_tokens=args.val_tokens,
@@ -216,6 +227,7 @@ def main() -> None:
     p.add_argument("--record", action="store_true", help="record-scale bytes instead of CPU-scale quality")
     p.add_argument("--layouts", action="store_true", help="int8 stream layouts on a record-shape slice")
     p.add_argument("--fit", choices=tuple(SHAPES), help="rate control (AUTO_FIT) on this trained-like shape")
+    p.add_argument("--fit-start-bytes", type=int, help="--fit without compressing: sizes from this measured default-plan size")
     p.add_argument("--train-seconds", type=float, default=150)
     p.add_argument("--bits", default="6,5")
     p.add_argument("--val-tokens", type=int, default=0, help="score only this many val targets (0 = all)")
