@@ -1776,12 +1776,9 @@ def ttt_params(model: GPT, freeze: int) -> tuple[list[Tensor], int]:
     for i in range(freeze):
         frozen |= {id(p) for p in model.blocks[model.slots[i][0]].parameters()}
         frozen |= {id(p) for p in model.controls[model.control_of[i]].parameters()}
-    params = []
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
-        if id(p) not in frozen:
-            params.append(p)
-    return params, sum(p.numel() for p in model.parameters() if id(p) in frozen)
+    return [p for p in model.parameters() if p.requires_grad], sum(p.numel() for p in model.parameters() if id(p) in frozen)
 
 
 def ttt_plan(n_targets: int, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1922,10 +1919,8 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
             rt.sync()
             epoch_s = (now() - t1) / chosen
         if (c + 1) % 10 == 0 or c == 0 or c == n_chunks - 1:
-            loss, bpb = loss_and_bpb(totals)
-            log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={bpb:.6f} time={now() - t_start:.1f}s")
-    for p in model.parameters():
-        p.requires_grad_(True)
+            log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={loss_and_bpb(totals)[1]:.6f} time={now() - t_start:.1f}s")
+    model.requires_grad_(True)
     log(f"ttt_budget: trained {guard.trained}/{guard.planned} chunk-epochs ({len(changes)} changes, "
         f"{guard.probes} probes; budget {budget_s:.1f}s)")
     return totals, dict(chunks=n_chunks, epoch_changes=changes, trained=guard.trained, planned=guard.planned,
@@ -1994,11 +1989,9 @@ class LoRABudget:
     def rate(self) -> float:
         return statistics.median(self.rates[-self.WINDOW:]) if self.rates else 0.0
 
-    def fits(self, projected_s: float) -> bool:
-        return projected_s <= self.budget_s * (1 - self.MARGIN)
-
-    def phase_fits(self, rest_s: float, phase_tokens: int) -> bool:
-        return self.fits(rest_s + phase_tokens * (self.rate() if self.sgd_rate is None else self.sgd_rate))
+    def fits(self, projected_s: float, sgd_tokens: int = 0) -> bool:
+        sgd_s = sgd_tokens * (self.rate() if self.sgd_rate is None else self.sgd_rate)
+        return projected_s + sgd_s <= self.budget_s * (1 - self.MARGIN)
 
 
 def lora_batch(score_fn, adapters: LoRAAdapters, opt, tokens: Tensor, batch: np.ndarray, index: int,
@@ -2007,7 +2000,7 @@ def lora_batch(score_fn, adapters: LoRAAdapters, opt, tokens: Tensor, batch: np.
     under the adapters as they are, the window its document's last EVAL_SEQ_LEN tokens up to the chunk's
     end; then (adapt) one Adam step on the chunks just scored, except a document's last. Unadapted, a
     step scores a whole window. The scores come from the forward the step differentiates, fixed before
-    its backward. Returns (NLL sum, byte sum, target count)."""
+    its backward. Returns (NLL sum, byte sum, target count) and the targets scored per document."""
     R, L = h.ttt_docs_per_batch, h.eval_len
     K = h.ttt_lora_chunk if adapt else L
     start, length = np.zeros(R, np.int64), np.zeros(R, np.int64)
@@ -2046,7 +2039,7 @@ def lora_batch(score_fn, adapters: LoRAAdapters, opt, tokens: Tensor, batch: np.
                 observer("train", pos[learn_t], None)
     if (done != length).any():
         raise RuntimeError(f"LoRA TTT batch {index}: targets scored per document {done}, lengths {length}")
-    return totals
+    return totals, done
 
 
 def phase_rows(docs: np.ndarray, h: Hyperparameters) -> np.ndarray:
@@ -2086,7 +2079,7 @@ def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperpa
             if not torch.equal(done.cpu(), torch.as_tensor(docs[: b * R, 1], dtype=torch.float64)):
                 raise RuntimeError(f"TTT phase before batch {b}: a document to train on is not fully scored")
             rows = phase_rows(docs[: b * R], h)
-            run_phase = guard.phase_fits(projected, rows.size)
+            run_phase = guard.fits(projected, rows.size)
             if run_phase:
                 t0 = now()
                 adapters.attach(False)
@@ -2103,9 +2096,9 @@ def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperpa
             continue
         t0 = now()
         adapt = guard.fits(t0 - t_start + rest[b] * guard.rate())
-        chunk = lora_batch(score_fn, adapters, opt, tokens, batch, b, h, rt, luts, adapt, observer)
-        totals += chunk
-        scored_docs[b * R: b * R + len(batch)] = torch.as_tensor(batch[:, 1], dtype=torch.float64)
+        part, done = lora_batch(score_fn, adapters, opt, tokens, batch, b, h, rt, luts, adapt, observer)
+        totals += part
+        scored_docs[b * R: b * R + len(batch)] = torch.as_tensor(done[: len(batch)], dtype=torch.float64)
         if adapt:
             rt.sync()
             guard.rates.append((now() - t0) / batch[:, 1].sum())
@@ -2149,7 +2142,7 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
     if widths:
         adapters.attach(True)
         for w in widths:
-            x = noise[:w].long().expand(h.ttt_docs_per_batch, w)
+            x = noise[:w].long().repeat(h.ttt_docs_per_batch, 1)  # contiguous, as the pass's
             with torch.enable_grad(), rt.autocast():
                 score_fn(x, x.flip(1)).float().sum().backward()
         adapters.attach(False)
@@ -2157,8 +2150,7 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
             t.grad = None
     if train_shapes:
         train_fn = compile_model(model, rt)
-        if h.ttt_mode == "phased":  # the phases unfreeze TTT's parameters
-            ttt_params(model, h.ttt_freeze_blocks)
+        ttt_params(model, h.ttt_freeze_blocks)  # what chunk TTT and the global-SGD phases train
         model.train()
         for b in train_shapes:
             ttt_backward(train_fn, noise, torch.arange(seq, device=rt.device).expand(b, seq), 1.0, rt)
@@ -2343,25 +2335,21 @@ def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
 
 
 def compliance_checks(h: Hyperparameters, train: dict | None, ev: dict, sizes: dict | None, manifest: dict) -> list:
-    checks = []
-    if train is None:
-        checks.append(("train_time", "SKIP", "no training in this run"))
-    else:
-        ok = train["train_ms"] <= RULE_TRAIN_S * 1000
-        checks.append(("train_time", "PASS" if ok else "FAIL",
-                       f"{train['train_ms'] / 1000:.3f}s incl. every training-data read, limit {RULE_TRAIN_S:.0f}s"))
+    checks = [("train_time", "SKIP", "no training in this run") if train is None else
+              ("train_time", "PASS" if train["train_ms"] <= RULE_TRAIN_S * 1000 else "FAIL",
+               f"{train['train_ms'] / 1000:.3f}s incl. every training-data read, limit {RULE_TRAIN_S:.0f}s")]
     eval_limit = min(h.eval_budget_seconds, RULE_EVAL_S)
     checks.append(("eval_time", "PASS" if ev["times_ms"]["total"] <= eval_limit * 1000 else "FAIL",
                    f"{ev['times_ms']['total'] / 1000:.3f}s, limit {eval_limit:.0f}s"))
     if sizes is not None:
         checks.append(("artifact_bytes", "PASS" if sizes["total"] <= RULE_BYTES else "FAIL",
                        f"{sizes['total']} bytes, limit {RULE_BYTES}"))
-    if ev["ttt"] is None:
-        checks.append(("ttt_legal", "SKIP", "TTT off"))
-    else:
-        checks.append(("ttt_legal", "PASS" if ev["ttt"]["legal"] else "FAIL",
-                       "score-first: each chunk scored whole under inference_mode before training on exactly "
-                       "its targets; last chunk never trained; single pass"))
+    rule = ("each chunk scored whole under inference_mode before training on exactly its targets; last chunk "
+            "never trained" if h.ttt_mode == "chunk" else "each document's chunk scored before the adapter step on "
+            "it, adapters reset per document, a document's last chunk never trained, phases only on documents "
+            "scored to the end")
+    checks.append(("ttt_legal", "SKIP", "TTT off") if ev["ttt"] is None else
+                  ("ttt_legal", "PASS" if ev["ttt"]["legal"] else "FAIL", f"score-first: {rule}; single pass"))
     scored = {k: r["scored"] for k, r in ev["results"].items()}
     full = h.val_max_tokens == 0 and all(v == ev["n_targets"] for v in scored.values())
     checks.append(("full_val", "PASS" if full else "FAIL",
