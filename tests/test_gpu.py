@@ -40,3 +40,26 @@ def test_record_config_pipeline(embedded_data, tmp_path):
     for name in ("final_int6_roundtrip", "final_int6_sliding_window", "legal_ttt"):
         bpb = float(re.search(rf"^{name}_exact val_loss:\S+ val_bpb:(\S+)", out, re.M).group(1))
         assert 0 < bpb < 10
+
+
+def test_compiled_flex_document_attention_matches_the_mask():
+    """DOC_ATTENTION's two kernels at the record's shapes: FlexAttention's block mask, compiled, against
+    SDPA with a dense mask, forward and gradients, under bf16 autocast."""
+    torch.manual_seed(0)
+    h = tg.Hyperparameters.from_env({"DOC_ATTENTION": "1"})
+    model = tg.GPT(h).cuda()
+    with torch.no_grad():  # no zero-initialized projection: every gradient is non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ids = torch.randint(2, h.vocab_size, (4, 2048), device="cuda")
+    ids[:, [0, 300, 301, 1500]] = tg.BOS_ID
+    out = {}
+    for kernel in ("mask", "flex"):
+        model.doc_kernel = kernel
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.compile(model, dynamic=False, fullgraph=True)(ids, ids.roll(-1, 1))
+        loss.backward()
+        out[kernel] = loss.item(), model.blocks[0].attn.c_q.weight.grad.clone()
+    assert abs(out["mask"][0] - out["flex"][0]) < 1e-2 * out["mask"][0]
+    assert torch.allclose(out["mask"][1], out["flex"][1], rtol=5e-2, atol=1e-4 * out["mask"][1].abs().max().item())

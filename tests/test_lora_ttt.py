@@ -154,3 +154,14 @@ def test_lora_budget_guard_stops_adapting_and_phases_when_time_runs_out(small_da
     assert guard.fits(50.0, 40_000) and not guard.fits(60.0, 40_000)  # a phase at the LoRA rate ...
     guard.sgd_rate = 1e-4
     assert guard.fits(60.0, 300_000)  # ... or at the last phase's
+
+
+def test_compiled_phased_lora_ttt_compiles_nothing_inside_the_timed_eval(small_data, monkeypatch):
+    """Compiled, with document attention: the warm-up on random tokens builds the scoring graph, the LoRA
+    width with adapters (forward and backward; one width keeps this affordable) and the phases' training
+    graph; the timed eval, two phases included, then builds none."""
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 32)  # as setup_runtime sets it
+    h, model, _, tokens, luts = tiny_setup(small_data, **{**LORA, "TTT_MODE": "phased", "TTT_LORA_CHUNK": 64},
+                                           DOC_ATTENTION=1, EVAL_SLIDING=0, NUM_LAYERS=2, VE_LAYERS=1, XSA_LAST_N=1)
+    ev = tg.run_evaluations(model, h, tg.Runtime(0, 1, 0, torch.device("cpu"), True), tokens, luts, SILENT)
+    assert ev["compiled_inside"] == 0 and ev["ttt"]["phases"] == 2 and ev["results"]["ttt"]["scored"] == 5000

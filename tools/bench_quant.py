@@ -126,7 +126,7 @@ def record_mode(args) -> None:
 
 def fit_mode(args) -> None:
     """train_gpt's rate control on a trained-like record-scale model: the default plan, AUTO_FIT's search
-    against 16,000,000 bytes minus train_gpt.py, with real compression by the default codec, or with
+    against BYTE_BUDGET (the script's default) minus train_gpt.py, with real compression by the default codec, or with
     --fit-start-bytes N (a measured size of the default plan) every size estimated as entropy x the ratio N
     gives. No data here, so the calibration loss is the relative reconstruction error of the int tensors."""
     h, state = trained_like(SHAPES[args.fit])
@@ -140,7 +140,7 @@ def fit_mode(args) -> None:
     rel_err = lambda q: (err(q) / ref) ** 0.5
     t = time.time()
     plan, qstate, blob = tg.fit_to_budget(lambda p: tg.quantize_state(state, p), pack, tg.quant_plan(h),
-                                          tg.RULE_BYTES - code, rel_err, lambda msg: print(msg, flush=True))
+                                          min(h.byte_budget, tg.RULE_BYTES) - code, rel_err, lambda msg: print(msg, flush=True))
     row = dict(model=args.fit, plan=tg.fmt_plan(plan), codec=h.compressor, model_bytes=len(blob), code_bytes=code,
                estimated_from_start_bytes=args.fit_start_bytes, total=len(blob) + code, **symbol_stats(qstate, state),
                seconds=round(time.time() - t, 1))
