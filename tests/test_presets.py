@@ -1,10 +1,12 @@
 """configs/*.env: every preset parses, and builds the record's model with its logged parameter count
 (exactly, or off by the documented components this script does not have yet)."""
 
+import re
+
 import pytest
 import torch
 
-from conftest import REPO, tg
+from conftest import REPO, run_script, tg
 
 # preset -> (logged model_params, ours - logged, what the difference is; seed-fidelity.md section 1)
 PRESETS = {
@@ -42,3 +44,26 @@ def test_preset_builds_the_logged_model(name):
     assert sum(p.numel() for p in model.parameters()) - logged == delta, why
     header = (REPO / "configs" / f"{name}.env").read_text().split("\n# data")[0]
     assert f"{logged:,}" in header and "Data:" in header  # what it reproduces, on which data, and what it cannot
+
+
+def shrunk(name: str, data: dict, **over) -> dict:
+    """A preset as `PRESET=configs/<name>.env bash tools/main_job.sh` composes it: tools/preset_cpu.env over
+    the preset, the test's settings over both."""
+    cpu = {k: v for k, v in (line.split("=", 1) for line in (REPO / "tools" / "preset_cpu.env").read_text().splitlines()
+                             if line.strip() and not line.startswith("#"))}
+    return {k: str(v) for k, v in {**read_preset(name), **cpu, **data, **over}.items()}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_shrunk_preset_runs_end_to_end(name, embedded_data, tmp_path):
+    """Each record's system at laptop scale, through train -> export -> read back -> every eval pass of its
+    preset (phased LoRA TTT for the 1.0611 preset), ending with every compliance line."""
+    env = shrunk(name, embedded_data, RUN_ID=name, ARTIFACT_PATH=tmp_path / "m.ptz", ITERATIONS=2, MAX_WALLCLOCK_SECONDS=0,
+                 VAL_MAX_TOKENS=4096, TTT_CHUNK_TOKENS=2048, GPTQ_CALIB_BATCHES=1, FINAL_MODEL_PATH="")
+    proc = run_script(env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checks = dict(re.findall(r"^compliance:(\w+) (PASS|FAIL|SKIP|INFO)", proc.stdout, re.M))
+    assert set(checks) == {"train_time", "eval_time", "artifact_bytes", "ttt_legal", "full_val", "train_val_disjoint",
+                           "record_hardware"}
+    assert checks["ttt_legal"] == checks["train_time"] == checks["artifact_bytes"] == "PASS"
+    assert re.search(r"^legal_ttt_exact val_loss:\S+ val_bpb:\S+$", proc.stdout, re.M)

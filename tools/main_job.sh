@@ -16,10 +16,15 @@ PY=.venv/bin/python
 # eval on 2 CPU cores.
 export DATA_PATH="${DATA_PATH:-./data/datasets/pdmix_sp1024}" TOKENIZER_PATH="${TOKENIZER_PATH:-./data/tokenizers/pdmix_1024_bpe.model}"
 export RUN_ID="${RUN_ID:-main_job_$(date +%Y%m%d_%H%M%S)}" ARTIFACT_PATH="${ARTIFACT_PATH:-final_model.int6.ptz}"
-while IFS='=' read -r name value; do
-  [[ -z "$name" || "$name" == \#* ]] && continue
-  export "$name=${!name-$value}"  # an env var already set (even to "") wins
-done < tools/cpu_scale.env
+# PRESET=configs/X.env: that record's system shrunk to this scale (tools/preset_cpu.env wins over the preset)
+files=(tools/cpu_scale.env)
+[[ -n "${PRESET:-}" ]] && files=(tools/preset_cpu.env "$PRESET")
+for file in "${files[@]}"; do
+  while IFS='=' read -r name value; do
+    [[ -z "$name" || "$name" == \#* ]] && continue
+    export "$name=${!name-$value}"  # an env var already set (even to "") wins
+  done < "$file"
+done
 "$PY" train_gpt.py
 echo "---- $RUN_ID: logs/$RUN_ID.txt, logs/$RUN_ID.json, $ARTIFACT_PATH"
 grep -E "^(final_int6_roundtrip_exact|final_int6_sliding_window_exact|legal_ttt_exact|Total submission size)" "logs/$RUN_ID.txt"
