@@ -17,6 +17,7 @@ Usage::
         # -> data/tokenizers/fineweb_1024_bpe.model, data/datasets/fineweb10B_sp1024/
     python data/prepare_data.py --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
         --docs docs_selected.jsonl --name fineweb      # reuse a tokenizer, only re-shard
+    python data/prepare_data.py --caseops              # CaseOps: case operators + byte sidecars
 
 Outputs (``--out-dir`` defaults to ``data/``)::
 
@@ -25,11 +26,17 @@ Outputs (``--out-dir`` defaults to ``data/``)::
 
 (``--name fineweb`` writes ``datasets/fineweb10B_sp{V}``, the directory ``train_gpt.py`` reads
 by default.) Two runs with the same inputs give byte-identical shards and ``.model`` files.
+
+``--caseops`` writes ``OUT/tokenizers/{name}_{V}_bpe_caseops.model`` and
+``OUT/datasets/{name}_sp{V}_caseops/``: tokens of the case-encoded text (case_encode, a bijection)
+and, next to each token shard, ``fineweb_{split}_bytes_NNNNNN.bin`` with each token's count of
+ORIGINAL UTF-8 bytes (CASEOPS_BYTE_RULE); check_sidecar is the scorer's guard for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import itertools
@@ -52,6 +59,11 @@ DEFAULT_DOCS = DEFAULT_DATA_DIR / "corpus" / "docs_selected.jsonl.xz"
 
 DATAFILE_MAGIC = 20240520
 DATAFILE_VERSION = 1
+# CaseOps byte sidecars have the token shards' header with their own magic, so a loader that globs
+# fineweb_val_*.bin fails on them instead of reading byte counts as tokens. The official CaseOps
+# export (romeerp/parameter-golf-caseops-v1) reuses the token magic; check_sidecar accepts both.
+SIDECAR_MAGIC = 20240521
+SIDECAR_MAGICS = (SIDECAR_MAGIC, DATAFILE_MAGIC)
 HEADER_INTS = 256
 BOS_ID = 1
 OFFICIAL_VAL_DOCS = 50_000          # NUM_VAL_DOCS of the official FineWeb export
@@ -75,11 +87,21 @@ SP_RECIPE = {
     "unk_id": 3,
     "hard_vocab_limit": False,
 }
-SHARD_RE = re.compile(r"^fineweb_(train|val)_\d{6}\.bin$")
+# CaseOps must reproduce the text exactly, so no normalisation (nmt_nfkc folds compatibility
+# characters and turns newlines and whitespace runs into one space); the operators are single pieces;
+# long documents are not dropped from training (the default max_sentence_length is 4192 bytes).
+CASEOPS_SP_RECIPE = {**SP_RECIPE, "normalization_rule_name": "identity", "remove_extra_whitespaces": False,
+                     "max_sentence_length": 1 << 16, "user_defined_symbols": "\ue000,\ue001,\ue002,\ue003"}
+SHARD_RE = re.compile(r"^fineweb_(train|val)(_bytes)?_\d{6}\.bin$")
+TOKEN_SHARD_RE = re.compile(r"^fineweb_(train|val)_\d{6}\.bin$")
 
 
 class PrepareError(RuntimeError):
     """An input problem the user can fix; reported without a traceback."""
+
+
+class SidecarError(PrepareError):
+    """A CaseOps shard set whose byte sidecars are missing or do not match its tokens."""
 
 
 # --------------------------------------------------------------------------- reading docs
@@ -153,6 +175,140 @@ def overlap_key(text: str) -> bytes:
     return hashlib.sha256(normalised.encode("utf-8")).digest()
 
 
+# --------------------------------------------------------------------------- CaseOps: lossless case transform
+#
+# case_encode lowercases text and marks the case with operator characters from Unicode's private use
+# area, which the CaseOps tokenizer holds as user_defined_symbols (one token each):
+#   TITLE   U+E000  the next character is a capital (a word's first letter: "Hello", "I")
+#   ALLCAPS U+E001  every letter of the next word is a capital (words of 2 or more letters: "NASA")
+#   CAPNEXT U+E002  the next character is a capital (later letters of mixed-case words: "iPhone")
+#   ESC     U+E003  the next character is literal: ESC + U+E000..U+E003 is that character, and ESC +
+#                   U+E004 is U+2581 "▁", which SentencePiece would decode as a space
+# A word is a maximal run of characters matching [^\W\d_] (c.isalnum() and not c.isdecimal() and
+# c != "_": letters, and numerals such as ² or Ⅻ). Only "simple" capitals are lowercased: c whose
+# c.lower() is one letter whose .upper() is c again. All others stay literal (İ lowercases to two
+# characters, ẞ and ß upper-case to "SS", the Kelvin sign lowercases to k, titlecase ǅ, final ς), and
+# c.lower() is applied per character (str.lower would turn a word-final Σ into ς). Hence
+# case_decode(case_encode(s)) == s for every string s.
+
+TITLE, ALLCAPS, CAPNEXT, ESC = "\ue000", "\ue001", "\ue002", "\ue003"
+CASEOPS_OPERATORS = {"TITLE": TITLE, "ALLCAPS": ALLCAPS, "CAPNEXT": CAPNEXT, "ESC": ESC}
+SP_SPACE, SP_SPACE_STANDIN = "\u2581", "\ue004"
+_ESCAPE = {**{op: ESC + op for op in CASEOPS_OPERATORS.values()}, SP_SPACE: ESC + SP_SPACE_STANDIN}
+_UNESCAPE = {**{op: op for op in CASEOPS_OPERATORS.values()}, SP_SPACE_STANDIN: SP_SPACE}
+_ESCAPE_TABLE = str.maketrans(_ESCAPE)
+_WORD_CHAR = re.compile(r"[^\W\d_]")
+_WORD = re.compile(r"[^\W\d_]+")
+_CASED_TAIL = re.compile(r"([^\W\d_a-z][^\W\d_]*)")  # a word from its first letter outside a-z to its end
+_OPERATOR = re.compile("[\ue000-\ue003]")
+
+
+class CaseOpsError(ValueError):
+    """Text that case_decode cannot read: an operator without a valid argument."""
+
+
+@functools.lru_cache(maxsize=None)
+def simple_lower(c: str) -> str | None:
+    """c.lower() if c is a capital that lowercases to one letter and back to c, else None."""
+    low = c.lower()
+    return low if low != c and len(low) == 1 and low.upper() == c and c.isalpha() and low.isalpha() else None
+
+
+@functools.lru_cache(maxsize=None)
+def simple_upper(c: str) -> str | None:
+    """The capital whose simple_lower is c, else None."""
+    up = c.upper()
+    return up if len(up) == 1 and simple_lower(up) == c else None
+
+
+@functools.lru_cache(maxsize=None)
+def _is_word_char(c: str) -> bool:
+    return _WORD_CHAR.match(c) is not None
+
+
+@functools.lru_cache(maxsize=1 << 16)  # words repeat: "The", "I", "Mr"
+def _encode_cased(part: str, whole: bool) -> str:
+    """A word (``whole``) or the end of one after a-z letters, from its first letter outside a-z."""
+    first = simple_lower(part[0])
+    if whole and first and part[1:].islower():  # "Hello", the common case
+        return TITLE + first + part[1:]
+    lows = [simple_lower(c) for c in part]
+    if whole and len(part) >= 2 and all(lows):
+        return ALLCAPS + "".join(lows)
+    return "".join(c if low is None else (TITLE if whole and i == 0 else CAPNEXT) + low
+                   for i, (c, low) in enumerate(zip(part, lows)))
+
+
+def case_encode(text: str) -> str:
+    """Text -> lowercased text with CaseOps operators (see above); case_decode inverts it exactly."""
+    if any(c in text for c in _ESCAPE):
+        text = text.translate(_ESCAPE_TABLE)
+    parts = _CASED_TAIL.split(text)  # [other, cased, other, cased, ..., other]
+    for i in range(1, len(parts), 2):
+        before = parts[i - 1]
+        parts[i] = _encode_cased(parts[i], not before or not _is_word_char(before[-1]))
+    return "".join(parts)
+
+
+def _upper_word(word: str) -> str | None:
+    ups = [simple_upper(c) for c in word]
+    return "".join(ups) if len(ups) >= 2 and None not in ups else None
+
+
+def _operations(t: str) -> Iterator[tuple[int, int, str]]:
+    """Each operator of t as (start, end, original): t[start] is the operator, t[start + 1:end] its
+    argument and ``original`` the characters the argument stands for (one per argument character)."""
+    end = 0
+    for m in _OPERATOR.finditer(t):
+        i, op = m.start(), m.group()
+        if i < end:
+            continue  # an operator character escaped by the ESC before it
+        if op == ALLCAPS:
+            word = _WORD.match(t, i + 1)
+            arg = word.group() if word else ""
+            original = _upper_word(arg)
+        else:
+            arg = t[i + 1:i + 2]
+            original = _UNESCAPE.get(arg) if op == ESC else simple_upper(arg)
+        if original is None:
+            name = next(k for k, v in CASEOPS_OPERATORS.items() if v == op)
+            want = {"ESC": "U+E000..U+E004", "ALLCAPS": "a word of 2 or more lower-case letters with one-letter capitals"}
+            raise CaseOpsError(f"{name} at {i} is followed by {arg!r}, not by "
+                               f"{want.get(name, 'a lower-case letter with a one-letter capital')}")
+        end = i + 1 + len(arg)
+        yield i, end, original
+
+
+def case_decode(t: str) -> str:
+    """The inverse of case_encode; raises CaseOpsError on a misplaced operator."""
+    out, pos = [], 0
+    for start, end, original in _operations(t):
+        out += (t[pos:start], original)
+        pos = end
+    out.append(t[pos:])
+    return "".join(out)
+
+
+def utf8_lengths(t: str) -> np.ndarray:
+    """UTF-8 length of each character of t."""
+    cp = np.frombuffer(t.encode("utf-32-le"), dtype="<u4")
+    return 1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)
+
+
+def original_char_bytes(t: str) -> np.ndarray:
+    """For each character of case-encoded text t, the UTF-8 bytes of the original character it stands
+    for: 0 for an operator; a capitalised letter counts its capital, whose length rarely differs
+    (ⱥ 3 bytes -> Ⱥ 2); an escaped U+E000..U+E004 stands for a 3-byte character like itself."""
+    counts = utf8_lengths(t)
+    operators = []
+    for start, end, original in _operations(t):
+        operators.append(start)
+        if not original.isascii():
+            counts[start + 1:end] = [len(c.encode("utf-8")) for c in original]
+    counts[operators] = 0
+    return counts
+
+
 # --------------------------------------------------------------------------- pass 1: scan (+ train)
 
 
@@ -168,9 +324,9 @@ class Scan:
     tokenizer_train_docs: int = 0
 
 
-def scan_docs(docs: Path, scan: Scan, train_cap: int | None) -> Iterator[str]:
-    """Walk every doc once. Yields the (cleaned) train texts the tokenizer trains on, at
-    most ``train_cap`` of them, but always scans the whole file before finishing."""
+def scan_docs(docs: Path, scan: Scan, train_cap: int | None, caseops: bool = False) -> Iterator[str]:
+    """Walk every doc once. Yields the (cleaned, with ``caseops`` case-encoded) train texts the
+    tokenizer trains on, at most ``train_cap`` of them, but always scans the whole file before finishing."""
     hasher = hashlib.sha256()
     val_keys: set[bytes] = set()
     for i, text in enumerate(iter_docs(docs, hasher)):
@@ -185,22 +341,22 @@ def scan_docs(docs: Path, scan: Scan, train_cap: int | None) -> Iterator[str]:
             continue
         scan.bytes_train += size
         if train_cap is None or scan.tokenizer_train_docs < train_cap:
-            clean = text.replace("\x00", " ").strip()  # as the official recipe feeds SentencePiece
+            clean = (case_encode(text) if caseops else text).replace("\x00", " ").strip()  # as the official recipe
             if clean:
                 scan.tokenizer_train_docs += 1
                 yield clean
     scan.sha256 = hasher.hexdigest()
 
 
-def train_tokenizer(sentences: Iterator[str], vocab_size: int) -> bytes:
-    """Train a BPE model with the official recipe; returns the serialized .model bytes."""
+def train_tokenizer(sentences: Iterator[str], vocab_size: int, recipe: dict = SP_RECIPE) -> bytes:
+    """Train a BPE model with the official (or the CaseOps) recipe; returns the serialized .model bytes."""
     import sentencepiece as spm
 
     writer = io.BytesIO()
     # model_writer (instead of model_prefix) keeps output paths out of the stored trainer_spec.
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences, model_writer=writer, vocab_size=vocab_size,
-        num_threads=SP_TRAIN_THREADS, minloglevel=2, **SP_RECIPE,
+        num_threads=SP_TRAIN_THREADS, minloglevel=2, **recipe,
     )
     return writer.getvalue()
 
@@ -213,9 +369,9 @@ def vocab_text(sp) -> str:
 # --------------------------------------------------------------------------- pass 2: encode + shards
 
 
-def write_shard(path: Path, tokens: np.ndarray) -> None:
+def write_shard(path: Path, tokens: np.ndarray, magic: int = DATAFILE_MAGIC) -> None:
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = DATAFILE_MAGIC, DATAFILE_VERSION, len(tokens)
+    header[0], header[1], header[2] = magic, DATAFILE_VERSION, len(tokens)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
@@ -223,28 +379,40 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-class ShardWriter:
-    """Concatenates documents and cuts them into shards of exactly ``shard_tokens`` tokens."""
+def sidecar_name(token_shard: str) -> str:
+    """fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin (the official CaseOps names)."""
+    return re.sub(r"_(\d{6})\.bin$", r"_bytes_\1.bin", token_shard)
 
-    def __init__(self, out_dir: Path, shard_tokens: int):
+
+class ShardWriter:
+    """Concatenates documents and cuts them into shards of exactly ``shard_tokens`` tokens; with
+    ``sidecars``, cuts the per-token byte counts into parallel fineweb_{split}_bytes_* files."""
+
+    def __init__(self, out_dir: Path, shard_tokens: int, sidecars: bool = False):
         self.out_dir = out_dir
         self.buf = np.empty(shard_tokens, dtype=np.uint16)
+        self.nbuf = np.empty(shard_tokens, dtype=np.uint16) if sidecars else None
         self.fill = 0
         self.split = "val"
         self.shards: dict[str, list[dict]] = {"val": [], "train": []}
+        self.sidecars: dict[str, list[dict]] = {"val": [], "train": []}
         self.tokens = {"val": 0, "train": 0}
         self.docs = {"val": 0, "train": 0}
+        self.bos = {"val": 0, "train": 0}
 
-    def add(self, split: str, tokens: np.ndarray, num_docs: int) -> None:
+    def add(self, split: str, tokens: np.ndarray, num_docs: int, nbytes: np.ndarray | None = None) -> None:
         if split != self.split:
             self.flush()
             self.split = split
         self.tokens[split] += len(tokens)
         self.docs[split] += num_docs
+        self.bos[split] += int(np.count_nonzero(tokens == BOS_ID))
         pos = 0
         while pos < len(tokens):
             take = min(len(self.buf) - self.fill, len(tokens) - pos)
             self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            if self.nbuf is not None:
+                self.nbuf[self.fill:self.fill + take] = nbytes[pos:pos + take]
             self.fill += take
             pos += take
             if self.fill == len(self.buf):
@@ -256,27 +424,75 @@ class ShardWriter:
         name = f"fineweb_{self.split}_{len(self.shards[self.split]):06d}.bin"
         write_shard(self.out_dir / name, self.buf[:self.fill])
         self.shards[self.split].append({"name": name, "tokens": int(self.fill)})
+        if self.nbuf is not None:
+            side = self.out_dir / sidecar_name(name)
+            write_shard(side, self.nbuf[:self.fill], SIDECAR_MAGIC)
+            self.sidecars[self.split].append({"name": side.name, "tokens": int(self.fill), "sha256": sha256_file(side),
+                                              "bytes": int(self.nbuf[:self.fill].sum(dtype=np.int64))})
         self.fill = 0
 
 
-def encode_batch(sp, texts: list[str], threads: int, vocab_size: int) -> np.ndarray:
-    ids = sp.encode(texts, out_type=int, num_threads=threads)
+def piece_emit_lengths(sp) -> np.ndarray:
+    """UTF-8 bytes each token id adds to the decoded text: a byte piece one, BOS/EOS/PAD (and UNK, which
+    byte fallback never produces) none, any other piece its text with each "▁" read as a space."""
+    n = sp.vocab_size()
+    return np.array([0 if sp.is_control(i) or sp.is_unknown(i) else 1 if sp.is_byte(i)
+                     else len(sp.id_to_piece(i).replace(SP_SPACE, " ").encode("utf-8")) for i in range(n)], dtype=np.int64)
+
+
+def token_original_bytes(ids: np.ndarray, transformed: str, emit: np.ndarray) -> np.ndarray:
+    """The byte sidecar of one case-encoded document (``ids`` without its BOS): each token counts the
+    original UTF-8 bytes (original_char_bytes) of the transformed characters whose last byte it emits."""
+    token_end = np.cumsum(emit[ids])
+    char_end = np.cumsum(utf8_lengths(transformed))
+    emitted, expected = (int(token_end[-1]) if len(ids) else 0), (int(char_end[-1]) if len(transformed) else 0)
+    if emitted != expected:
+        raise PrepareError(f"the tokens of a document decode to {emitted} bytes, its case-encoded text has "
+                           f"{expected}: the tokenizer does not reproduce text exactly (use a --caseops tokenizer)")
+    owner = np.searchsorted(token_end, char_end, side="left")
+    return np.bincount(owner, weights=original_char_bytes(transformed), minlength=len(ids)).astype(np.int64)
+
+
+def encode_batch(sp, texts: list[str], threads: int, vocab_size: int, emit: np.ndarray | None = None,
+                 oracle: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Tokens ``[BOS] + ids`` of each doc, concatenated. With CaseOps (``emit``, from piece_emit_lengths)
+    the texts are case-encoded first and the byte sidecar comes too (0 at each BOS), checked to sum to
+    each doc's UTF-8 length; ``oracle`` also checks that decoding the ids gives back each text exactly."""
+    docs = [case_encode(t) for t in texts] if emit is not None else texts
+    ids = sp.encode(docs, out_type=int, num_threads=threads)
     total = sum(len(x) for x in ids) + len(ids)
     flat = np.fromiter(itertools.chain.from_iterable(itertools.chain((BOS_ID,), x) for x in ids),
                        dtype=np.int64, count=total)
     if flat.size and (flat.max() >= vocab_size or flat.min() < 0):
         raise PrepareError(f"token id {int(flat.max())} outside the tokenizer's vocab of {vocab_size}")
-    return flat.astype(np.uint16)
+    if emit is None:
+        return flat.astype(np.uint16), None
+    nbytes, pos = np.zeros(total, dtype=np.int64), 0
+    for text, doc, x in zip(texts, docs, ids):
+        counts = token_original_bytes(flat[pos + 1:pos + 1 + len(x)], doc, emit)
+        if counts.sum() != len(text.encode("utf-8")):
+            raise PrepareError(f"byte sidecar sums to {int(counts.sum())} for a document of "
+                               f"{len(text.encode('utf-8'))} bytes: {text[:60]!r}")
+        if oracle and case_decode(sp.decode(x)) != text:
+            raise PrepareError(f"decoding the tokens does not give back the document {text[:60]!r}")
+        nbytes[pos + 1:pos + 1 + len(x)] = counts
+        pos += 1 + len(x)
+    if nbytes.max(initial=0) > 0xFFFF:
+        raise PrepareError("a token accounts for more than 65,535 bytes; the sidecar stores uint16")
+    return flat.astype(np.uint16), nbytes.astype(np.uint16)
 
 
-def encode_docs(docs: Path, sp, scan: Scan, writer: ShardWriter, threads: int) -> None:
+def encode_docs(docs: Path, sp, scan: Scan, writer: ShardWriter, threads: int, caseops: bool = False) -> None:
     vocab_size = sp.vocab_size()
+    emit = piece_emit_lengths(sp) if caseops else None
     batch: list[str] = []
     batch_split = "val"
 
-    def emit():
+    def emit_batch():
         if batch:
-            writer.add(batch_split, encode_batch(sp, batch, threads, vocab_size), len(batch))
+            # Val docs get the full oracle: their bytes must be reproducible by decoding the token ids.
+            tokens, nbytes = encode_batch(sp, batch, threads, vocab_size, emit, oracle=batch_split == "val")
+            writer.add(batch_split, tokens, len(batch), nbytes)
             batch.clear()
 
     for i, text in enumerate(iter_docs(docs)):
@@ -284,11 +500,106 @@ def encode_docs(docs: Path, sp, scan: Scan, writer: ShardWriter, threads: int) -
             continue
         split = "val" if i < scan.val_docs else "train"
         if split != batch_split or len(batch) >= ENCODE_BATCH_DOCS:
-            emit()
+            emit_batch()
             batch_split = split
         batch.append(text)
-    emit()
+    emit_batch()
     writer.flush()
+
+
+# --------------------------------------------------------------------------- checking a CaseOps shard set
+
+
+def read_datafile(path: Path, magics: tuple[int, ...] = (DATAFILE_MAGIC,)) -> np.ndarray:
+    """The uint16 payload of a token shard or byte sidecar, after checking its header and size."""
+    size = path.stat().st_size
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if size < HEADER_INTS * 4 or header[0] not in magics or header[1] != DATAFILE_VERSION:
+        raise SidecarError(f"{path}: not a shard with magic {' or '.join(map(str, magics))}, version {DATAFILE_VERSION}")
+    if size != HEADER_INTS * 4 + 2 * int(header[2]):
+        raise SidecarError(f"{path}: header says {int(header[2])} entries but the file has {size} bytes (truncated?)")
+    return np.fromfile(path, dtype="<u2", offset=HEADER_INTS * 4)
+
+
+def check_sidecar(data_dir: Path, splits: tuple[str, ...] = ("val",)) -> dict:
+    """Refuse a CaseOps shard set whose byte sidecars are missing or do not match its tokens.
+
+    Each token shard fineweb_{split}_NNNNNN.bin needs fineweb_{split}_bytes_NNNNNN.bin with as many
+    entries, 0 at every BOS, and the sha256 recorded in manifest.json; the split must start with BOS;
+    with a manifest, the sidecars must sum to the split's original UTF-8 bytes and the BOS count must
+    equal its doc count. Returns {split: {"tokens", "bytes", "docs"}}. The scorer applies these rules."""
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    if manifest and not manifest.get("caseops"):
+        raise SidecarError(f"{manifest_path} does not describe a CaseOps dataset; build one with "
+                           "`python data/prepare_data.py --caseops`")
+    summary = {}
+    for split in splits:
+        names = sorted(p.name for p in data_dir.glob(f"fineweb_{split}_*.bin"))
+        shards = [n for n in names if TOKEN_SHARD_RE.match(n)]
+        if not shards:
+            raise SidecarError(f"no {split} token shards (fineweb_{split}_NNNNNN.bin) in {data_dir}")
+        orphans = sorted(set(names) - set(shards) - {sidecar_name(n) for n in shards})
+        if orphans:
+            raise SidecarError(f"{data_dir / orphans[0]} matches no token shard; remove it or rebuild the dataset")
+        recorded = {s["name"]: s for s in (manifest.get("caseops") or {}).get("byte_sidecars", {}).get(split, [])}
+        tokens_total = bytes_total = docs = 0
+        for name in shards:
+            side = data_dir / sidecar_name(name)
+            if not side.is_file():
+                raise SidecarError(f"{side} is missing: CaseOps bits per byte need the byte sidecar of every "
+                                   f"token shard ({name}); rebuild with `python data/prepare_data.py --caseops`")
+            tokens, nbytes = read_datafile(data_dir / name), read_datafile(side, SIDECAR_MAGICS)
+            if len(nbytes) != len(tokens):
+                raise SidecarError(f"{side} has {len(nbytes):,} byte counts but {name} has {len(tokens):,} tokens")
+            if tokens_total == 0 and len(tokens) and tokens[0] != BOS_ID:
+                raise SidecarError(f"{data_dir / name} does not start with BOS (id {BOS_ID}): documents cannot be found")
+            bos = tokens == BOS_ID
+            if nbytes[bos].any():
+                raise SidecarError(f"{side} gives bytes to the BOS at position {int(np.flatnonzero(bos & (nbytes > 0))[0])}")
+            if manifest and recorded.get(side.name, {}).get("sha256") != sha256_file(side):
+                raise SidecarError(f"{side} differs from the sidecar recorded in {manifest_path} (sha256)"
+                                   if side.name in recorded else f"{side} is not listed in {manifest_path}")
+            tokens_total += len(tokens)
+            bytes_total += int(nbytes.sum(dtype=np.int64))
+            docs += int(bos.sum())
+        want_bytes, want_docs = manifest.get("text_bytes", {}).get(split), manifest.get(f"{split}_docs")
+        if want_bytes is not None and bytes_total != want_bytes:
+            raise SidecarError(f"the {split} sidecars sum to {bytes_total:,} bytes but the original {split} text "
+                               f"has {want_bytes:,} ({manifest_path})")
+        if want_docs is not None and docs != want_docs:
+            raise SidecarError(f"the {split} shards hold {docs:,} BOS tokens but {manifest_path} lists {want_docs:,} docs")
+        summary[split] = {"tokens": tokens_total, "bytes": bytes_total, "docs": docs}
+    return summary
+
+
+def doc_hashes(files: list[Path]) -> set[bytes]:
+    """sha256 of each document's token sequence (BOS to the next BOS) across consecutive shards."""
+    hashes, carry = set(), np.empty(0, dtype=np.uint16)
+    for f in files:
+        tokens = np.concatenate([carry, read_datafile(f)])
+        starts = np.flatnonzero(tokens == BOS_ID)
+        if len(tokens) and (not len(starts) or starts[0] != 0):
+            raise SidecarError(f"{f}: the token stream does not start with BOS (id {BOS_ID})")
+        docs = np.split(tokens, starts[1:]) if len(starts) else []
+        hashes.update(hashlib.sha256(d.tobytes()).digest() for d in docs[:-1])
+        carry = docs[-1] if docs else carry
+    if len(carry):
+        hashes.add(hashlib.sha256(carry.tobytes()).digest())
+    return hashes
+
+
+def check_disjoint(data_dir: Path) -> int:
+    """Raise if any train document's tokens equal a val document's; returns the number of distinct val docs."""
+    data_dir = Path(data_dir)
+    split_files = {s: sorted(p for p in data_dir.glob(f"fineweb_{s}_*.bin") if TOKEN_SHARD_RE.match(p.name))
+                   for s in ("val", "train")}
+    val = doc_hashes(split_files["val"])
+    shared = val & doc_hashes(split_files["train"])
+    if shared:
+        raise SidecarError(f"{len(shared)} val documents of {data_dir} also occur in its train shards")
+    return len(val)
 
 
 # --------------------------------------------------------------------------- paths and manifest
@@ -303,9 +614,23 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
-def dataset_dir_name(name: str, vocab_size: int) -> str:
+def dataset_dir_name(name: str, vocab_size: int, caseops: bool = False) -> str:
     # "fineweb" keeps the official directory name that train_gpt.py defaults to.
-    return f"fineweb10B_sp{vocab_size}" if name == "fineweb" else f"{name}_sp{vocab_size}"
+    base = f"fineweb10B_sp{vocab_size}" if name == "fineweb" else f"{name}_sp{vocab_size}"
+    return base + ("_caseops" if caseops else "")
+
+
+def check_caseops_tokenizer(sp, path: Path) -> None:
+    """A tokenizer reused with --caseops must hold each operator as one piece and reproduce text exactly."""
+    for name, op in CASEOPS_OPERATORS.items():
+        ids = sp.encode(op)
+        if len(ids) != 1 or sp.is_unknown(ids[0]) or sp.is_byte(ids[0]):
+            raise PrepareError(f"{path} is not a CaseOps tokenizer: {name} (U+{ord(op):04X}) is not one piece; "
+                               "drop --tokenizer to train one with --caseops")
+    probe = case_encode("  Two\tspaces,\n\nnew LINES \u00bd\ufb01 ")
+    if sp.decode(sp.encode(probe)) != probe:
+        raise PrepareError(f"{path} does not reproduce text exactly (it normalises whitespace or characters), "
+                           "so CaseOps bytes would not be the original text's; train one with --caseops")
 
 
 @dataclass
@@ -320,6 +645,7 @@ class Plan:
     threads: int
     tokenizer_train_docs: int | None
     sidecar: dict | None
+    caseops: bool = False
 
 
 def resolve_plan(args: argparse.Namespace) -> Plan:
@@ -351,22 +677,51 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
             raise PrepareError(f"--tokenizer {tokenizer_in} has {model_vocab} pieces but --vocab-size is {vocab_size}")
         vocab_size = model_vocab
     vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
-    if not 260 < vocab_size <= 65536:
-        raise PrepareError(f"--vocab-size must be in 261..65536 (4 specials + 256 byte pieces + merges; "
+    fixed = 260 + 4 * args.caseops  # specials and byte pieces (and the CaseOps operators)
+    if not fixed < vocab_size <= 65536:
+        raise PrepareError(f"--vocab-size must be in {fixed + 1}..65536 ({fixed} fixed pieces + merges; "
                            f"shards store uint16), got {vocab_size}")
 
     out_dir = args.out_dir.resolve()
-    model = tokenizer_in or out_dir / "tokenizers" / f"{args.name}_{vocab_size}_bpe.model"
+    suffix = "_caseops" if args.caseops else ""
+    model = tokenizer_in or out_dir / "tokenizers" / f"{args.name}_{vocab_size}_bpe{suffix}.model"
     return Plan(docs=docs, val_docs=val_docs, vocab_size=vocab_size, shard_tokens=shard_tokens,
                 tokenizer_in=tokenizer_in, tokenizer_model=model,
-                dataset_dir=out_dir / "datasets" / dataset_dir_name(args.name, vocab_size),
-                threads=args.threads, tokenizer_train_docs=args.tokenizer_train_docs, sidecar=sidecar)
+                dataset_dir=out_dir / "datasets" / dataset_dir_name(args.name, vocab_size, args.caseops),
+                threads=args.threads, tokenizer_train_docs=args.tokenizer_train_docs, sidecar=sidecar,
+                caseops=args.caseops)
 
 
-def build_manifest(plan: Plan, scan: Scan, writer: ShardWriter, docs_file_sha: str) -> dict:
+CASEOPS_BYTE_RULE = (
+    "Per token, the UTF-8 bytes of the original text it accounts for. Token k emits bytes: a byte piece "
+    "its byte, BOS nothing, any other piece its text with each U+2581 read as a space; a document's "
+    "tokens emit exactly the UTF-8 of its case-encoded text. Each case-encoded character stands for one "
+    "original character (the capital for a letter after TITLE/CAPNEXT or inside an ALLCAPS word, U+2581 "
+    "for U+E004 after ESC, else itself) or none (an operator, unless an ESC makes it a literal); its "
+    "original UTF-8 length is counted by the token that emits its last byte. So BOS and operator tokens "
+    "count 0 (an escaped operator character counts its 3 bytes), and per document the counts sum to "
+    "len(original_text.encode('utf-8')).")
+
+
+def caseops_manifest(sp, writer: ShardWriter) -> dict:
+    return {
+        "transform": "case_encode / case_decode in data/prepare_data.py (data/README.md, CaseOps)",
+        "operators": {name: f"U+{ord(op):04X}" for name, op in CASEOPS_OPERATORS.items()},
+        "operator_ids": {name: sp.piece_to_id(op) for name, op in CASEOPS_OPERATORS.items()},
+        "escaped_standin": {"U+E004": "U+2581"},
+        "sidecar_format": {"name": "fineweb_{split}_bytes_{index:06d}.bin, one per token shard, same cuts",
+                           "magic": SIDECAR_MAGIC, "version": DATAFILE_VERSION, "header_bytes": HEADER_INTS * 4,
+                           "dtype": "<u2", "entries": "one per token of fineweb_{split}_{index:06d}.bin"},
+        "byte_rule": CASEOPS_BYTE_RULE,
+        "byte_sidecars": {s: writer.sidecars[s] for s in ("val", "train")},
+    }
+
+
+def build_manifest(plan: Plan, scan: Scan, writer: ShardWriter, docs_file_sha: str, sp=None) -> dict:
     tok_tokens = {s: writer.tokens[s] - writer.docs[s] for s in ("val", "train")}  # BOS excluded
     byte_counts = {"val": scan.bytes_val, "train": scan.bytes_train}
     sidecar = sidecar_path(plan.docs)
+    recipe = CASEOPS_SP_RECIPE if plan.caseops else SP_RECIPE
     return {
         "format": {"magic": DATAFILE_MAGIC, "version": DATAFILE_VERSION, "header_bytes": HEADER_INTS * 4,
                    "token_dtype": "<u2", "doc_prefix": "BOS (id 1)", "append_eos": False},
@@ -378,7 +733,7 @@ def build_manifest(plan: Plan, scan: Scan, writer: ShardWriter, docs_file_sha: s
             "sha256": sha256_file(plan.tokenizer_model),
             "trained_here": plan.tokenizer_in is None,
             "train_docs": scan.tokenizer_train_docs if plan.tokenizer_in is None else None,
-            "recipe": {**SP_RECIPE, "num_threads": SP_TRAIN_THREADS} if plan.tokenizer_in is None else None,
+            "recipe": {**recipe, "num_threads": SP_TRAIN_THREADS} if plan.tokenizer_in is None else None,
         },
         "vocab_size": plan.vocab_size,
         "num_docs": scan.num_docs,
@@ -392,7 +747,9 @@ def build_manifest(plan: Plan, scan: Scan, writer: ShardWriter, docs_file_sha: s
         "text_bytes": byte_counts,
         "bytes_per_token": {s: round(byte_counts[s] / max(tok_tokens[s], 1), 4) for s in ("val", "train")},
         "bytes_per_token_note": "UTF-8 bytes of the raw document text per token, BOS tokens not counted",
+        "bos_count": dict(writer.bos),
         "shards": {s: writer.shards[s] for s in ("val", "train")},
+        "caseops": caseops_manifest(sp, writer) if plan.caseops else None,
     }
 
 
@@ -408,6 +765,7 @@ def manifest_is_current(plan: Plan) -> tuple[bool, str]:
     expected = {"docs file sha256": (m.get("docs", {}).get("file_sha256"), sha256_file(plan.docs)),
                 "vocab_size": (m.get("vocab_size"), plan.vocab_size),
                 "val docs": (m.get("val_docs"), plan.val_docs),
+                "caseops": (bool(m.get("caseops")), plan.caseops),
                 "shard_tokens": (m.get("shard_tokens"), plan.shard_tokens)}
     for what, (have, want) in expected.items():
         if have != want:
@@ -416,8 +774,9 @@ def manifest_is_current(plan: Plan) -> tuple[bool, str]:
         return False, f"{plan.tokenizer_model} is missing"
     if m.get("tokenizer", {}).get("sha256") != sha256_file(plan.tokenizer_model):
         return False, f"{plan.tokenizer_model} differs from the one the shards were made with"
+    sidecars = (m.get("caseops") or {}).get("byte_sidecars", {})
     for split in ("val", "train"):
-        for shard in m.get("shards", {}).get(split, []):
+        for shard in m.get("shards", {}).get(split, []) + sidecars.get(split, []):
             f = plan.dataset_dir / shard["name"]
             if not f.is_file() or f.stat().st_size != HEADER_INTS * 4 + 2 * shard["tokens"]:
                 return False, f"{f} is missing or has the wrong size"
@@ -439,9 +798,9 @@ def prepare(plan: Plan) -> dict:
     (plan.dataset_dir / "manifest.json").unlink(missing_ok=True)  # written again only on success
 
     scan = Scan(val_docs=plan.val_docs)
-    sentences = scan_docs(plan.docs, scan, plan.tokenizer_train_docs)
+    sentences = scan_docs(plan.docs, scan, plan.tokenizer_train_docs, plan.caseops)
     if plan.tokenizer_in is None:
-        model_bytes = train_tokenizer(sentences, plan.vocab_size)
+        model_bytes = train_tokenizer(sentences, plan.vocab_size, CASEOPS_SP_RECIPE if plan.caseops else SP_RECIPE)
         for _ in sentences:  # finish the scan should the trainer stop reading early
             pass
         sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -459,6 +818,8 @@ def prepare(plan: Plan) -> dict:
             pass
         sp = spm.SentencePieceProcessor(model_file=str(plan.tokenizer_model))
         what = "scanned docs"
+    if plan.caseops:
+        check_caseops_tokenizer(sp, plan.tokenizer_model)
     t1 = time.perf_counter()
     print(f"{what} ({scan.num_docs:,} docs, sha256 {scan.sha256[:12]}...) in {t1 - t0:.1f}s")
 
@@ -471,14 +832,27 @@ def prepare(plan: Plan) -> dict:
     for stale in plan.dataset_dir.iterdir():
         if SHARD_RE.match(stale.name):
             stale.unlink()
-    writer = ShardWriter(plan.dataset_dir, plan.shard_tokens)
-    encode_docs(plan.docs, sp, scan, writer, plan.threads)
+    writer = ShardWriter(plan.dataset_dir, plan.shard_tokens, sidecars=plan.caseops)
+    encode_docs(plan.docs, sp, scan, writer, plan.threads, plan.caseops)
     t2 = time.perf_counter()
     print(f"encoded and wrote {len(writer.shards['val'])} val + {len(writer.shards['train'])} train shards "
-          f"({writer.tokens['val']:,} + {writer.tokens['train']:,} tokens) in {t2 - t1:.1f}s")
+          f"({writer.tokens['val']:,} + {writer.tokens['train']:,} tokens"
+          f"{', with byte sidecars' if plan.caseops else ''}) in {t2 - t1:.1f}s")
+    for split, text_bytes in (("val", scan.bytes_val), ("train", scan.bytes_train)):
+        if writer.bos[split] != writer.docs[split]:  # each doc is [BOS] + ids, and no id is BOS
+            raise PrepareError(f"{writer.bos[split]:,} BOS tokens in the {split} shards for {writer.docs[split]:,} docs")
+        if plan.caseops and sum(s["bytes"] for s in writer.sidecars[split]) != text_bytes:
+            raise PrepareError(f"the {split} byte sidecars do not sum to the {text_bytes:,} bytes of the {split} text")
 
-    manifest = build_manifest(plan, scan, writer, sha256_file(plan.docs))
-    (plan.dataset_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    manifest = build_manifest(plan, scan, writer, sha256_file(plan.docs), sp)
+    manifest_path = plan.dataset_dir / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if plan.caseops:
+        try:
+            check_sidecar(plan.dataset_dir)  # the val sidecars, read back as a scorer will read them
+        except SidecarError:
+            manifest_path.unlink()
+            raise
     if scan.dropped:
         print(f"dropped {len(scan.dropped)} train docs that duplicate a val doc")
     print(f"bytes/token val {manifest['bytes_per_token']['val']} train {manifest['bytes_per_token']['train']}; "
@@ -513,6 +887,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{EMBEDDED_SHARD_TOKENS:,} for the embedded corpus)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="encoding threads (does not change the output; default: all cores)")
+    p.add_argument("--caseops", action="store_true",
+                   help="CaseOps: train the tokenizer on case-encoded text (lossless recipe, operators as "
+                        "user-defined symbols) and write per-token byte sidecars; outputs get a _caseops suffix")
     p.add_argument("--if-missing", action="store_true",
                    help="exit at once if the outputs exist and their manifest matches these inputs")
     return p.parse_args(argv)

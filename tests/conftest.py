@@ -57,6 +57,20 @@ def small_data(tmp_path_factory):
                 TOKENIZER_PATH=str(out / "tokenizers" / "small_512_bpe.model"), VOCAB_SIZE="512")
 
 
+@pytest.fixture(scope="session")
+def caseops_data(tmp_path_factory):
+    """small_data's 600 docs as CaseOps: case-encoded tokens (512-piece tokenizer) and byte sidecars."""
+    out = tmp_path_factory.mktemp("caseops")
+    with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
+        lines = [next(f) for _ in range(600)]
+    docs = out / "docs.jsonl"
+    docs.write_text("".join(lines), encoding="utf-8")
+    run_prepare(out, "--caseops", "--docs", str(docs), "--val-docs", "100", "--vocab-size", "512",
+                "--shard-tokens", "150000", "--name", "small")
+    return dict(DATA_PATH=str(out / "datasets" / "small_sp512_caseops"),
+                TOKENIZER_PATH=str(out / "tokenizers" / "small_512_bpe_caseops.model"), VOCAB_SIZE="512")
+
+
 def make_env(data: dict, **over) -> dict:
     env = {k: str(v) for k, v in {**TINY, **data}.items()}
     env.update({k: str(v) for k, v in over.items()})
