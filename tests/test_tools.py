@@ -179,7 +179,7 @@ def test_gpu_report_runs_end_to_end_on_cpu(small_data, tmp_path):
     assert t["recompiles"]["total"] == 0  # eager on a CPU: nothing compiles
     assert t["phases"]["overhead"] > 0 and not (out / "report_train.ptz").exists()  # the artifact is not kept
     assert (out / "logs" / "report_train.txt").exists() and (out / "report_train.log").read_text().startswith("[+")
-    assert "2 skipped" in r["tests"]["result"]
+    assert "3 skipped" in r["tests"]["result"]
     md = (out / "report.md").read_text()
     for heading in ("## Device", "## Throughput", "## Top kernels", "### Phases", "### Recompiles: 0", "### Timeline",
                     "## GPU tests"):
