@@ -41,9 +41,9 @@ import statistics
 import struct
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
+from time import perf_counter as now
 
 import numpy as np
 import sentencepiece as spm
@@ -63,6 +63,12 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 class ConfigError(ValueError):
     """Bad user input (an env var, a data file, an artifact); the message names the culprit."""
+
+
+def need(ok, msg: str) -> None:
+    """A rule on user input (not an assert: it survives python -O); msg names the variable and what it expects."""
+    if not ok:
+        raise ConfigError(msg)
 
 
 def knob(default, lo=None, hi=None, choices=None):
@@ -194,11 +200,10 @@ class Hyperparameters:
     def from_env(cls, env) -> Hyperparameters:
         values = {}
         for f in dataclasses.fields(cls):
-            key = f.name.upper()
+            key, kind = f.name.upper(), f.type.split("[")[0]
             if key not in env:
                 continue
             raw = env[key].strip()
-            kind = f.type.split("[")[0]
             try:
                 if kind == "tuple":
                     item = float if "float" in f.type else int
@@ -232,10 +237,6 @@ class Hyperparameters:
         return len(layer_slots(self))
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ConfigError(msg)
-
         need(self.model_dim % self.num_heads == 0,
              f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0,
@@ -251,8 +252,7 @@ class Hyperparameters:
             need(0 <= self.loop_start <= self.loop_end < self.num_layers,
                  f"LOOP_START={self.loop_start}, LOOP_END={self.loop_end}: need 0 <= start <= end < "
                  f"NUM_LAYERS={self.num_layers} when LOOP_REPEATS={self.loop_repeats}")
-            need(len(self.loop_enable_at) in (1, self.loop_repeats)
-                 and all(0.0 <= f <= 1.0 for f in self.loop_enable_at),
+            need(len(self.loop_enable_at) in (1, self.loop_repeats) and all(0 <= f <= 1 for f in self.loop_enable_at),
                  f"LOOP_ENABLE_AT={self.loop_enable_at}: one fraction in [0, 1], or one per repeat")
         control_plan(self)
         n = self.logical_layers
@@ -261,29 +261,26 @@ class Hyperparameters:
         need(self.parallel_start < n, f"PARALLEL_START={self.parallel_start} exceeds the {n} logical layers")
         need(self.ttt_freeze_blocks <= n, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds {n} layers")
         self.check_world(1)
-        need(self.eval_stride <= self.eval_len, f"EVAL_STRIDE={self.eval_stride} exceeds the eval length {self.eval_len}")
-        need(self.ttt_chunk_tokens % self.eval_stride == 0,
-             f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a multiple of EVAL_STRIDE={self.eval_stride}")
-        need(self.ttt_chunk_tokens % min(self.eval_len, self.ttt_chunk_tokens) == 0,
-             f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} must be a multiple of the eval length {self.eval_len} "
-             "(or smaller than it)")
+        C, L = self.ttt_chunk_tokens, self.eval_len
+        need(self.eval_stride <= L, f"EVAL_STRIDE={self.eval_stride} exceeds the eval length {L}")
+        need(C % self.eval_stride == 0 and (C < L or C % L == 0), f"TTT_CHUNK_TOKENS={C} must be a multiple of "
+             f"EVAL_STRIDE={self.eval_stride} and, if longer, of the eval length {L}")
         need(self.doc_attention_kernel != "flex" or torch.cuda.is_available(), "DOC_ATTENTION_KERNEL=flex needs CUDA "
              "(FlexAttention has no CPU backward); auto picks it on CUDA and the mask elsewhere")
-        need(self.ttt_mode == "chunk" or self.ttt_lora_chunk <= self.eval_len,
-             f"TTT_LORA_CHUNK={self.ttt_lora_chunk} exceeds the eval length {self.eval_len} (TTT_MODE={self.ttt_mode})")
+        need(self.ttt_mode == "chunk" or self.ttt_lora_chunk <= L,
+             f"TTT_LORA_CHUNK={self.ttt_lora_chunk} exceeds the eval length {L} (TTT_MODE={self.ttt_mode})")
         need(self.quant_bits_attn != 1 and self.quant_bits_mlp != 1, "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8")
         need(not (self.export_from and self.eval_only_artifact), "set EXPORT_FROM or EVAL_ONLY_ARTIFACT, not both")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: 0 (off) or >= 2 buckets (one is for sequence starts)")
         need(int(self.mlp_mult * self.model_dim) >= 1, f"MLP_MULT={self.mlp_mult} gives no MLP hidden unit at "
              f"MODEL_DIM={self.model_dim}")
         need(self.logit_softcap == 0 or self.logit_softcap >= 1, f"LOGIT_SOFTCAP={self.logit_softcap}: 0 (off) or >= 1")
-        need(not self.val_max_tokens or self.val_max_tokens >= max(self.eval_len, self.train_seq_len),
+        need(not self.val_max_tokens or self.val_max_tokens >= max(L, self.train_seq_len),
              f"VAL_MAX_TOKENS={self.val_max_tokens} is shorter than one window of max(TRAIN_SEQ_LEN, eval length) = "
-             f"{max(self.eval_len, self.train_seq_len)} tokens")
-        need(self.quant_method != "full" or not self.max_wallclock_seconds
-             or self.gptq_reserve_seconds < self.max_wallclock_seconds,
-             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under "
-             f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} (QUANT_METHOD=full)")
+             f"{max(L, self.train_seq_len)} tokens")
+        need(self.quant_method != "full" or self.gptq_reserve_seconds < (self.max_wallclock_seconds or math.inf),
+             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under MAX_WALLCLOCK_SECONDS="
+             f"{self.max_wallclock_seconds} (QUANT_METHOD=full)")
         need(self.beta1 ** 2 < self.beta2 < 1, f"BETA1={self.beta1}, BETA2={self.beta2}: need BETA1^2 < BETA2 < 1 "
              "(else Adam's step, momentum over the root second moment, is unbounded)")
         need(self.muon_ns == "classic" or self.muon_backend_steps == 5,
@@ -295,12 +292,10 @@ class Hyperparameters:
     def check_world(self, world: int) -> None:
         """A step is micro_batches(world) micro-batches of whole sequences, split evenly over the ranks."""
         m = self.micro_batches(world)
-        if m % world:
-            raise ConfigError(f"WORLD_SIZE={world} must divide the {m} micro-batches of a step (TRAIN_MICRO_BATCHES; "
-                              "0 = 8, or WORLD_SIZE above 8)")
-        if self.train_batch_tokens % (m * self.train_seq_len):
-            raise ConfigError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of {m}*TRAIN_SEQ_LEN="
-                              f"{m * self.train_seq_len} ({m} micro-batches of whole sequences per step)")
+        need(m % world == 0, f"WORLD_SIZE={world} must divide the {m} micro-batches of a step (TRAIN_MICRO_BATCHES; "
+             "0 = 8, or WORLD_SIZE above 8)")
+        need(self.train_batch_tokens % (m * self.train_seq_len) == 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} "
+             f"must be a multiple of {m}*TRAIN_SEQ_LEN={m * self.train_seq_len} ({m} micro-batches of whole sequences)")
 
     def model_config(self) -> dict:
         """The fields that shape the network: stored in the artifact so a verifier rebuilds it."""
@@ -316,14 +311,8 @@ def misspelt_knobs(env) -> list[tuple[str, str]]:
     """Environment variables that are no knob but look like one: (name, the closest knob). A typo such
     as MATRIX_LRR=0.1 is otherwise ignored and the run silently uses the default."""
     knobs = knob_names() + ["RANK", "WORLD_SIZE", "LOCAL_RANK"]
-    found = []
-    for name in sorted(env):
-        if name in knobs or name.startswith(FOREIGN_ENV_PREFIXES):
-            continue
-        close = difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)
-        if close:
-            found.append((name, close[0]))
-    return found
+    unknown = [name for name in sorted(env) if name not in knobs and not name.startswith(FOREIGN_ENV_PREFIXES)]
+    return [(name, close[0]) for name in unknown if (close := difflib.get_close_matches(name, knobs, n=1, cutoff=0.8))]
 
 
 FOREIGN_ENV_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL_", "PYTHON", "MASTER_", "LOCAL_", "GROUP_",
@@ -353,16 +342,17 @@ class Runtime:
     micro_batches: int = 8
 
     @property
-    def is_master(self) -> bool:
-        return self.rank == 0
-
-    @property
     def grad_accum(self) -> int:
         return self.micro_batches // self.world_size
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def clock(self) -> float:
+        """now(), once the work queued on the device so far has run (CUDA kernels run asynchronously)."""
+        self.sync()
+        return now()
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -374,9 +364,9 @@ class Runtime:
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
+    def reduce(self, numbers: list, op=None) -> list[float]:
+        """Python numbers summed (or combined by op) over the ranks, in float64: every rank decides alike."""
+        return self.all_reduce(torch.tensor(numbers, dtype=torch.float64, device=self.device), op).tolist()
 
 
 def parse_dist_env(env, h: Hyperparameters) -> tuple[int, int, int]:
@@ -384,11 +374,9 @@ def parse_dist_env(env, h: Hyperparameters) -> tuple[int, int, int]:
         rank, world, local = (int(env.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     except ValueError:
         raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
-    if world < 1:
-        raise ConfigError(f"WORLD_SIZE={world} must be at least 1")
+    need(world >= 1, f"WORLD_SIZE={world} must be at least 1")
     h.check_world(world)
-    if not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
+    need(0 <= rank < world, f"RANK={rank} must be in [0, WORLD_SIZE={world})")
     return rank, world, local
 
 
@@ -398,8 +386,7 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world,
                                 **({"device_id": device} if cuda else {}))
@@ -435,11 +422,10 @@ class Log:
 
 def compile_cache_line(h: Hyperparameters) -> str:
     """torch.compile's disk-cache hits this run (a warm COMPILE_CACHE_DIR: misses 0)."""
-    c = dynamo_counters()
-    return (f"compile_cache:{h.compile_cache_dir or 'default'} "
-            f"fx_graph_hits:{c['inductor']['fxgraph_cache_hit']} fx_graph_misses:{c['inductor']['fxgraph_cache_miss']} "
-            f"aot_autograd_hits:{c['aot_autograd']['autograd_cache_hit']} "
-            f"aot_autograd_misses:{c['aot_autograd']['autograd_cache_miss']}")
+    fx, aot = dynamo_counters()["inductor"], dynamo_counters()["aot_autograd"]
+    return (f"compile_cache:{h.compile_cache_dir or 'default'} fx_graph_hits:{fx['fxgraph_cache_hit']} "
+            f"fx_graph_misses:{fx['fxgraph_cache_miss']} aot_autograd_hits:{aot['autograd_cache_hit']} "
+            f"aot_autograd_misses:{aot['autograd_cache_miss']}")
 
 
 def log_header(log: Log, h: Hyperparameters, rt: Runtime, code: str) -> None:
@@ -458,10 +444,6 @@ def log_header(log: Log, h: Hyperparameters, rt: Runtime, code: str) -> None:
     log("hyperparameters:" + json.dumps(dataclasses.asdict(h), sort_keys=True))
 
 
-def now() -> float:
-    return time.perf_counter()
-
-
 # =====================================================================================================
 # DATA
 # Official shards: 256 little-endian int32 header (magic 20240520, version 1, token count), then uint16
@@ -476,16 +458,13 @@ BOS_ID = 1
 
 def shard_token_count(path: str) -> int:
     size = os.path.getsize(path)
-    if size < HEADER_BYTES:
-        raise ConfigError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
+    need(size >= HEADER_BYTES, f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=256)
-    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
-        raise ConfigError(f"{path}: magic/version {header[0]}/{header[1]}, expected {SHARD_MAGIC}/{SHARD_VERSION} "
-                          "(not a Parameter Golf token shard)")
+    need(header[0] == SHARD_MAGIC and header[1] == SHARD_VERSION, f"{path}: magic/version {header[0]}/{header[1]}, "
+         f"expected {SHARD_MAGIC}/{SHARD_VERSION} (not a Parameter Golf token shard)")
     n = int(header[2])
-    if size != HEADER_BYTES + 2 * n:
-        raise ConfigError(f"{path}: header says {n} tokens, so {HEADER_BYTES + 2 * n} bytes, but the file has "
-                          f"{size} (truncated or corrupted)")
+    need(size == HEADER_BYTES + 2 * n, f"{path}: header says {n} tokens, so {HEADER_BYTES + 2 * n} bytes, but the file "
+         f"has {size} (truncated or corrupted)")
     return n
 
 
@@ -496,12 +475,10 @@ def load_shard(path: str) -> np.ndarray:
 def find_shards(h: Hyperparameters, split: str) -> tuple[list[str], int]:
     pattern = os.path.join(h.data_path, f"fineweb_{split}_*.bin")
     files = sorted(glob.glob(pattern))
-    if not files:
-        raise ConfigError(f"no {split} shards match {pattern}: set DATA_PATH (build data with "
-                          "`python3 data/prepare_data.py`, or download FineWeb, see README)")
+    need(files, f"no {split} shards match {pattern}: set DATA_PATH (build data with "
+         "`python3 data/prepare_data.py`, or download FineWeb, see README)")
     total = sum(shard_token_count(f) for f in files)
-    if total == 0:
-        raise ConfigError(f"the {split} shards under {pattern} hold no tokens")
+    need(total > 0, f"the {split} shards under {pattern} hold no tokens")
     return files, total
 
 
@@ -544,10 +521,9 @@ def load_val_tokens(h: Hyperparameters, rt: Runtime) -> Tensor:
     """Every evaluator scores whole windows: of the eval length, and of TRAIN_SEQ_LEN while training."""
     files, _ = find_shards(h, "val")
     tokens = np.concatenate([load_shard(f) for f in files])[: h.val_max_tokens + 1 if h.val_max_tokens else None]
-    need = max(h.eval_len, h.train_seq_len) + 1
-    if len(tokens) < need:
-        raise ConfigError(f"the val split ({', '.join(files)}) has {len(tokens)} tokens, fewer than one window + 1 "
-                          f"({need}); lower TRAIN_SEQ_LEN/EVAL_SEQ_LEN")
+    window = max(h.eval_len, h.train_seq_len) + 1
+    need(len(tokens) >= window, f"the val split ({', '.join(files)}) has {len(tokens)} tokens, fewer than one window "
+         f"+ 1 ({window}); lower TRAIN_SEQ_LEN/EVAL_SEQ_LEN")
     return torch.from_numpy(tokens.astype(np.int32)).to(rt.device)
 
 
@@ -561,13 +537,11 @@ def load_val_tokens(h: Hyperparameters, rt: Runtime) -> Tensor:
 
 
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
-    if not os.path.isfile(h.tokenizer_path):
-        raise ConfigError(f"tokenizer file not found: TOKENIZER_PATH={h.tokenizer_path}")
+    need(os.path.isfile(h.tokenizer_path), f"tokenizer file not found: TOKENIZER_PATH={h.tokenizer_path}")
     sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
-    if sp.vocab_size() != h.vocab_size:
-        raise ConfigError(f"{h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}")
-    if sp.bos_id() != BOS_ID:
-        raise ConfigError(f"{h.tokenizer_path}: bos_id is {sp.bos_id()}, the shard format needs {BOS_ID}")
+    need(sp.vocab_size() == h.vocab_size,
+         f"{h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}")
+    need(sp.bos_id() == BOS_ID, f"{h.tokenizer_path}: bos_id is {sp.bos_id()}, the shard format needs {BOS_ID}")
     return sp
 
 
@@ -579,17 +553,15 @@ def read_manifest(h: Hyperparameters, tokenizer_sha: str) -> dict:
         return {}
     manifest = json.loads(Path(path).read_text(encoding="utf-8"))
     made_with = manifest.get("tokenizer", {})
-    if made_with.get("sha256", tokenizer_sha) != tokenizer_sha:
-        raise ConfigError(f"{path}: the shards were tokenized with {made_with.get('path')} (sha256 "
-                          f"{made_with['sha256']}), but TOKENIZER_PATH={h.tokenizer_path} has sha256 {tokenizer_sha}")
+    need(made_with.get("sha256", tokenizer_sha) == tokenizer_sha, f"{path}: the shards were tokenized with "
+         f"{made_with.get('path')} (sha256 {made_with.get('sha256')}), but TOKENIZER_PATH={h.tokenizer_path} has "
+         f"sha256 {tokenizer_sha}")
     return manifest
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, device) -> tuple[Tensor, Tensor, Tensor]:
     n = sp.vocab_size()
-    base = np.zeros(n, dtype=np.int32)
-    leading_space = np.zeros(n, dtype=bool)
-    is_control = np.ones(n, dtype=bool)
+    base, leading_space, is_control = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=bool), np.ones(n, dtype=bool)
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
@@ -641,10 +613,9 @@ def lora_linear(x: Tensor, w: Tensor, lora: tuple[Tensor, Tensor] | None) -> Ten
 
 
 class CastedLinear(nn.Linear):
-    """fp32 master weight (autocast computes in bf16). When qat = (bits, k) is set, the forward sees the
-    exporter's fake-quantized weight with a straight-through gradient; lora = (A, B) adds LoRA TTT's
-    adapters. Both are plain attributes: torch.compile guards on them, so setting one recompiles once
-    instead of being constant-folded."""
+    """fp32 master weight (autocast computes in bf16). When qat = (bits, k) is set, the forward sees the exporter's
+    fake-quantized weight with a straight-through gradient; lora = (A, B) adds LoRA TTT's adapters. Both are plain
+    attributes: torch.compile guards on them, so setting one recompiles once instead of being constant-folded."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -685,9 +656,8 @@ class Rotary(nn.Module):
             self.register_buffer(f"sin_{name}", angles.sin().float(), persistent=False)
 
     def forward(self, seq_len: int) -> tuple[Tensor, Tensor]:
-        if seq_len <= self.train_len:
-            return self.cos_train[:seq_len], self.sin_train[:seq_len]
-        return self.cos_long[:seq_len], self.sin_long[:seq_len]
+        cos, sin = (self.cos_train, self.sin_train) if seq_len <= self.train_len else (self.cos_long, self.sin_long)
+        return cos[:seq_len], sin[:seq_len]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -717,9 +687,8 @@ def document_attention(starts: Tensor, kernel: str):
 
 @dataclasses.dataclass
 class AttnContext:
-    """What every layer's attention reads in one forward: the rotary tables, the value embeddings, the
-    attention kernel (causal, or within documents), and the first layer's values (for Value Residual),
-    which that layer fills in."""
+    """What every layer's attention reads in one forward: the rotary tables, the value embeddings, the attention
+    kernel (causal, or within documents) and layer 0's values for Value Residual (layer 0 fills them in)."""
     cos: Tensor
     sin: Tensor
     ve: Tensor | None
@@ -774,10 +743,9 @@ class MLP(nn.Module):
 
 
 class LayerControl(nn.Module):
-    """Per-logical-layer scales, never shared by recurrence: branch scales, the mix of the running
-    stream with the input embedding x0, a value-embedding gain, the 2x2 lane write-back, the Value
-    Residual mix and the attention-output gate. Small and outside `blocks`, they train with AdamW and
-    are stored in fp16."""
+    """Per-logical-layer scales, never shared by recurrence: branch scales, the mix of the running stream with the
+    input embedding x0, a value-embedding gain, the 2x2 lane write-back, the Value Residual mix and the
+    attention-output gate. Small and outside `blocks`, they train with AdamW and are stored in fp16."""
 
     def __init__(self, dim: int, value_embed: bool, lanes: bool, v_mix: bool, gate_heads: int):
         super().__init__()
@@ -877,9 +845,8 @@ def control_plan(h) -> tuple[list[int], list[tuple[bool, bool, bool]]]:
     features: dict[int, tuple[bool, bool, bool]] = {}
     for i, k in enumerate(control_of):
         f = (i in h.ve_layers, i >= lanes_from, h.value_residual and i > 0)
-        if features.setdefault(k, f) != f:
-            raise ConfigError(f"CONTROLS_PER=block: block {k} runs logical layers that differ in VE_LAYERS, "
-                              "PARALLEL_START or VALUE_RESIDUAL (layer 0); align them or use CONTROLS_PER=layer")
+        need(features.setdefault(k, f) == f, f"CONTROLS_PER=block: block {k} runs logical layers that differ in "
+             "VE_LAYERS, PARALLEL_START or VALUE_RESIDUAL (layer 0); align them or use CONTROLS_PER=layer")
     return control_of, [features[k] for k in range(len(features))]
 
 
@@ -958,9 +925,7 @@ class GPT(nn.Module):
             x = self.blocks[self.slots[i][0]](x, x0, c, ctx, self.ln_factors[i], self.xsa[i])
             if pos < n_enc:
                 skips.append((x[0] + x[1]) * 0.5 if isinstance(x, tuple) else x)
-        if isinstance(x, tuple):
-            x = (x[0] + x[1]) * 0.5
-        return self.final_norm(x)
+        return self.final_norm((x[0] + x[1]) * 0.5 if isinstance(x, tuple) else x)
 
     def logits(self, ids: Tensor) -> Tensor:
         z = lora_linear(self.hidden(ids), self.tok_emb.weight, self.head_lora).float()
@@ -972,10 +937,6 @@ class GPT(nn.Module):
 
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         return self.token_nll(ids, targets).mean()
-
-
-def describe_schedule(model: GPT) -> str:
-    return " ".join(f"{i}:{p}" + (f"@s{s}" if s else "") for i, (p, s) in enumerate(model.slots))
 
 
 # =====================================================================================================
@@ -1232,9 +1193,8 @@ class QTensor:
     scale: Tensor | None = None  # fp16 per row
 
     def dequantize(self) -> Tensor:
-        if not self.bits:
-            return self.values.float()
-        return (self.values.float() * self.scale.float()[:, None]).reshape(self.shape)
+        values = self.values.float()
+        return (values * self.scale.float()[:, None]).reshape(self.shape) if self.bits else values
 
 
 def quant_group(name: str, t: Tensor) -> str:
@@ -1339,9 +1299,7 @@ def compress(data: bytes, codec: str) -> bytes:
     mod = _codec_module(codec)
     if codec == "zstd":
         return mod.ZstdCompressor(level=22).compress(data)
-    if codec == "brotli":
-        return mod.compress(data, quality=11)
-    return mod.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    return mod.compress(data, quality=11) if codec == "brotli" else mod.compress(data, preset=9 | lzma.PRESET_EXTREME)
 
 
 def decompress(data: bytes, codec: str) -> bytes:
@@ -1355,19 +1313,15 @@ def pack_artifact(qstate: dict[str, QTensor], meta: dict, codec: str) -> bytes:
 
 
 def read_artifact(path: str) -> tuple[dict[str, QTensor], dict]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"artifact not found: {path}")
-    blob = Path(path).read_bytes()
-    head = len(ARTIFACT_MAGIC) + 1 + 32
-    if len(blob) < head or blob[: len(ARTIFACT_MAGIC) - 1] != ARTIFACT_MAGIC[:-1]:
-        raise ConfigError(f"{path}: not a Parameter Golf artifact (bad magic; expected {ARTIFACT_MAGIC!r})")
-    if blob[: len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
-        raise ConfigError(f"{path}: artifact format {blob[:len(ARTIFACT_MAGIC)]!r}, this script reads {ARTIFACT_MAGIC!r}")
-    codec_id, digest, body = blob[len(ARTIFACT_MAGIC)], blob[len(ARTIFACT_MAGIC) + 1: head], blob[head:]
-    if codec_id >= len(CODECS):
-        raise ConfigError(f"{path}: unknown codec id {codec_id}")
-    if hashlib.sha256(body).digest() != digest:
-        raise ConfigError(f"{path}: sha256 mismatch, the artifact is truncated or corrupted")
+    need(os.path.isfile(path), f"artifact not found: {path}")
+    blob, m = Path(path).read_bytes(), len(ARTIFACT_MAGIC)
+    head = m + 1 + 32  # magic, codec id, sha256 of the body
+    need(len(blob) >= head and blob[: m - 1] == ARTIFACT_MAGIC[:-1],
+         f"{path}: not a Parameter Golf artifact (bad magic; expected {ARTIFACT_MAGIC!r})")
+    need(blob[:m] == ARTIFACT_MAGIC, f"{path}: artifact format {blob[:m]!r}, this script reads {ARTIFACT_MAGIC!r}")
+    codec_id, digest, body = blob[m], blob[m + 1: head], blob[head:]
+    need(codec_id < len(CODECS), f"{path}: unknown codec id {codec_id}")
+    need(hashlib.sha256(body).digest() == digest, f"{path}: sha256 mismatch, the artifact is truncated or corrupted")
     try:
         payload = decompress(body, CODECS[codec_id])
     except Exception as e:  # a decoder error on checksummed bytes means a foreign or broken writer
@@ -1386,14 +1340,13 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log, fill: bool = True):
-    """Rate control: the plan (group -> (bits, k)) whose packed artifact fits `limit` bytes. Bytes fall
-    monotonically with k (entropy ~ bits - log2 k), so a common factor s on every SDClip k is bisected
-    against the symbols' entropy times the measured compressed/entropy ratio; only the result is
-    compressed for real, and a miss corrects the ratio and searches again. Over the limit, s in [1, 2]
-    (s = 2 is worth about one bit); when that is not enough, the group whose calibration loss rises least
-    per byte saved loses a bit, and k is searched again. Under it (`fill`), s in [FILL_MIN_S, 1] and the
-    MSE clip (k = 0) are the candidates: whichever fits with the lowest calibration loss, else (also
-    after three real misses) the plan as given. Returns (plan, qstate, blob)."""
+    """Rate control: the plan (group -> (bits, k)) whose packed artifact fits `limit` bytes. Bytes fall monotonically
+    with k (entropy ~ bits - log2 k), so a common factor s on every SDClip k is bisected against the symbols' entropy
+    times the measured compressed/entropy ratio; only the result is compressed for real, and a miss corrects the ratio
+    and searches again. Over the limit, s in [1, 2] (s = 2 is worth about one bit); when that is not enough, the group
+    whose calibration loss rises least per byte saved loses a bit, and k is searched again. Under it (`fill`), s in
+    [FILL_MIN_S, 1] and the MSE clip (k = 0) are the candidates: whichever fits with the lowest calibration loss, else
+    (also after three real misses) the plan as given. Returns (plan, qstate, blob)."""
     t0, steps = now(), [0]
 
     def step(p: dict, real: bool, what: str, q=None):
@@ -1450,9 +1403,8 @@ def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log, 
                 log(f"auto_fit:candidate {g} int{b}->int{b - 1} saves ~{ratio * saved:.0f} bytes, calib loss {cost:+.5f}")
                 if saved > 0 and (best is None or cost / saved < best[0]):
                     best = (cost / saved, trial, q)
-        if best is None:
-            raise ConfigError(f"AUTO_FIT: nothing fits {limit} bytes: even {fmt_plan(plan)} with k x2 is over "
-                              f"(last packed {size} bytes); raise BYTE_BUDGET or shrink the model")
+        need(best is not None, f"AUTO_FIT: nothing fits {limit} bytes: even {fmt_plan(plan)} with k x2 is over "
+             f"(last packed {size} bytes); raise BYTE_BUDGET or shrink the model")
         plan, base_q = best[1], best[2]
         qstate, size, blob = step(plan, True, "bits", base_q)
     return plan, qstate, blob
@@ -1472,10 +1424,9 @@ def without_docstrings(tree: ast.Module) -> ast.Module:
 
 
 def packed_code(code: str) -> str:
-    """Self-extracting form of this file (raw LZMA2 + base85 in a two-line exec wrapper): what
-    tools/pack_script.py writes, and the code size a packed submission pays. It packs the source
-    minified (no comments, no docstrings, via ast.unparse), the same program in fewer bytes: nothing
-    here reads its own docstrings or comments at run time, and a packed run's code size is its own file."""
+    """Self-extracting form of this file (raw LZMA2 + base85 in a two-line exec wrapper): what tools/pack_script.py
+    writes, and the code size a packed submission pays. It packs the source minified (ast.unparse: no comments or
+    docstrings, which nothing here reads at run time): the same program in fewer bytes."""
     minified = ast.unparse(without_docstrings(ast.parse(code))) + "\n"
     filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
     data = base64.b85encode(lzma.compress(minified.encode(), format=lzma.FORMAT_RAW, filters=filters)).decode()
@@ -1486,10 +1437,9 @@ def packed_code(code: str) -> str:
 @torch.no_grad()
 def collect_hessians(model: GPT, loader: TrainLoader, h: Hyperparameters, rt: Runtime,
                      may_read=lambda: True) -> dict[str, Tensor]:
-    """X^T X of the input of every block matrix, and of the final hidden state for the tied embedding
-    (it is the output head), summed over up to GPTQ_CALIB_BATCHES training micro-batches per rank (fewer
-    once may_read() says the training-time cap has come) and over ranks. Matrices that read the same
-    input (c_q, c_k, c_v) share one product per forward."""
+    """X^T X of the input of every block matrix, and of the final hidden state for the tied embedding (the output
+    head), summed over ranks and up to GPTQ_CALIB_BATCHES training micro-batches per rank (fewer once may_read() says
+    the training cap has come). c_q, c_k and c_v read one input and share one product per forward."""
     hessians: dict[str, Tensor] = {}
     products: dict[int, tuple[Tensor, Tensor]] = {}  # id(input) -> (input, X^T X), one forward's worth
 
@@ -1551,8 +1501,7 @@ def make_score_fn(model: GPT, rt: Runtime):
 def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader, val_tokens: Tensor, luts,
                 log: Log) -> dict:
     compiled, score_fn = compile_model(model, rt), make_score_fn(model, rt)
-    optimizers = build_optimizers(model, h, rt)
-    params = list(model.parameters())
+    optimizers, params = build_optimizers(model, h, rt), list(model.parameters())
     reserve = h.gptq_reserve_seconds if h.quant_method == "full" else 0.0
     cap_ms = max(h.max_wallclock_seconds - reserve, 0.0) * 1000 if h.max_wallclock_seconds else 0.0
     enable_at = [h.loop_enable_at[min(r, len(h.loop_enable_at) - 1)] for r in range(h.loop_repeats)]
@@ -1584,11 +1533,6 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
         batch = eval_batch(h, rt.world_size, h.train_seq_len)
         return loss_and_bpb(evaluate(score_fn, val_tokens, h.train_seq_len, h.train_seq_len, batch, luts, rt))
 
-    def validate(step: int, train_ms: float) -> None:
-        loss, bpb = val_score()
-        log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
-            f"step_avg:{train_ms / max(step, 1):.2f}ms")
-
     # Compile warm-up on every variant of the graph, then restore weights, optimizer state and data.
     variants = [(s, None) for s in range(model.n_stages)] + ([(model.n_stages - 1, quant_plan(h))] if h.late_qat_threshold else [])
     if h.warmup_steps:
@@ -1610,19 +1554,17 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             log(f"warmup: {len(variants) - h.warmup_steps} graph variants will compile inside the timed run")
 
     averager = WeightAverager(model, h)
-    train_ms, step, stop_after, qat_on, graphs = 0.0, 0, None, False, compiled_graphs(rt)
-    warned_schedule = False
-    rt.sync()
-    t0 = now()
+    train_ms, step, stop_after, qat_on, warned_schedule, graphs = 0.0, 0, None, False, False, compiled_graphs(rt)
+    t0 = rt.clock()
     while True:
         last = step == h.iterations or (stop_after is not None and step >= stop_after)
         if last or (h.val_loss_every and step % h.val_loss_every == 0):
-            rt.sync()
-            train_ms += (now() - t0) * 1000
+            train_ms += (rt.clock() - t0) * 1000
             if h.val_loss_every:  # VAL_LOSS_EVERY=0: no validation while training, not even at the end
-                validate(step, train_ms)
-            rt.sync()
-            t0 = now()
+                loss, bpb = val_score()
+                log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
+                    f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            t0 = rt.clock()
         if last:
             if stop_after is not None and step < h.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
@@ -1646,11 +1588,9 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
         loss = train_step(step, lr_mul)
         step += 1
         averager.update(step, lr_mul, log)
-        rt.sync()
-        before, elapsed = elapsed, train_ms + (now() - t0) * 1000
+        before, elapsed = elapsed, train_ms + (rt.clock() - t0) * 1000
         next_step_ms = max(elapsed / step, elapsed - before)  # stop if the next step may cross the cap
-        stop = torch.tensor(float(cap_ms > 0 and elapsed + next_step_ms >= cap_ms), device=rt.device)
-        if rt.all_reduce(stop, dist.ReduceOp.MAX).item() and stop_after is None:
+        if rt.reduce([cap_ms > 0 and elapsed + next_step_ms >= cap_ms], dist.ReduceOp.MAX)[0] and stop_after is None:
             stop_after = step
         if step <= 10 or step % h.train_log_every == 0 or stop_after is not None:  # global mean, any world size
             loss = rt.all_reduce(loss) / rt.world_size
@@ -1660,31 +1600,25 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
     graphs = compiled_graphs(rt) - graphs
     if rt.compile:
         log(f"train_compiles: {graphs} graphs compiled after warm-up")
-    if rt.device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2 ** 20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2 ** 20} MiB")
-    else:
-        log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+    log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2 ** 20} MiB reserved: "
+        f"{torch.cuda.max_memory_reserved() // 2 ** 20} MiB" if rt.device.type == "cuda" else
+        f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
     model.set_qat(None)
-    weights = averager.apply_final(log)
-    hessians = None
+    weights, hessians = averager.apply_final(log), None
     if h.quant_method == "full":  # calibration reads training data, so it is training time: inside the cap
         t, reads = now(), []  # the times of granted reads
         limit_ms = h.max_wallclock_seconds * 1000 if h.max_wallclock_seconds else math.inf
 
         def may_read() -> bool:  # room for twice the last batch (the first: a training micro-step, fwd+bwd)
-            rt.sync()
-            t_now = now()
+            t_now = rt.clock()
             batch_ms = (t_now - reads[-1]) * 1000 if reads else train_ms / max(step * rt.grad_accum, 1)
-            ok = torch.tensor(float(train_ms + (t_now - t) * 1000 + 2 * batch_ms <= limit_ms), device=rt.device)
-            granted = bool(rt.all_reduce(ok, dist.ReduceOp.MIN).item())
+            granted = rt.reduce([train_ms + (t_now - t) * 1000 + 2 * batch_ms <= limit_ms], dist.ReduceOp.MIN)[0] > 0
             if granted:
                 reads.append(t_now)
             return granted
 
         hessians = collect_hessians(model, loader, h, rt, may_read)
-        rt.sync()
-        train_ms += (now() - t) * 1000
+        train_ms += (rt.clock() - t) * 1000
         log(f"gptq:calibrated {len(hessians)} matrices on {len(reads)}/{h.gptq_calib_batches} batches/rank, "
             f"last training-data read at train_time:{train_ms:.0f}ms")
         if len(reads) < h.gptq_calib_batches:
@@ -1750,8 +1684,7 @@ def score_windows(score_fn, tokens: Tensor, windows: np.ndarray, seq_len: int, b
     with torch.inference_mode():
         for i in range(0, len(windows), batch):
             w = torch.as_tensor(windows[i: i + batch], device=rt.device)
-            if len(w) < batch:
-                w = torch.cat((w, torch.zeros((batch - len(w), 3), dtype=w.dtype, device=w.device)))
+            w = F.pad(w, (0, 0, 0, batch - len(w)))  # padding rows (0, 0, 0) score nothing
             idx = w[:, :1] + offsets
             mask = (idx >= w[:, 1:2]) & (idx < w[:, 2:3])
             x, y = tokens[idx].long(), tokens[idx + 1].long()
@@ -1782,12 +1715,12 @@ def ttt_params(model: GPT, freeze: int) -> tuple[list[Tensor], int]:
 
 
 def ttt_plan(n_targets: int, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """TTT's window plan, each chunk's slice of it (windows[bounds[c]:bounds[c + 1]]), and the start
-    offsets within a chunk of its training sequences."""
-    C = h.ttt_chunk_tokens
+    """TTT's window plan, each chunk's slice of it (windows[bounds[c]:bounds[c + 1]]), and a chunk's training
+    rows: input positions from the chunk's start, in sequences of the eval length (or the chunk, if shorter)."""
+    C, seq = h.ttt_chunk_tokens, min(h.eval_len, h.ttt_chunk_tokens)
     windows = plan_windows(n_targets, h.eval_len, h.eval_stride, C)
     bounds = np.searchsorted(windows[:, 1] // C, np.arange(-(-n_targets // C) + 1))
-    return windows, bounds, np.arange(0, C, min(h.eval_len, C))
+    return windows, bounds, np.arange(0, C, seq)[:, None] + np.arange(seq)
 
 
 def ttt_backward(train_fn, tokens: Tensor, idx: Tensor, weight: float, rt: Runtime) -> None:
@@ -1826,11 +1759,10 @@ def train_rows(train_fn, tokens: Tensor, rows: np.ndarray, params: list[Tensor],
 
 
 class TTTBudgetGuard:
-    """Chooses each chunk's TTT epochs so the pass ends inside the eval budget. Per-chunk scoring and
-    per-epoch times are estimated by the median of the last few chunks, chunk 1 excluded, so a one-off
-    (a compile, a cold cache) cannot inflate them; the chunk-epochs that fit are spread over the chunks
-    still to train, so every affordable epoch is used. When none fit for a while, one epoch is probed if
-    the fastest epoch ever measured fits: a stale estimate then comes down instead of starving TTT."""
+    """Chooses each chunk's TTT epochs so the pass ends inside the eval budget. Scoring and epoch times are medians of
+    the last few chunks, chunk 1 excluded (so a compile or a cold cache cannot inflate them); the chunk-epochs that
+    fit are spread over the chunks still to train, using every affordable epoch. When none fit for a while, one epoch
+    is probed if the fastest epoch measured fits: a stale estimate comes down instead of starving TTT."""
 
     MARGIN, WINDOW, PROBE_EVERY = 0.02, 5, 8
 
@@ -1872,14 +1804,12 @@ class TTTBudgetGuard:
 
 def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, log: Log, budget_s: float,
              observer=None) -> tuple[Tensor, dict]:
-    C, n = h.ttt_chunk_tokens, tokens.numel() - 1
-    L, seq = h.eval_len, min(h.eval_len, h.ttt_chunk_tokens)
-    windows, bounds, offsets = ttt_plan(n, h)
+    C, n, L = h.ttt_chunk_tokens, tokens.numel() - 1, h.eval_len
+    windows, bounds, chunk_rows = ttt_plan(n, h)
     n_chunks = len(bounds) - 1
     params, n_frozen = ttt_params(model, h.ttt_freeze_blocks)
     opt = ttt_optimizer(params, h)
-    score_fn, train_fn = make_score_fn(model, rt), compile_model(model, rt)
-    batch = eval_batch(h, rt.world_size, L)
+    score_fn, train_fn, batch = make_score_fn(model, rt), compile_model(model, rt), eval_batch(h, rt.world_size, L)
     log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(windows)} stride={h.eval_stride} "
         f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} optimizer={h.ttt_optimizer}")
     log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in params)} frozen={n_frozen}")
@@ -1897,8 +1827,7 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
         scored_upto = min((c + 1) * C, n)
         t1 = now()
         # the slowest rank's timings, so that every rank takes the same decision
-        score_s, epoch_s, elapsed = rt.all_reduce(torch.tensor([t1 - t0, epoch_s, t1 - t_start], device=rt.device,
-                                                               dtype=torch.float64), dist.ReduceOp.MAX).tolist()
+        score_s, epoch_s, elapsed = rt.reduce([t1 - t0, epoch_s, t1 - t_start], dist.ReduceOp.MAX)
         chosen = guard.epochs_for(c, elapsed, score_s, epoch_s if epoch_s >= 0 else None)
         if chosen != epochs and c < n_chunks - 1:
             changes.append((c + 1, epochs, chosen))
@@ -1909,15 +1838,14 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
         if chosen:
             for g in opt.param_groups:
                 g["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
-            starts = c * C + offsets
-            if starts[-1] + seq > scored_upto:
-                raise RuntimeError(f"TTT chunk {c} would train on targets up to {starts[-1] + seq}, scored: {scored_upto}")
+            rows = c * C + chunk_rows
+            if rows[-1, -1] + 1 > scored_upto:
+                raise RuntimeError(f"TTT chunk {c} would train on targets up to {rows[-1, -1] + 1}, scored: {scored_upto}")
             model.train()
             for _ in range(chosen):
-                train_rows(train_fn, tokens, starts[:, None] + np.arange(seq), params, opt, h, rt, observer)
+                train_rows(train_fn, tokens, rows, params, opt, h, rt, observer)
             model.eval()
-            rt.sync()
-            epoch_s = (now() - t1) / chosen
+            epoch_s = (rt.clock() - t1) / chosen
         if (c + 1) % 10 == 0 or c == 0 or c == n_chunks - 1:
             log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={loss_and_bpb(totals)[1]:.6f} time={now() - t_start:.1f}s")
     model.requires_grad_(True)
@@ -1946,10 +1874,9 @@ def lora_widths(h: Hyperparameters) -> list[int]:
 
 
 class LoRAAdapters:
-    """LoRA TTT's adapters: A (rows, in, rank) and B (rows, rank, out) on every block matrix and on the tied
-    output head, row r for document r of a batch. They are not model parameters (the artifact's weights
-    stay as they are) and are reset in place for each batch, A seeded-random and B zero, so a fresh
-    adapter adds exactly zero and compiled graphs see the same tensors throughout."""
+    """LoRA TTT's adapters A (rows, in, rank) and B (rows, rank, out) on every block matrix and the tied output head,
+    row r for document r of a batch. Not model parameters (the artifact's weights stay as they are); reset in place
+    per batch, A seeded-random, B zero: a fresh adapter adds exactly zero and compiled graphs see the same tensors."""
 
     def __init__(self, model: GPT, rows: int, rank: int, seed: int):
         self.model, self.seed = model, seed
@@ -1975,11 +1902,10 @@ class LoRAAdapters:
 
 
 class LoRABudget:
-    """LoRA TTT's eval-time guard. Adapted scoring costs the measured seconds per document token (median of
-    the last batches). Before a batch: if the rest of this rank's documents at that rate would end past
-    the budget, the batch is scored without adapting (one forward per window, not one step per chunk).
-    Before a global-SGD phase: if the phase (at the last phase's rate, else the LoRA rate) on top of the
-    slowest rank's rest would overrun, it is skipped."""
+    """LoRA TTT's eval-time guard. Adapted scoring costs the measured seconds per document token (median of the last
+    batches). Before a batch: if this rank's remaining documents at that rate would end past the budget, the batch is
+    scored unadapted (one forward per window, not one step per chunk). Before a global-SGD phase: if the phase (at the
+    last phase's rate, else the LoRA rate) on top of the slowest rank's rest would overrun, it is skipped."""
 
     MARGIN, WINDOW = 0.02, 5
 
@@ -2001,10 +1927,8 @@ def lora_batch(score_fn, adapters: LoRAAdapters, opt, tokens: Tensor, batch: np.
     end; then (adapt) one Adam step on the chunks just scored, except a document's last. Unadapted, a
     step scores a whole window. The scores come from the forward the step differentiates, fixed before
     its backward. Returns (NLL sum, byte sum, target count) and the targets scored per document."""
-    R, L = h.ttt_docs_per_batch, h.eval_len
-    K = h.ttt_lora_chunk if adapt else L
-    start, length = np.zeros(R, np.int64), np.zeros(R, np.int64)
-    start[: len(batch)], length[: len(batch)] = batch.T
+    R, L, K = h.ttt_docs_per_batch, h.eval_len, h.ttt_lora_chunk if adapt else h.eval_len
+    start, length = np.pad(batch, ((0, R - len(batch)), (0, 0))).T  # one row per document; padding rows: length 0
     adapters.reset(index)
     opt.state.clear()  # Adam starts afresh with each document
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
@@ -2073,8 +1997,7 @@ def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperpa
     adapters.attach(True)
     for b, batch in enumerate(batches):
         if b in phase_at:
-            projected = rt.all_reduce(torch.tensor([now() - t_start + rest[b] * guard.rate()], device=rt.device,
-                                                   dtype=torch.float64), dist.ReduceOp.MAX).item()
+            projected = rt.reduce([now() - t_start + rest[b] * guard.rate()], dist.ReduceOp.MAX)[0]
             done = rt.all_reduce(scored_docs.clone())[: b * R]
             if not torch.equal(done.cpu(), torch.as_tensor(docs[: b * R, 1], dtype=torch.float64)):
                 raise RuntimeError(f"TTT phase before batch {b}: a document to train on is not fully scored")
@@ -2088,8 +2011,7 @@ def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperpa
                 train_rows(train_fn, tokens, rows, params, ttt_optimizer(params, h), h, rt, observer)
                 model.eval().requires_grad_(False)
                 adapters.attach(True)
-                rt.sync()
-                guard.sgd_rate, phases = (now() - t0) / rows.size, phases + 1
+                guard.sgd_rate, phases = (rt.clock() - t0) / rows.size, phases + 1
             log(f"ttt_phase: before batch {b}/{len(batches)} docs={b * R} rows={len(rows)} "
                 f"{'trained' if run_phase else 'skipped (budget)'} at {now() - t_start:.1f}s")
         if b % rt.world_size != rt.rank:
@@ -2100,14 +2022,13 @@ def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperpa
         totals += part
         scored_docs[b * R: b * R + len(batch)] = torch.as_tensor(done[: len(batch)], dtype=torch.float64)
         if adapt:
-            rt.sync()
-            guard.rates.append((now() - t0) / batch[:, 1].sum())
+            guard.rates.append((rt.clock() - t0) / batch[:, 1].sum())
             adapted += 1
         if b == mine[0] or b == mine[-1] or len(mine) > 10 and b % (len(batches) // 10) == 0:
             log(f"  ttt_lora [{b + 1}/{len(batches)}] rank0_bpb={loss_and_bpb(totals)[1]:.6f} time={now() - t_start:.1f}s")
     adapters.attach(False)
     model.requires_grad_(True)
-    adapted = int(rt.all_reduce(torch.tensor(float(adapted), device=rt.device)).item())
+    adapted = int(rt.reduce([adapted])[0])
     log(f"ttt_budget: adapted {adapted}/{len(batches)} batches, global SGD phases {phases}/{len(phase_at)} "
         f"(budget {budget_s:.1f}s)")
     return rt.all_reduce(totals), dict(docs=len(docs), batches=len(batches), adapted=adapted, phases=phases,
@@ -2115,25 +2036,22 @@ def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperpa
 
 
 def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, luts, adapters=None) -> int:
-    """Compile, before the eval timer, every graph the timed eval runs: each scoring batch shape of each
-    pass (a last partial batch included), each TTT training shape and each LoRA TTT width, called
-    through the same code with the same modes (eval/train, inference mode, frozen params, adapters on or
-    off, distinct ids and targets), on random tokens. Weights are untouched (no optimizer step);
-    returns the number of shapes."""
-    L, batch, seq = h.eval_len, eval_batch(h, rt.world_size, h.eval_len), h.eval_len
+    """Compile, before the eval timer, every graph the timed eval runs: each scoring batch shape of each pass (a last
+    partial batch included), each TTT training shape and each LoRA TTT width, called through the same code with the
+    same modes (eval/train, inference mode, frozen params, adapters on or off, distinct ids and targets), on random
+    tokens. Weights are untouched (no optimizer step); returns the number of shapes."""
+    L, batch, rows = h.eval_len, eval_batch(h, rt.world_size, h.eval_len), np.zeros((0, h.eval_len))  # TTT rows: none
     shares = [rank_share(plan_windows(n_targets, L, L), rt)]
     if h.eval_sliding and h.eval_stride < L:
         shares.append(rank_share(plan_windows(n_targets, L, h.eval_stride), rt))
-    train_shapes, widths = set(), lora_widths(h) if adapters else []
     if h.ttt_enabled and h.ttt_mode == "chunk":
-        windows, bounds, offsets = ttt_plan(n_targets, h)
+        windows, bounds, chunk_rows = ttt_plan(n_targets, h)
         shares += [rank_share(windows[a:b], rt) for a, b in zip(bounds[:-1], bounds[1:])]
-        seq = min(L, h.ttt_chunk_tokens)
-        if len(bounds) > 2:  # a chunk is trained
-            train_shapes = {len(offsets[b: b + h.ttt_batch_seqs][rt.rank:: rt.world_size])
-                            for b in range(0, len(offsets), h.ttt_batch_seqs)} - {0}
+        rows = chunk_rows if len(bounds) > 2 else rows  # the last chunk is never trained
     elif h.ttt_enabled and h.ttt_mode == "phased":  # phase_rows: whole steps of TTT_BATCH_SEQS rows
-        train_shapes = {len(range(rt.rank, h.ttt_batch_seqs, rt.world_size))} - {0}
+        rows = np.zeros((h.ttt_batch_seqs, L))
+    B, seq, widths = h.ttt_batch_seqs, rows.shape[1], lora_widths(h) if adapters else []
+    train_shapes = {len(rows[b: b + B][rt.rank:: rt.world_size]) for b in range(0, len(rows), B)} - {0}  # as train_rows
     noise = torch.randint(0, h.vocab_size, (L + 1,), device=rt.device).to(torch.int32)
     score_fn, score_shapes = make_score_fn(model, rt), {score_batch(len(s), batch) for s in shares if len(s)}
     model.eval()
@@ -2162,12 +2080,10 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
 
 
 def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Tensor, luts, log: Log) -> dict:
-    """The timed evaluation of the dequantized artifact. Compile warm-up on random tokens (never val
-    tokens) happens before the timer, as the contest counts it; scoring and TTT are inside, and the
-    number of graphs compiled inside the timer is logged (it should be 0)."""
-    L, bits = h.eval_len, h.quant_bits
+    """The timed evaluation of the dequantized artifact: compile warm-up on random tokens (never val tokens) runs
+    before the timer, as the contest counts it; scoring and TTT run inside (graphs compiled there are logged: 0)."""
+    L, bits, n_targets, adapters = h.eval_len, h.quant_bits, val_tokens.numel() - 1, None
     batch = eval_batch(h, rt.world_size, L)
-    adapters = None
     if h.ttt_enabled and h.ttt_mode == "chunk":  # the whole eval runs with TTT's frozen set: no graph sees
         ttt_params(model, h.ttt_freeze_blocks)   # a requires_grad change
     elif h.ttt_enabled:  # LoRA TTT: the model's weights are fixed (but in global-SGD phases)
@@ -2176,18 +2092,14 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
     score_fn = make_score_fn(model, rt)
     if rt.compile:
         t = now()
-        shapes = warm_up_eval(model, h, rt, val_tokens.numel() - 1, luts, adapters)
+        shapes = warm_up_eval(model, h, rt, n_targets, luts, adapters)
         log(f"eval_warmup: {shapes} graph shapes compiled in {now() - t:.1f}s (before the eval timer)")
     model.eval()
-    graphs_before = compiled_graphs(rt)
-    results, times = {}, {}
-    n_targets = val_tokens.numel() - 1
-    rt.sync()
-    t_eval = now()
+    graphs_before, results, times = compiled_graphs(rt), {}, {}
+    t_eval = rt.clock()
 
     def record(key: str, name: str, totals: Tensor, t0: float, extra: str = "") -> None:
-        rt.sync()
-        times[key] = (now() - t0) * 1000
+        times[key] = (rt.clock() - t0) * 1000
         loss, bpb = loss_and_bpb(totals)
         results[key] = dict(val_loss=loss, val_bpb=bpb, scored=int(totals[2].item()), name=name)
         log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra} eval_time:{times[key]:.0f}ms")
@@ -2208,8 +2120,7 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         loss, bpb = loss_and_bpb(totals)
         log(f"ttt_sliding:done val_loss={loss:.6f} val_bpb={bpb:.6f} elapsed={now() - t0:.1f}s")
         record("ttt", "legal_ttt", totals, t0)
-    rt.sync()
-    times["total"] = (now() - t_eval) * 1000
+    times["total"] = (rt.clock() - t_eval) * 1000
     compiled_inside = compiled_graphs(rt) - graphs_before
     if rt.compile:
         log(f"eval_compiles: {compiled_inside} graphs compiled inside the timed eval")
@@ -2240,8 +2151,7 @@ def model_from_qstate(qstate: dict[str, QTensor], h: Hyperparameters, rt: Runtim
     """A fresh model with the artifact's weights, running the depth schedule training ended in."""
     model = GPT(h).to(rt.device)
     missing = set(model.state_dict()) ^ set(qstate)
-    if missing:
-        raise ConfigError(f"artifact tensors do not match the model built from its config: {sorted(missing)[:5]}")
+    need(not missing, f"artifact tensors do not match the model built from its config: {sorted(missing)[:5]}")
     model.load_state_dict({k: q.dequantize() for k, q in qstate.items()})
     model.set_stage(stage)
     return model
@@ -2305,8 +2215,7 @@ def save_checkpoint(path: str, state: dict[str, Tensor], h: Hyperparameters, ext
 
 
 def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"EXPORT_FROM={path}: file not found")
+    need(os.path.isfile(path), f"EXPORT_FROM={path}: file not found")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         if ck.get("format") != CHECKPOINT_FORMAT:  # a rule, not an assert: it must survive python -O
@@ -2315,15 +2224,12 @@ def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
         raise ConfigError(f"EXPORT_FROM={path}: not a {CHECKPOINT_FORMAT} checkpoint written by FINAL_MODEL_PATH "
                           f"({type(e).__name__}: {e})") from None
     for key, value in h.model_config().items():
-        if ck["model"].get(key) != value:
-            raise ConfigError(f"EXPORT_FROM={path}: the checkpoint has {key.upper()}={ck['model'].get(key)!r}, this "
-                              f"run {key.upper()}={value!r}; run with the training configuration")
-    if ck["tokenizer_sha256"] != tokenizer_sha:
-        raise ConfigError(f"EXPORT_FROM={path}: trained with tokenizer sha256 {ck['tokenizer_sha256']}, but "
-                          f"TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}")
-    if h.quant_method == "full" and not ck["hessians"]:
-        raise ConfigError(f"EXPORT_FROM={path}: QUANT_METHOD=full needs Hessians, and this checkpoint has none "
-                          "(its run used QUANT_METHOD=lite): use QUANT_METHOD=lite")
+        need(ck["model"].get(key) == value, f"EXPORT_FROM={path}: the checkpoint has {key.upper()}="
+             f"{ck['model'].get(key)!r}, this run {key.upper()}={value!r}; run with the training configuration")
+    need(ck["tokenizer_sha256"] == tokenizer_sha, f"EXPORT_FROM={path}: trained with tokenizer sha256 "
+         f"{ck['tokenizer_sha256']}, but TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}")
+    need(h.quant_method != "full" or ck["hessians"], f"EXPORT_FROM={path}: QUANT_METHOD=full needs Hessians, and this "
+         "checkpoint has none (its run used QUANT_METHOD=lite): use QUANT_METHOD=lite")
     return ck
 
 
@@ -2335,28 +2241,27 @@ def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
 
 
 def compliance_checks(h: Hyperparameters, train: dict | None, ev: dict, sizes: dict | None, manifest: dict) -> list:
+    verdict = {True: "PASS", False: "FAIL", None: "SKIP"}  # None: nothing to check
+    eval_ms, eval_limit = ev["times_ms"]["total"], min(h.eval_budget_seconds, RULE_EVAL_S)
     checks = [("train_time", "SKIP", "no training in this run") if train is None else
-              ("train_time", "PASS" if train["train_ms"] <= RULE_TRAIN_S * 1000 else "FAIL",
-               f"{train['train_ms'] / 1000:.3f}s incl. every training-data read, limit {RULE_TRAIN_S:.0f}s")]
-    eval_limit = min(h.eval_budget_seconds, RULE_EVAL_S)
-    checks.append(("eval_time", "PASS" if ev["times_ms"]["total"] <= eval_limit * 1000 else "FAIL",
-                   f"{ev['times_ms']['total'] / 1000:.3f}s, limit {eval_limit:.0f}s"))
+              ("train_time", verdict[train["train_ms"] <= RULE_TRAIN_S * 1000],
+               f"{train['train_ms'] / 1000:.3f}s incl. every training-data read, limit {RULE_TRAIN_S:.0f}s"),
+              ("eval_time", verdict[eval_ms <= eval_limit * 1000], f"{eval_ms / 1000:.3f}s, limit {eval_limit:.0f}s")]
     if sizes is not None:
-        checks.append(("artifact_bytes", "PASS" if sizes["total"] <= RULE_BYTES else "FAIL",
+        checks.append(("artifact_bytes", verdict[sizes["total"] <= RULE_BYTES],
                        f"{sizes['total']} bytes, limit {RULE_BYTES}"))
     rule = ("each chunk scored whole under inference_mode before training on exactly its targets; last chunk "
             "never trained" if h.ttt_mode == "chunk" else "each document's chunk scored before the adapter step on "
             "it, adapters reset per document, a document's last chunk never trained, phases only on documents "
             "scored to the end")
     checks.append(("ttt_legal", "SKIP", "TTT off") if ev["ttt"] is None else
-                  ("ttt_legal", "PASS" if ev["ttt"]["legal"] else "FAIL", f"score-first: {rule}; single pass"))
+                  ("ttt_legal", verdict[ev["ttt"]["legal"]], f"score-first: {rule}; single pass"))
     scored = {k: r["scored"] for k, r in ev["results"].items()}
     full = h.val_max_tokens == 0 and all(v == ev["n_targets"] for v in scored.values())
-    checks.append(("full_val", "PASS" if full else "FAIL",
-                   f"scored {scored} of {ev['n_targets']} val targets" + (f", VAL_MAX_TOKENS={h.val_max_tokens}"
-                                                                         if h.val_max_tokens else "")))
+    checks.append(("full_val", verdict[full], f"scored {scored} of {ev['n_targets']} val targets"
+                   + (f", VAL_MAX_TOKENS={h.val_max_tokens}" if h.val_max_tokens else "")))
     disjoint = manifest.get("train_val_disjoint")
-    checks.append(("train_val_disjoint", {True: "PASS", False: "FAIL", None: "SKIP"}[disjoint],
+    checks.append(("train_val_disjoint", verdict[disjoint],
                    f"{os.path.join(h.data_path, 'manifest.json')}: train_val_disjoint={disjoint}" if disjoint is not None
                    else "no data/prepare_data.py manifest to check"))
     return checks
@@ -2376,23 +2281,21 @@ def config_hash(h: Hyperparameters) -> str:
 
 def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, str]] = ()) -> dict:
     run_id = h.run_id or str(uuid.uuid4())
-    log = Log(Path("logs") / f"{run_id}.txt" if rt.is_master else None)
+    log = Log(Path("logs") / f"{run_id}.txt" if rt.rank == 0 else None)
     log_header(log, h, rt, code)
     for name, knob_name in misspelt:
         log(f"warning: {name} is not a knob and is ignored; did you mean {knob_name}?")
     log.phase("data")
-    sp = load_tokenizer(h)
+    luts = build_byte_luts(load_tokenizer(h), rt.device)
     tokenizer_sha = file_sha256(h.tokenizer_path)
     manifest = read_manifest(h, tokenizer_sha)
-    luts = build_byte_luts(sp, rt.device)
     train_files = None if h.eval_only_artifact or h.export_from else find_shards(h, "train")
     val_tokens = load_val_tokens(h, rt)
-    val_pattern = os.path.join(h.data_path, "fineweb_val_*.bin")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
     if train_files:
         log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{len(train_files[0])} "
             f"tokens:{train_files[1]}")
-    log(f"val_loader:shards pattern={val_pattern} tokens:{val_tokens.numel() - 1}")
+    log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} tokens:{val_tokens.numel() - 1}")
     train_info, sizes = None, None
     summary = dict(run_id=run_id, seed=h.seed, config=dataclasses.asdict(h), config_hash=config_hash(h),
                    code_sha256=hashlib.sha256(code.encode()).hexdigest(), torch=torch.__version__,
@@ -2408,8 +2311,9 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         model = GPT(h).to(rt.device)
         summary["model_params"] = sum(p.numel() for p in model.parameters())
         log(f"model_params:{summary['model_params']}")
+        schedule = " ".join(f"{i}:{p}" + (f"@s{s}" if s else "") for i, (p, s) in enumerate(model.slots))
         log(f"layer_schedule:{len(model.slots)} logical on {len(model.blocks)} physical "
-            f"(logical:physical[@stage]) {describe_schedule(model)}")
+            f"(logical:physical[@stage]) {schedule}")
         log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, on in enumerate(model.xsa) if on]}")
         log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
         log(f"attention_mode:{'gqa' if h.num_kv_heads < h.num_heads else 'mha'} num_heads:{h.num_heads} "
@@ -2425,7 +2329,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         ck = dict(state=model.state_dict(), stage=model.stage, weights=train_info["weights"], run_id=run_id,
                   tokenizer_sha256=tokenizer_sha, calib=[c.cpu() for c in train_info.pop("calib")],
                   hessians=hessians and {k: v.cpu() for k, v in hessians.items()})
-        if rt.is_master and h.final_model_path:
+        if rt.rank == 0 and h.final_model_path:
             save_checkpoint(h.final_model_path, ck["state"], h, {k: v for k, v in ck.items() if k != "state"})
             log(f"final_model: {h.final_model_path} (post-{train_info['weights'].split('(')[0]} float weights; "
                 f"EXPORT_FROM={h.final_model_path} re-exports them)")
@@ -2434,16 +2338,16 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         log.phase("export")
         meta = dict(model=h.model_config(), stage=ck["stage"], tokenizer_sha256=tokenizer_sha, run_id=ck["run_id"],
                     weights=ck["weights"], quant=dict(method=h.quant_method, clip=h.quant_clip, prune_frac=h.prune_frac))
-        if rt.is_master:
+        if rt.rank == 0:
             sizes = export_artifact(ck["state"], ck["stage"], h, rt, log, code, meta, ck["hessians"], ck["calib"])
         del ck
-        rt.barrier()
+        if rt.world_size > 1:
+            dist.barrier()
     log.phase("eval_load")
     artifact = h.eval_only_artifact or h.artifact_path
     qstate, meta = read_artifact(artifact)  # every rank, from disk
-    if meta.get("tokenizer_sha256") != tokenizer_sha:
-        raise ConfigError(f"{artifact} was trained with tokenizer sha256 {meta.get('tokenizer_sha256')}, but "
-                          f"TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}")
+    need(meta.get("tokenizer_sha256") == tokenizer_sha, f"{artifact} was trained with tokenizer sha256 "
+         f"{meta.get('tokenizer_sha256')}, but TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}")
     eval_h = dataclasses.replace(h, quant_bits=export_bits(qstate),
                                  **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
     if h.eval_only_artifact:
@@ -2467,7 +2371,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     summary.update(train=train_info, bytes=sizes, eval=ev, final=dict(stage=ev["final"], **final),
                    compliance={n: dict(status=s, detail=d) for n, s, d in checks}, artifact=artifact,
                    artifact_sha256=file_sha256(artifact))
-    if rt.is_master:
+    if rt.rank == 0:
         Path("logs", f"{run_id}.json").write_text(json.dumps(summary, indent=1, default=str))
         log(f"summary:logs/{run_id}.json")
     # the last line: the run's score (the final legal stage) under the name legacy parsers read
