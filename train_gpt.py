@@ -122,14 +122,16 @@ class Hyperparameters:
     xsa_by: str = knob("logical", choices=("logical", "physical"))  # ... or on layers run by the last N blocks (#526)
     bigram_vocab_size: int = knob(1536, 0)  # BigramHash buckets; 0 = off
     bigram_dim: int = knob(128, 1)  # BigramHash table width
-    smear_gate: bool = True  # SmearGate on the input embedding
+    smear_gate: bool = True  # SmearGate on the input embedding ...
+    smear_input_dims: int = knob(0, 0)  # ... a per-channel gate, or lam*sigmoid(w x_t[:N]) x_{t-1} from N channels (#1855: 12)
     ve_layers: tuple[int, ...] = (9, 10)  # logical layers with value embeddings ("" = none)
     ve_dim: int = knob(128, 1)  # value-embedding table width
     parallel_start: int = knob(-1, -1)  # first logical layer with two residual lanes (-1 = off)
     controls_per: str = knob("layer", choices=("layer", "block"))  # scales, mixes, LN scale per logical layer or block
     skip_gates: bool = False  # U-Net skips as lerp(w*skip, x, sigmoid(g)) with a learned gate g (#1493)
     value_residual: bool = False  # layers 1.. mix layer 0's values in: v = l0*v0 + l1*v, l init (0.5, 0.5) (#490)
-    attn_gate: str = knob("off", choices=("off", "dense"))  # per-head sigmoid(W x + b) on attention output (#490)
+    attn_gate: str = knob("off", choices=("off", "dense", "sparse"))  # per-head output gate: sigmoid(W x + b) (#490)
+    # or sigmoid(0.5 W x[:12]) (#1787)
     doc_attention: bool = False  # attend only within the document (from its BOS): training and eval
     doc_attention_kernel: str = knob("auto", choices=("auto", "mask", "flex"))  # auto: FlexAttention on CUDA, else a mask
     # optimizers
@@ -271,6 +273,8 @@ class Hyperparameters:
              f"TTT_LORA_CHUNK={self.ttt_lora_chunk} exceeds the eval length {L} (TTT_MODE={self.ttt_mode})")
         need(self.quant_bits_attn != 1 and self.quant_bits_mlp != 1, "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8")
         need(not (self.export_from and self.eval_only_artifact), "set EXPORT_FROM or EVAL_ONLY_ARTIFACT, not both")
+        need(self.smear_input_dims <= self.model_dim and (self.attn_gate != "sparse" or self.model_dim >= 12),
+             f"SMEAR_INPUT_DIMS={self.smear_input_dims} and ATTN_GATE=sparse (12) read channels of MODEL_DIM={self.model_dim}")
         need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: 0 (off) or >= 2 buckets (one is for sequence starts)")
         need(int(self.mlp_mult * self.model_dim) >= 1, f"MLP_MULT={self.mlp_mult} gives no MLP hidden unit at "
              f"MODEL_DIM={self.model_dim}")
@@ -321,7 +325,8 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "unique_layers", "loop_start", "loop
                 "loop_enable_at", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_neg_slope",
                 "logit_softcap", "rope_base", "rope_dims", "qk_gain_init", "ln_scale", "xsa_last_n",
                 "bigram_vocab_size", "bigram_dim", "smear_gate", "ve_layers", "ve_dim", "parallel_start",
-                "controls_per", "skip_gates", "value_residual", "attn_gate", "doc_attention", "train_seq_len")
+                "controls_per", "skip_gates", "value_residual", "attn_gate", "doc_attention", "smear_input_dims",
+                "train_seq_len")
 
 
 # =====================================================================================================
@@ -452,29 +457,29 @@ def log_header(log: Log, h: Hyperparameters, rt: Runtime, code: str) -> None:
 # its slice, so the tokens seen do not depend on the number of processes.
 # =====================================================================================================
 
-SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
+SHARD_MAGIC, SIDECAR_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 20240521, 1, 256 * 4
 BOS_ID = 1
 
 
-def shard_token_count(path: str) -> int:
+def shard_token_count(path: str, magics: tuple[int, ...] = (SHARD_MAGIC,)) -> int:
     size = os.path.getsize(path)
     need(size >= HEADER_BYTES, f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=256)
-    need(header[0] == SHARD_MAGIC and header[1] == SHARD_VERSION, f"{path}: magic/version {header[0]}/{header[1]}, "
-         f"expected {SHARD_MAGIC}/{SHARD_VERSION} (not a Parameter Golf token shard)")
+    need(header[0] in magics and header[1] == SHARD_VERSION, f"{path}: magic/version {header[0]}/{header[1]}, "
+         f"expected {'|'.join(map(str, magics))}/{SHARD_VERSION} (not a Parameter Golf shard)")
     n = int(header[2])
     need(size == HEADER_BYTES + 2 * n, f"{path}: header says {n} tokens, so {HEADER_BYTES + 2 * n} bytes, but the file "
          f"has {size} (truncated or corrupted)")
     return n
 
 
-def load_shard(path: str) -> np.ndarray:
-    return np.fromfile(path, dtype="<u2", count=shard_token_count(path), offset=HEADER_BYTES)
+def load_shard(path: str, magics: tuple[int, ...] = (SHARD_MAGIC,)) -> np.ndarray:
+    return np.fromfile(path, dtype="<u2", count=shard_token_count(path, magics), offset=HEADER_BYTES)
 
 
 def find_shards(h: Hyperparameters, split: str) -> tuple[list[str], int]:
     pattern = os.path.join(h.data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))  # not CaseOps sidecars
     need(files, f"no {split} shards match {pattern}: set DATA_PATH (build data with "
          "`python3 data/prepare_data.py`, or download FineWeb, see README)")
     total = sum(shard_token_count(f) for f in files)
@@ -532,7 +537,8 @@ def load_val_tokens(h: Hyperparameters, rt: Runtime) -> Tensor:
 # The one byte rule: a target's bytes are the UTF-8 length of its piece without the SentencePiece "▁",
 # plus one for that leading space unless the previous token is a control token (BOS). Byte-fallback
 # pieces are one byte each. Summed over a document this equals len(decode(ids).encode()) exactly,
-# which a test checks. bpb = total NLL / (ln 2 * total bytes).
+# which a test checks. CaseOps data counts each token's bytes of the original text from its byte sidecar
+# instead (case operators own none). bpb = total NLL / (ln 2 * total bytes).
 # =====================================================================================================
 
 
@@ -576,7 +582,30 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, device) -> tuple[Tensor, Ten
     return tuple(torch.from_numpy(a).to(device) for a in (base, leading_space, is_control))
 
 
-def target_bytes(prev: Tensor, tgt: Tensor, luts) -> Tensor:
+def byte_counter(h: Hyperparameters, sp: spm.SentencePieceProcessor, tokens: Tensor, rt: Runtime) -> tuple:
+    """What target_bytes reads: the tokenizer's byte tables, or for CaseOps data (data/prepare_data.py --caseops:
+    case operators as pieces, which own no bytes of the text) the val byte sidecar, each token's bytes of the
+    original text, shard by shard beside the tokens and sliced like them."""
+    files = sorted(glob.glob(os.path.join(h.data_path, "fineweb_val_bytes_*.bin")))
+    caseops = sp.piece_to_id("\ue000") != sp.unk_id()
+    if not files:
+        need(not caseops, f"{h.tokenizer_path} is a CaseOps tokenizer, but {h.data_path} has no fineweb_val_bytes_*.bin "
+             "sidecar: its bytes of original text are the bpb denominator (data/prepare_data.py --caseops writes them)")
+        return build_byte_luts(sp, rt.device)
+    shards = find_shards(h, "val")[0]
+    need(caseops and [f.replace("_bytes_", "_") for f in files] == shards and all(shard_token_count(
+         f, (SIDECAR_MAGIC, SHARD_MAGIC)) == shard_token_count(t) for f, t in zip(files, shards)), f"{h.data_path}: the byte sidecars {files} do not pair "
+         f"with the val shards {shards} of a CaseOps tokenizer (rebuild with data/prepare_data.py --caseops)")
+    counts = torch.from_numpy(np.concatenate([load_shard(f, (SIDECAR_MAGIC, SHARD_MAGIC)) for f in files])
+                              [: tokens.numel()].astype(np.int32)).to(rt.device)
+    need(not counts[tokens == BOS_ID].any(), f"{files}: a BOS owns bytes in the sidecar (not this tokenization's)")
+    return (counts,)
+
+
+def target_bytes(prev: Tensor, tgt: Tensor, luts, idx: Tensor | None = None) -> Tensor:
+    """Bytes of each target tgt (after prev; at input positions idx): from the sidecar, or the piece tables."""
+    if len(luts) == 1:
+        return luts[0][idx + 1]
     base, leading_space, is_control = luts
     return base[tgt] + (leading_space[tgt] & ~is_control[prev]).int()
 
@@ -747,7 +776,7 @@ class LayerControl(nn.Module):
     input embedding x0, a value-embedding gain, the 2x2 lane write-back, the Value Residual mix and the
     attention-output gate. Small and outside `blocks`, they train with AdamW and are stored in fp16."""
 
-    def __init__(self, dim: int, value_embed: bool, lanes: bool, v_mix: bool, gate_heads: int):
+    def __init__(self, dim: int, value_embed: bool, lanes: bool, v_mix: bool, gate: str, heads: int):
         super().__init__()
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
@@ -757,10 +786,22 @@ class LayerControl(nn.Module):
         # block, so lanes start identical and separate only as training pulls them apart.
         self.lane_mix = nn.Parameter(torch.ones(2, 2)) if lanes else None
         self.v_mix = nn.Parameter(torch.full((2,), 0.5)) if v_mix else None
-        self.attn_gate = nn.Linear(dim, gate_heads) if gate_heads else None
-        if self.attn_gate is not None:  # sigmoid(4) ~ 0.98: nearly open at the start
+        self.attn_gate = {"off": None, "dense": nn.Linear(dim, heads), "sparse": SparseGate(heads)}[gate]
+        if gate == "dense":  # sigmoid(4) ~ 0.98: nearly open at the start
             nn.init.zeros_(self.attn_gate.weight)
             nn.init.constant_(self.attn_gate.bias, 4.0)
+
+
+class SparseGate(nn.Module):
+    """#1787's attention-output gate logits: per head, 0.5 * W x[:12] from the first 12 channels only (96
+    parameters for 8 heads); W = 0, so every head starts at sigmoid(0) = 0.5."""
+
+    def __init__(self, heads: int, k: int = 12):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(heads, k))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * F.linear(x[..., : self.weight.size(1)], self.weight.to(x.dtype))
 
 
 class Block(nn.Module):
@@ -803,15 +844,23 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_t += sigmoid(gate) * (x_{t-1} - x_t), except at a sequence start or a BOS (no mixing across
-    documents: the SmearGate BOS fix)."""
+    """x_t += sigmoid(gate) * (x_{t-1} - x_t) with a per-channel gate, or (input_dims = N, #1855) x_t +=
+    lam * sigmoid(w . x_t[:N]) * x_{t-1}, lam = w = 0 at the start; never at a sequence start or a BOS
+    (no mixing across documents: the SmearGate BOS fix)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, input_dims: int = 0):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.input_dims = input_dims
+        if input_dims:
+            self.weight, self.lam = nn.Parameter(torch.zeros(input_dims)), nn.Parameter(torch.zeros(()))
+        else:
+            self.gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor, starts: Tensor) -> Tensor:
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (~starts).unsqueeze(-1).to(x.dtype)
+        if self.input_dims:
+            g = self.lam.to(x.dtype) * torch.sigmoid(x[..., : self.input_dims] @ self.weight.to(x.dtype))
+            return x + g.unsqueeze(-1) * prev
         g = torch.sigmoid(self.gate).to(x.dtype) * (~starts).unsqueeze(-1).to(x.dtype)
         return x + g * (prev - x)
 
@@ -858,11 +907,11 @@ class GPT(nn.Module):
         kv_dim = h.num_kv_heads * (dim // h.num_heads)
         self.tok_emb = nn.Embedding(h.vocab_size, dim)
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, dim) if h.bigram_vocab_size else None
-        self.smear = SmearGate(dim) if h.smear_gate else None
+        self.smear = SmearGate(dim, h.smear_input_dims) if h.smear_gate else None
         self.value_embed = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if h.ve_layers else None
         self.blocks = nn.ModuleList(Block(h) for _ in range(max(p for p, _ in self.slots) + 1))
         self.control_of, features = control_plan(h)
-        self.controls = nn.ModuleList(LayerControl(dim, *f, h.num_heads if h.attn_gate == "dense" else 0)
+        self.controls = nn.ModuleList(LayerControl(dim, *f, h.attn_gate, h.num_heads)
                                       for f in features)
         self.skip_weights = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(n_logical // 2))
         self.skip_gates = (nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_logical // 2))
@@ -1690,7 +1739,7 @@ def score_windows(score_fn, tokens: Tensor, windows: np.ndarray, seq_len: int, b
             x, y = tokens[idx].long(), tokens[idx + 1].long()
             with rt.autocast():
                 nll = score_fn(x, y).float()
-            totals += torch.stack(((nll.double() * mask).sum(), (target_bytes(x, y, luts) * mask).sum().double(),
+            totals += torch.stack(((nll.double() * mask).sum(), (target_bytes(x, y, luts, idx) * mask).sum().double(),
                                    mask.sum().double()))
             if observer is not None:
                 observer("score", idx[mask], nll[mask])
@@ -1948,7 +1997,7 @@ def lora_batch(score_fn, adapters: LoRAAdapters, opt, tokens: Tensor, batch: np.
         with torch.enable_grad(), rt.autocast():
             nll = score_fn(x, y).float()
         scored = nll.detach()
-        totals += torch.stack(((scored.double() * score_t).sum(), (target_bytes(x, y, luts) * score_t).sum().double(),
+        totals += torch.stack(((scored.double() * score_t).sum(), (target_bytes(x, y, luts, pos) * score_t).sum().double(),
                                score_t.sum().double()))
         done += score.sum(1)
         if observer is not None:
@@ -2286,11 +2335,11 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     for name, knob_name in misspelt:
         log(f"warning: {name} is not a knob and is ignored; did you mean {knob_name}?")
     log.phase("data")
-    luts = build_byte_luts(load_tokenizer(h), rt.device)
     tokenizer_sha = file_sha256(h.tokenizer_path)
     manifest = read_manifest(h, tokenizer_sha)
     train_files = None if h.eval_only_artifact or h.export_from else find_shards(h, "train")
     val_tokens = load_val_tokens(h, rt)
+    luts = byte_counter(h, load_tokenizer(h), val_tokens, rt)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
     if train_files:
         log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{len(train_files[0])} "

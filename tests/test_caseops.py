@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from test_data_tools import CORPUS, PREPARE, load_module, read_shard
 
@@ -209,3 +210,36 @@ def test_conftest_caseops_fixture_is_a_valid_set(caseops_data):
     summary = pd.check_sidecar(Path(caseops_data["DATA_PATH"]), ("val", "train"))
     assert summary["val"]["docs"] == 100 and summary["train"]["docs"] == 500
     assert Path(caseops_data["TOKENIZER_PATH"]).is_file() and caseops_data["VOCAB_SIZE"] == "512"
+
+
+# --------------------------------------------------------------------------- the scorer (train_gpt.py)
+
+
+def test_the_scorer_counts_the_original_bytes_from_the_sidecar(caseops_data, tmp_path):
+    """train_gpt's bpb denominator on CaseOps data is the bytes of the original val text (the sidecar),
+    not the pieces' UTF-8 (an operator piece would count 3); every pass and rank sees the same bytes. A
+    CaseOps tokenizer without its sidecar, or a sidecar that does not pair with the shards, is refused."""
+    from conftest import cpu_runtime, hparams, tg
+
+    h = hparams(caseops_data, VAL_MAX_TOKENS=0)
+    rt = cpu_runtime()
+    sp = tg.load_tokenizer(h)
+    tokens = tg.load_val_tokens(h, rt)
+    luts = tg.byte_counter(h, sp, tokens, rt)
+    manifest = json.loads((Path(caseops_data["DATA_PATH"]) / "manifest.json").read_text())
+    fake = lambda x, y: torch.zeros(x.shape)
+    for stride in (64, 17):  # every target once: the byte sum is the original text's, minus the first BOS's 0
+        totals = tg.evaluate(fake, tokens, 64, stride, 16, luts, rt)
+        assert int(totals[1]) == manifest["text_bytes"]["val"] and int(totals[2]) == tokens.numel() - 1
+    pieces = tg.build_byte_luts(sp, "cpu")
+    assert int(tg.target_bytes(tokens[:-1].long(), tokens[1:].long(), pieces).sum()) > manifest["text_bytes"]["val"]
+    bare = tmp_path / "bare"
+    shutil.copytree(caseops_data["DATA_PATH"], bare)
+    for f in bare.glob("fineweb_val_bytes_*.bin"):
+        f.unlink()
+    with pytest.raises(tg.ConfigError, match="no fineweb_val_bytes_"):
+        tg.byte_counter(hparams(caseops_data, DATA_PATH=bare), sp, tokens, rt)
+    shutil.copy(sorted(Path(caseops_data["DATA_PATH"]).glob("fineweb_val_bytes_*.bin"))[0],
+                bare / "fineweb_val_bytes_000001.bin")  # a sidecar with no shard of its own
+    with pytest.raises(tg.ConfigError, match="do not pair"):
+        tg.byte_counter(hparams(caseops_data, DATA_PATH=bare), sp, tokens, rt)

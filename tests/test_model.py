@@ -239,3 +239,54 @@ def test_doc_attention_kernels_agree():
         causal = model.token_nll(ids[:, :-1], ids[:, 1:])
     assert torch.allclose(dense, flex, atol=1e-5, rtol=1e-5)
     assert torch.allclose(dense[2], causal[2], atol=1e-6) and not torch.allclose(dense[0], causal[0], atol=1e-4)
+
+
+def test_sparse_attention_gate_starts_at_half_and_reads_only_the_first_channels():
+    """ATTN_GATE=sparse (#1787): per head sigmoid(0.5 * W x[:12]), W zero: every gate starts at exactly 0.5
+    (the layer's attention output halved), 96 parameters per layer, and the channels past 12 never
+    move it."""
+    ids = torch.randint(2, 128, (2, 32))
+    sparse = full_model(ATTN_GATE="sparse", MODEL_DIM=64)
+    plain = full_model(ATTN_GATE="off", MODEL_DIM=64)
+    copy_shared(sparse, plain)
+    fresh = tg.GPT(tg.Hyperparameters.from_env({k: str(v) for k, v in {**FULL, "ATTN_GATE": "sparse"}.items()}))
+    assert all(c.attn_gate.weight.shape == (4, 12) and not c.attn_gate.weight.any() for c in fresh.controls)
+    with torch.no_grad():
+        for c in sparse.controls:
+            c.attn_gate.weight.zero_()  # as initialized (full_model perturbs every parameter)
+        for c in plain.controls:
+            c.attn_scale.mul_(0.5)  # the proj is linear: half the heads' output = half the branch
+    assert torch.allclose(sparse.logits(ids), plain.logits(ids), atol=1e-5)
+    x = torch.randn(2, 5, 64)
+    gate = sparse.controls[1].attn_gate
+    with torch.no_grad():
+        gate.weight.normal_()
+    moved = x.clone()
+    moved[..., 12:] += 1.0
+    assert torch.equal(gate(x), gate(moved)) and not torch.equal(gate(x), gate(x + 1.0))
+
+
+def test_input_dependent_smeargate_starts_as_identity_and_stops_at_a_bos():
+    """SMEAR_INPUT_DIMS=12 (#1855): x_t + lam * sigmoid(w . x_t[:12]) * x_{t-1}, lam = 0 and w = 0 at init
+    (13 parameters, the identity), never across a BOS or a row start."""
+    smear = tg.SmearGate(64, 12)
+    assert sum(p.numel() for p in smear.parameters()) == 13
+    x = torch.randn(1, 6, 64)
+    starts = torch.tensor([[True, False, False, True, False, False]])
+    assert torch.equal(smear(x, starts), x)
+    with torch.no_grad():
+        smear.lam.fill_(0.7)
+        smear.weight.normal_()
+    y = smear(x, starts)
+    assert torch.equal(y[0, 3], x[0, 3]) and torch.equal(y[0, 0], x[0, 0]) and not torch.allclose(y[0, 4], x[0, 4])
+    x2 = x.clone()
+    x2[0, 2] += 1.0  # the token before the BOS
+    assert torch.equal(smear(x2, starts)[0, 3:], y[0, 3:])
+    model = full_model(SMEAR_INPUT_DIMS=12, DOC_ATTENTION=1, DOC_ATTENTION_KERNEL="mask")
+    ids = torch.randint(2, 128, (1, 32))
+    ids[0, 0], ids[0, 16] = tg.BOS_ID, tg.BOS_ID
+    with torch.no_grad():
+        model.smear.lam.fill_(1.0)
+    changed = ids.clone()
+    changed[0, 1:16] = (changed[0, 1:16] + 5) % 126 + 2
+    assert torch.equal(model.logits(ids)[0, 16:], model.logits(changed)[0, 16:])

@@ -16,7 +16,7 @@ PRESETS = {
     "pr490": (27_137_221, 0, ""),
     "pr1493": (35_944_536, 16, "the 2x2 lane write-back of 4 layers (+16)"),
     "pr1539_legal": (36_311_132, 1_039, "2 extra skip weights (+1,024), lane mix 16 vs lane merge 1 (+15)"),
-    "top_1_0611": (35_945_671, -611, "no sparse attention gates -1,056, lanes -54, SmearGate width +499"),
+    "top_1_0611": (35_945_671, -54, "lanes: our 2x2 write-back per layer vs its resid and post lambdas (-54)"),
 }
 
 
