@@ -163,6 +163,8 @@ class Hyperparameters:
     quant_clip: str = knob("sd", choices=("sd", "mse"))  # row clip: k*std(row) (SDClip) or MSE-best of max|w|
     quant_clip_k: float = knob(12.85, 0.5)  # SDClip k of the block matrices
     embed_clip_k: float = knob(20.0, 0.5)  # SDClip k of the embedding tables
+    lqer_rank: int = knob(0, 0)  # LQER: rank-r SVD of the quantization error, int4 factors, added back (0 = off) ...
+    lqer_tensors: int = knob(3, 1)  # ... on the tensors with the largest error (#1797: rank 4, 3 tensors)
     prune_frac: float = knob(0.0, 0.0, 0.9)  # zero this fraction of smallest |w| of each int tensor first
     quant_method: str = knob("lite", choices=("lite", "full"))  # row clip alone, or + Hessian GPTQ
     gptq_calib_batches: int = knob(16, 1)  # training micro-batches per rank for the Hessians (full)
@@ -1262,7 +1264,7 @@ def quant_plan(h: Hyperparameters) -> dict[str, tuple[int, float]]:
 
 
 def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Tensor] | None = None,
-                   damp: float = 0.01, prune: float = 0.0) -> dict[str, QTensor]:
+                   damp: float = 0.01, prune: float = 0.0, lqer: tuple[int, int] = (0, 0)) -> dict[str, QTensor]:
     """Every tensor on its group's grid (scales from the unpruned weights, so QAT's grid is kept), after
     zeroing the `prune` fraction of smallest |w|; rounded by GPTQ where a Hessian is given. Computed on
     the tensors' device; the results are on the CPU."""
@@ -1281,7 +1283,32 @@ def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Ten
         H = hessians.get(name) if hessians else None
         q = gptq_round(w, H.to(w), scale, qmax, damp) if H is not None else round_to_grid(w, scale, qmax)
         out[name] = QTensor(tuple(t.shape), bits, q.to(torch.int8).cpu(), scale.half().cpu())
-    return out
+    return add_lqer(state, out, *lqer)
+
+
+def add_lqer(state: dict[str, Tensor], qstate: dict[str, QTensor], rank: int, count: int) -> dict[str, QTensor]:
+    """LQER: for the `count` int tensors with the largest quantization error E = W - Q(W), the rank-r
+    truncated SVD E ~ (U S)(V^T), both factors stored int4 with MSE-clipped row scales as entries
+    '<name>.lqA' / '<name>.lqB' (paid for in the artifact like any tensor), folded back by dequantized()."""
+    if not rank:
+        return qstate
+    err = {n: state[n].detach().float().cpu().reshape(q.values.shape) - q.dequantize().reshape(q.values.shape)
+           for n, q in qstate.items() if q.bits}
+    for n in sorted(err, key=lambda n: -err[n].norm().item())[:count]:
+        U, S, Vh = torch.linalg.svd(err[n], full_matrices=False)
+        for suffix, f in (("lqA", U[:, :rank] * S[:rank]), ("lqB", Vh[:rank])):
+            scale = row_scales(f, 4, 0)
+            qstate[f"{n}.{suffix}"] = QTensor(tuple(f.shape), 4, round_to_grid(f, scale, 7).to(torch.int8), scale.half())
+    return qstate
+
+
+def dequantized(qstate: dict[str, QTensor]) -> dict[str, Tensor]:
+    """The model's weights from an artifact's tensors: each dequantized, plus its LQER correction A @ B."""
+    w = {k: q.dequantize() for k, q in qstate.items() if not k.endswith((".lqA", ".lqB"))}
+    for k in w:
+        if f"{k}.lqA" in qstate:
+            w[k] = w[k] + (qstate[f"{k}.lqA"].dequantize() @ qstate[f"{k}.lqB"].dequantize()).reshape(w[k].shape)
+    return w
 
 
 def entropy_bytes(qstate: dict[str, QTensor]) -> float:
@@ -2199,9 +2226,10 @@ def file_sha256(path: str) -> str:
 def model_from_qstate(qstate: dict[str, QTensor], h: Hyperparameters, rt: Runtime, stage: int) -> GPT:
     """A fresh model with the artifact's weights, running the depth schedule training ended in."""
     model = GPT(h).to(rt.device)
-    missing = set(model.state_dict()) ^ set(qstate)
+    weights = dequantized(qstate)
+    missing = set(model.state_dict()) ^ set(weights)
     need(not missing, f"artifact tensors do not match the model built from its config: {sorted(missing)[:5]}")
-    model.load_state_dict({k: q.dequantize() for k, q in qstate.items()})
+    model.load_state_dict(weights)
     model.set_stage(stage)
     return model
 
@@ -2217,11 +2245,11 @@ def export_artifact(state: dict[str, Tensor], stage: int, h: Hyperparameters, rt
 
     @torch.no_grad()
     def calib_loss(weights: dict) -> float:  # mean NLL of the last training micro-batch (rank 0's)
-        trial.load_state_dict({k: v.dequantize() if isinstance(v, QTensor) else v for k, v in weights.items()})
+        trial.load_state_dict(dequantized(weights) if isinstance(next(iter(weights.values())), QTensor) else weights)
         with rt.autocast():
             return trial(*(c.to(rt.device) for c in calib)).item()
 
-    quantize = lambda plan: quantize_state(state, plan, hessians, h.gptq_damp, h.prune_frac)
+    quantize = lambda plan: quantize_state(state, plan, hessians, h.gptq_damp, h.prune_frac, (h.lqer_rank, h.lqer_tensors))
     pack = lambda qstate: pack_artifact(qstate, meta, h.compressor)
     fit_limit = limit - code_bytes if h.auto_fit != "0" else math.inf
     plan, qstate, blob = fit_to_budget(quantize, pack, quant_plan(h), fit_limit, calib_loss, log, fill=h.auto_fit == "1")
@@ -2386,7 +2414,8 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     if not h.eval_only_artifact:
         log.phase("export")
         meta = dict(model=h.model_config(), stage=ck["stage"], tokenizer_sha256=tokenizer_sha, run_id=ck["run_id"],
-                    weights=ck["weights"], quant=dict(method=h.quant_method, clip=h.quant_clip, prune_frac=h.prune_frac))
+                    weights=ck["weights"], quant=dict(method=h.quant_method, clip=h.quant_clip, prune_frac=h.prune_frac,
+                                         lqer=[h.lqer_rank, h.lqer_tensors]))
         if rt.rank == 0:
             sizes = export_artifact(ck["state"], ck["stage"], h, rt, log, code, meta, ck["hessians"], ck["calib"])
         del ck

@@ -34,7 +34,7 @@ TINY = dict(val_max_tokens=300, iterations=3, max_wallclock_seconds=2.0, train_b
             eval_seq_len=32, eval_stride=32, eval_budget_seconds=30.0, ttt_chunk_tokens=512, ttt_epochs=2,
             ttt_lr=0.05, ttt_freeze_blocks=6, ttt_grad_clip=2.0, ttt_batch_seqs=4, train_micro_batches=16,
             embed_wd=1.0, quant_clip_k=30.0, embed_clip_k=40.0, ttt_lora_rank=4, ttt_lora_lr=0.1, ttt_lora_chunk=40,
-            ttt_docs_per_batch=3, ttt_phase_docs=4, ttt_phases=3)
+            ttt_docs_per_batch=3, ttt_phase_docs=4, ttt_phases=3, smear_input_dims=8, lqer_rank=3, lqer_tensors=3)
 
 
 class Sampler(random.Random):

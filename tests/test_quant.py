@@ -214,3 +214,24 @@ def test_rate_control_never_returns_a_miss():
     always = lambda q: pack(q) + bytes(limit * (len(pack(q)) > full))
     plan, qstate, blob = tg.fit_to_budget(quantize, always, PLAN, limit, error, SILENT)
     assert plan == PLAN and len(blob) == full
+
+
+def test_lqer_adds_back_the_largest_errors_low_rank_and_round_trips(tmp_path):
+    """LQER (rank 4, 3 tensors): int4 factors of the rank-4 SVD of the quantization error on exactly the 3
+    int tensors with the largest error, stored as artifact entries, read back and folded into the weights:
+    each of those tensors gets closer to the float one, every other tensor is untouched."""
+    state = small_state()
+    plan = {g: (4, k) for g, (_, k) in PLAN.items()}  # coarse grids: errors a low rank can matter for
+    base, lq = tg.quantize_state(state, plan), tg.quantize_state(state, plan, lqer=(4, 3))
+    err = {n: (state[n] - q.dequantize()).norm().item() for n, q in base.items() if q.bits}
+    top = sorted(err, key=err.get, reverse=True)[:3]
+    assert sorted(n[:-4] for n in lq if n.endswith(".lqA")) == sorted(top)
+    assert all(lq[f"{n}.lqA"].shape == (state[n].shape[0], 4) and lq[f"{n}.lqB"].bits == 4 for n in top)
+    tg.write_atomic(str(tmp_path / "lq.ptz"), tg.pack_artifact(lq, {}, "zstd"))
+    folded = tg.dequantized(tg.read_artifact(str(tmp_path / "lq.ptz"))[0])
+    assert set(folded) == set(state)
+    for n in top:  # the int4 factors keep most of what the exact rank-4 SVD removes
+        E = (state[n] - base[n].dequantize()).reshape(state[n].shape[0], -1)
+        best = (E.square().sum() - torch.linalg.svdvals(E)[:4].square().sum()).item()
+        assert (state[n] - folded[n]).square().sum().item() - best < 0.3 * (err[n] ** 2 - best)
+    assert all(torch.equal(folded[n], q.dequantize()) for n, q in base.items() if n not in top)

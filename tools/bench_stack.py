@@ -40,6 +40,14 @@ VARIANTS = {
     "no_late_qat": dict(LATE_QAT_THRESHOLD=0),
     "plus_loop": dict(LOOP_START=1, LOOP_END=2, LOOP_REPEATS=1, LOOP_ENABLE_AT=0.4),
     "plus_lanes": dict(PARALLEL_START=2),
+    # the 1.0611 record's additions (issue 17), one at a time on the full stack
+    "plus_sparse_gate": dict(ATTN_GATE="sparse"),
+    "plus_smear_input": dict(SMEAR_INPUT_DIMS=12),
+    "plus_lqer": dict(LQER_RANK=4, LQER_TENSORS=3),
+    "plus_doc_attention": dict(DOC_ATTENTION=1),
+    # CaseOps data (`python3 data/prepare_data.py --caseops`): bpb over the original text's bytes (sidecar)
+    "plus_caseops": dict(DATA_PATH=str(REPO / "data" / "datasets" / "pdmix_sp1024_caseops"),
+                         TOKENIZER_PATH=str(REPO / "data" / "tokenizers" / "pdmix_1024_bpe_caseops.model")),
 }
 
 
@@ -57,6 +65,8 @@ def main() -> None:
     base["WARMDOWN_ITERS"] = base["ITERATIONS"] // 2
     base.update(kv.split("=", 1) for kv in args.set)
     names = args.only.split(",") if args.only else list(VARIANTS)
+    if "plus_caseops" in names:
+        ensure_embedded_data("--caseops")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

@@ -21,8 +21,8 @@ def cpu_scale_env() -> dict:
     return env
 
 
-def ensure_embedded_data() -> None:
-    subprocess.run([sys.executable, str(REPO / "data" / "prepare_data.py"), "--if-missing"], check=True,
+def ensure_embedded_data(*args: str) -> None:
+    subprocess.run([sys.executable, str(REPO / "data" / "prepare_data.py"), "--if-missing", *args], check=True,
                    capture_output=True)
 
 
