@@ -595,9 +595,9 @@ def byte_counter(h: Hyperparameters, sp: spm.SentencePieceProcessor, tokens: Ten
              "sidecar: its bytes of original text are the bpb denominator (data/prepare_data.py --caseops writes them)")
         return build_byte_luts(sp, rt.device)
     shards = find_shards(h, "val")[0]
-    need(caseops and [f.replace("_bytes_", "_") for f in files] == shards and all(shard_token_count(
-         f, (SIDECAR_MAGIC, SHARD_MAGIC)) == shard_token_count(t) for f, t in zip(files, shards)), f"{h.data_path}: the byte sidecars {files} do not pair "
-         f"with the val shards {shards} of a CaseOps tokenizer (rebuild with data/prepare_data.py --caseops)")
+    paired = all(shard_token_count(f, (SIDECAR_MAGIC, SHARD_MAGIC)) == shard_token_count(t) for f, t in zip(files, shards))
+    need(caseops and [f.replace("_bytes_", "_") for f in files] == shards and paired, f"{h.data_path}: the byte "
+         f"sidecars {files} do not pair with the val shards {shards} of a CaseOps tokenizer (rebuild with data/prepare_data.py --caseops)")
     counts = torch.from_numpy(np.concatenate([load_shard(f, (SIDECAR_MAGIC, SHARD_MAGIC)) for f in files])
                               [: tokens.numel()].astype(np.int32)).to(rt.device)
     need(not counts[tokens == BOS_ID].any(), f"{files}: a BOS owns bytes in the sidecar (not this tokenization's)")
@@ -623,8 +623,9 @@ def loss_and_bpb(totals: Tensor) -> tuple[float, float]:
 # q/k RMSNorm, learnable per-head QK gain, partial RoPE and XSA; LeakyReLU^2 MLP; BigramHash, SmearGate
 # and value embeddings at the input; optionally, attention within documents only (DOC_ATTENTION: with
 # BigramHash and SmearGate reset at BOS, nothing of one document reaches the next). Depth recurrence is
-# a schedule of logical layers ("slots") over shared physical blocks; each slot keeps its own scales. The hidden-state path is shared by the loss,
-# the logits and per-token NLL, so training, scoring and TTT can never run different forwards.
+# a schedule of logical layers ("slots") over shared physical blocks; each slot keeps its own scales. The
+# hidden-state path is shared by the loss, the logits and per-token NLL, so training, scoring and TTT can
+# never run different forwards.
 # =====================================================================================================
 
 
@@ -1303,8 +1304,10 @@ def add_lqer(state: dict[str, Tensor], qstate: dict[str, QTensor], rank: int, co
 
 
 def dequantized(qstate: dict[str, QTensor]) -> dict[str, Tensor]:
-    """The model's weights from an artifact's tensors: each dequantized, plus its LQER correction A @ B."""
-    w = {k: q.dequantize() for k, q in qstate.items() if not k.endswith((".lqA", ".lqB"))}
+    """The model's weights from an artifact's tensors (float ones pass through): each dequantized, plus its
+    LQER correction A @ B."""
+    w = {k: q.dequantize() if isinstance(q, QTensor) else q for k, q in qstate.items()
+         if not k.endswith((".lqA", ".lqB"))}
     for k in w:
         if f"{k}.lqA" in qstate:
             w[k] = w[k] + (qstate[f"{k}.lqA"].dequantize() @ qstate[f"{k}.lqB"].dequantize()).reshape(w[k].shape)
@@ -2245,7 +2248,7 @@ def export_artifact(state: dict[str, Tensor], stage: int, h: Hyperparameters, rt
 
     @torch.no_grad()
     def calib_loss(weights: dict) -> float:  # mean NLL of the last training micro-batch (rank 0's)
-        trial.load_state_dict(dequantized(weights) if isinstance(next(iter(weights.values())), QTensor) else weights)
+        trial.load_state_dict(dequantized(weights))
         with rt.autocast():
             return trial(*(c.to(rt.device) for c in calib)).item()
 

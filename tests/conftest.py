@@ -43,16 +43,22 @@ def embedded_data(tmp_path_factory):
                 TOKENIZER_PATH=str(out / "tokenizers" / "pdmix_1024_bpe.model"), VOCAB_SIZE="1024")
 
 
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory):
-    """600 docs of the embedded corpus (100 val), a 512-piece tokenizer, several train shards."""
-    out = tmp_path_factory.mktemp("small")
+def small_corpus(out: Path, *flags: str) -> Path:
+    """600 docs of the embedded corpus (100 val) prepared with a 512-piece tokenizer and 150K-token shards;
+    returns the data root (datasets/, tokenizers/)."""
     with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
         lines = [next(f) for _ in range(600)]
     docs = out / "docs.jsonl"
     docs.write_text("".join(lines), encoding="utf-8")
-    run_prepare(out, "--docs", str(docs), "--val-docs", "100", "--vocab-size", "512", "--shard-tokens", "150000",
-                "--name", "small")
+    run_prepare(out, *flags, "--docs", str(docs), "--val-docs", "100", "--vocab-size", "512", "--shard-tokens",
+                "150000", "--name", "small")
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """600 docs of the embedded corpus (100 val), a 512-piece tokenizer, several train shards."""
+    out = small_corpus(tmp_path_factory.mktemp("small"))
     return dict(DATA_PATH=str(out / "datasets" / "small_sp512"),
                 TOKENIZER_PATH=str(out / "tokenizers" / "small_512_bpe.model"), VOCAB_SIZE="512")
 
@@ -60,13 +66,7 @@ def small_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def caseops_data(tmp_path_factory):
     """small_data's 600 docs as CaseOps: case-encoded tokens (512-piece tokenizer) and byte sidecars."""
-    out = tmp_path_factory.mktemp("caseops")
-    with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
-        lines = [next(f) for _ in range(600)]
-    docs = out / "docs.jsonl"
-    docs.write_text("".join(lines), encoding="utf-8")
-    run_prepare(out, "--caseops", "--docs", str(docs), "--val-docs", "100", "--vocab-size", "512",
-                "--shard-tokens", "150000", "--name", "small")
+    out = small_corpus(tmp_path_factory.mktemp("caseops"), "--caseops")
     return dict(DATA_PATH=str(out / "datasets" / "small_sp512_caseops"),
                 TOKENIZER_PATH=str(out / "tokenizers" / "small_512_bpe_caseops.model"), VOCAB_SIZE="512")
 

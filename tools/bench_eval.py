@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import EMBEDDED, REPO, cpu_scale_env, ensure_embedded_data, markdown_table, run_train
+from benchlib import REPO, markdown_table, run_train, token_budget_base
 
 MODELS = {"causal": {}, "doc": dict(DOC_ATTENTION=1)}
 ROWS = {  # name: (model, eval settings)
@@ -40,13 +40,9 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every eval")
     p.add_argument("--json", type=Path, default=REPO / "results" / "bench_eval.json")
     args = p.parse_args()
-    ensure_embedded_data()
     # a LoRA batch is TTT_DOCS_PER_BATCH rows however many documents are left in it: 8, not the record's
     # 64, so that a few hundred documents do not spend a CPU's time on padding rows
-    base = {**cpu_scale_env(), **EMBEDDED, "MAX_WALLCLOCK_SECONDS": 0, "VAL_MAX_TOKENS": args.val_tokens,
-            "EVAL_BUDGET_SECONDS": 3000, "TTT_DOCS_PER_BATCH": 8}
-    base["ITERATIONS"] = args.tokens // int(base["TRAIN_BATCH_TOKENS"])
-    base["WARMDOWN_ITERS"] = base["ITERATIONS"] // 2
+    base = {**token_budget_base(args), "EVAL_BUDGET_SECONDS": 3000, "TTT_DOCS_PER_BATCH": 8}
     names = args.only.split(",") if args.only else list(ROWS)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

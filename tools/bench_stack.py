@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import REPO, EMBEDDED, cpu_scale_env, ensure_embedded_data, markdown_table, run_train
+from benchlib import REPO, ensure_embedded_data, markdown_table, run_train, token_budget_base
 
 # The official naive baseline's choices at the same scale: relu^2 MLP 2x, full RoPE, no LN scale, no
 # BigramHash/SmearGate/XSA/VE, no EMA/QAT, its Muon/Adam settings, int8 export, non-overlapping eval.
@@ -59,10 +59,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
     p.add_argument("--json", type=Path, default=REPO / "logs" / "bench_stack.json")
     args = p.parse_args()
-    ensure_embedded_data()
-    base = {**cpu_scale_env(), **EMBEDDED, "MAX_WALLCLOCK_SECONDS": 0, "VAL_MAX_TOKENS": args.val_tokens}
-    base["ITERATIONS"] = args.tokens // int(base["TRAIN_BATCH_TOKENS"])
-    base["WARMDOWN_ITERS"] = base["ITERATIONS"] // 2
+    base = token_budget_base(args)
     base.update(kv.split("=", 1) for kv in args.set)
     names = args.only.split(",") if args.only else list(VARIANTS)
     if "plus_caseops" in names:

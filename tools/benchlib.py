@@ -26,6 +26,16 @@ def ensure_embedded_data(*args: str) -> None:
                    capture_output=True)
 
 
+def token_budget_base(args) -> dict:
+    """tools/cpu_scale.env on the embedded corpus, trained for exactly args.tokens (warmdown: the second half)
+    and scored on the first args.val_tokens: the same work on any machine, whatever its speed."""
+    ensure_embedded_data()
+    base = {**cpu_scale_env(), **EMBEDDED, "MAX_WALLCLOCK_SECONDS": 0, "VAL_MAX_TOKENS": args.val_tokens}
+    base["ITERATIONS"] = args.tokens // int(base["TRAIN_BATCH_TOKENS"])
+    base["WARMDOWN_ITERS"] = base["ITERATIONS"] // 2
+    return base
+
+
 def child_env(env: dict) -> dict:
     """This process's environment (PYTHONPATH, CUDA_*, LD_LIBRARY_PATH, NCCL_*, TORCH* pass through: a GPU
     image needs them) without any variable train_gpt.py reads as a knob or from torchrun, plus `env`."""
