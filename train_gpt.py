@@ -12,10 +12,9 @@ Run
 Every knob is an environment variable named after its Hyperparameters field (NUM_LAYERS=11, ...).
 
 One run: train (Muon + AdamW, wallclock warmdown, EMA/SWA, late QAT, optional depth recurrence)
--> save the float weights -> quantize (SDClip int6 matrices, int8 embeddings, optionally full GPTQ)
--> compress, fitting the byte budget by rate control -> atomic write -> read the
-artifact back from disk -> score it (non-overlapping, sliding window, legal score-first TTT) ->
-PASS/FAIL lines for every budget and rule, and a JSON summary next to the log.
+-> save the float weights -> quantize (SDClip int6 matrices, int8 embeddings, optionally full GPTQ) -> compress,
+fitting the byte budget by rate control -> atomic write -> read the artifact back -> score it (non-overlapping,
+sliding window, legal score-first TTT) -> PASS/FAIL lines for every budget and rule, a JSON summary by the log.
 """
 
 from __future__ import annotations
@@ -100,6 +99,7 @@ class Hyperparameters:
     train_log_every: int = knob(500, 1)  # train_loss line period (steps 1-10 are always logged)
     compile: str = knob("auto", choices=("auto", "0", "1"))  # torch.compile; auto = on for CUDA only
     compile_cache_dir: str = ""  # folder of torch.compile's disk caches, reused by later runs; "" = torch's default
+    compile_backend: str = knob("inductor", choices=("inductor", "aot_eager"))  # aot_eager: no code generation
     # model
     num_layers: int = knob(11, 1)  # logical layers of the base schedule
     unique_layers: int = knob(0, 0)  # physical blocks (0 = NUM_LAYERS); layer i runs block i % this
@@ -126,7 +126,8 @@ class Hyperparameters:
     smear_input_dims: int = knob(0, 0)  # ... a per-channel gate, or lam*sigmoid(w x_t[:N]) x_{t-1} from N channels (#1855: 12)
     ve_layers: tuple[int, ...] = (9, 10)  # logical layers with value embeddings ("" = none)
     ve_dim: int = knob(128, 1)  # value-embedding table width
-    parallel_start: int = knob(-1, -1)  # first logical layer with two residual lanes (-1 = off)
+    parallel_start: int = knob(-1, -1)  # first logical layer with parallel attention and MLP (-1 = off), ...
+    parallel_form: str = knob("lane1", choices=("lane1", "gptj"))  # ... on two lanes (#1530) or one stream (#1493)
     controls_per: str = knob("layer", choices=("layer", "block"))  # scales, mixes, LN scale per logical layer or block
     skip_gates: bool = False  # U-Net skips as lerp(w*skip, x, sigmoid(g)) with a learned gate g (#1493)
     value_residual: bool = False  # layers 1.. mix layer 0's values in: v = l0*v0 + l1*v, l init (0.5, 0.5) (#490)
@@ -141,10 +142,12 @@ class Hyperparameters:
     muon_momentum: float = knob(0.99, 0.0, 1.0)  # Nesterov momentum after warm-up
     muon_momentum_warmup_start: float = knob(0.92, 0.0, 1.0)  # ... rising linearly from this ...
     muon_momentum_warmup_steps: int = knob(1500, 0)  # ... over this many steps
-    muon_backend_steps: int = knob(5, 1)  # Newton-Schulz iterations
+    muon_backend_steps: int = knob(5, 1)  # Newton-Schulz iterations (Polar Express: the first N of its 5)
     muon_ns: str = knob("classic", choices=("classic", "polar"))  # NS coefficients: quintic or Polar Express
     muon_eq_r: bool = False  # row-normalize the update before Newton-Schulz (MuonEq-R)
-    muon_wd: float = knob(0.04, 0.0)  # Muon decoupled weight decay (x scheduled LR)
+    muon_wd: float = knob(0.04, 0.0)  # Muon decoupled weight decay (x scheduled LR), from this fraction of the run ...
+    muon_wd_taper_at: float = knob(1.0, 0.0, 1.0)  # ... tapering linearly (1 = never) ...
+    muon_wd_taper_to: float = knob(1.0, 0.0)  # ... to this multiple of itself at the end (#1729: 0.7 -> 0.5)
     adam_wd: float = knob(0.04, 0.0)  # AdamW weight decay
     embed_wd: float = knob(-1.0, -1.0)  # AdamW weight decay of the embedding tables (-1 = ADAM_WD)
     beta1: float = knob(0.9, 0.0, 1.0)  # AdamW beta1 (also TTT with AdamW)
@@ -161,7 +164,9 @@ class Hyperparameters:
     quant_bits_mlp: int = knob(0, 0, 8)  # MLP matrices (0 = QUANT_BITS)
     embed_bits: int = knob(8, 2, 8)  # embedding tables
     quant_clip: str = knob("sd", choices=("sd", "mse"))  # row clip: k*std(row) (SDClip) or MSE-best of max|w|
-    quant_clip_k: float = knob(12.85, 0.5)  # SDClip k of the block matrices
+    quant_clip_k: float = knob(12.85, 0.5)  # SDClip k of the block matrices, unless set per group:
+    quant_clip_k_attn: float = knob(0.0, 0.0)  # attention matrices (0 = QUANT_CLIP_K)
+    quant_clip_k_mlp: float = knob(0.0, 0.0)  # MLP matrices (0 = QUANT_CLIP_K; the 1.0611 record: attn 13, MLP 11.5)
     embed_clip_k: float = knob(20.0, 0.5)  # SDClip k of the embedding tables
     lqer_rank: int = knob(0, 0)  # LQER: rank-r SVD of the quantization error, int4 factors, added back (0 = off) ...
     lqer_tensors: int = knob(3, 1)  # ... on the tensors with the largest error (#1797: rank 4, 3 tensors)
@@ -195,6 +200,8 @@ class Hyperparameters:
     ttt_batch_seqs: int = knob(32, 1)  # sequences per TTT step, all ranks together
     ttt_lora_rank: int = knob(80, 1)  # LoRA TTT: adapter rank on every block matrix and the output head
     ttt_lora_lr: float = knob(1e-4, 0.0)  # LoRA TTT: Adam LR (beta1 0, TTT_BETA2), one step per scored chunk
+    ttt_lora_alpha: float = knob(0.0, 0.0)  # LoRA TTT: adapters scaled by alpha/rank (0 = rank: by 1; #1787: 144)
+    ttt_lora_wd: float = knob(0.0, 0.0)  # LoRA TTT: decoupled weight decay of the adapters (#1787: 0.5)
     ttt_lora_chunk: int = knob(48, 1)  # LoRA TTT: tokens of a document scored, then learned from, per step
     ttt_docs_per_batch: int = knob(64, 1)  # LoRA TTT: documents adapted side by side on each rank, longest first
     ttt_phase_docs: int = knob(2500, 1)  # phased: after this many documents (the longest) ...
@@ -241,17 +248,15 @@ class Hyperparameters:
         return len(layer_slots(self))
 
     def validate(self) -> None:
-        need(self.model_dim % self.num_heads == 0,
-             f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
-        need(self.num_heads % self.num_kv_heads == 0,
-             f"NUM_HEADS={self.num_heads} must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
+        dim, heads, kv = self.model_dim, self.num_heads, self.num_kv_heads
+        need(dim % heads == 0, f"MODEL_DIM={dim} must be divisible by NUM_HEADS={heads}")
+        need(heads % kv == 0, f"NUM_HEADS={heads} must be a multiple of NUM_KV_HEADS={kv}")
         head_dim = self.model_dim // self.num_heads
         need(head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
         need(4 <= (self.rope_dims or head_dim) <= head_dim and self.rope_dims % 2 == 0,
              f"ROPE_DIMS={self.rope_dims}: the rotated dims per head ({self.rope_dims or head_dim}) must be even and in "
              f"[4, head dim MODEL_DIM/NUM_HEADS={head_dim}] (0 = all; the NTK stretch needs more than 2)")
-        need(self.unique_layers <= self.num_layers,
-             f"UNIQUE_LAYERS={self.unique_layers} cannot exceed NUM_LAYERS={self.num_layers}")
+        need(self.unique_layers <= self.num_layers, f"UNIQUE_LAYERS={self.unique_layers} exceeds NUM_LAYERS={self.num_layers}")
         if self.loop_repeats:
             need(0 <= self.loop_start <= self.loop_end < self.num_layers,
                  f"LOOP_START={self.loop_start}, LOOP_END={self.loop_end}: need 0 <= start <= end < "
@@ -289,8 +294,8 @@ class Hyperparameters:
              f"{self.max_wallclock_seconds} (QUANT_METHOD=full)")
         need(self.beta1 ** 2 < self.beta2 < 1, f"BETA1={self.beta1}, BETA2={self.beta2}: need BETA1^2 < BETA2 < 1 "
              "(else Adam's step, momentum over the root second moment, is unbounded)")
-        need(self.muon_ns == "classic" or self.muon_backend_steps == 5,
-             "MUON_NS=polar has exactly 5 tuned steps: set MUON_BACKEND_STEPS=5")
+        need(self.muon_ns == "classic" or self.muon_backend_steps <= len(NS_POLAR),
+             f"MUON_NS=polar has {len(NS_POLAR)} tuned steps: MUON_BACKEND_STEPS=1..5 runs the first N (#1539: 4)")
 
     def micro_batches(self, world: int) -> int:
         return self.train_micro_batches or max(8, world)
@@ -347,6 +352,7 @@ class Runtime:
     device: torch.device
     compile: bool
     micro_batches: int = 8
+    backend: str = "inductor"  # torch.compile's (COMPILE_BACKEND)
 
     @property
     def grad_accum(self) -> int:
@@ -402,7 +408,7 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
         torch._dynamo.config.cache_size_limit = 32  # train/eval shapes x recurrence stages x QAT
         if h.compile_cache_dir:  # inductor's FX-graph, AOT-autograd, autotune and Triton caches all live under it
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(h.compile_cache_dir)
-    return Runtime(rank, world, local, device, use_compile, h.micro_batches(world))
+    return Runtime(rank, world, local, device, use_compile, h.micro_batches(world), h.compile_backend)
 
 
 class Log:
@@ -453,10 +459,9 @@ def log_header(log: Log, h: Hyperparameters, rt: Runtime, code: str) -> None:
 
 # =====================================================================================================
 # DATA
-# Official shards: 256 little-endian int32 header (magic 20240520, version 1, token count), then uint16
-# tokens; each document is BOS + tokens. Every shard is checked before any work. Training reads the
-# sorted shards as one endless stream; each step takes the next contiguous span and gives each rank
-# its slice, so the tokens seen do not depend on the number of processes.
+# Official shards: 256 little-endian int32 header (magic 20240520, version 1, token count), then uint16 tokens;
+# each document is BOS + tokens; every shard is checked before any work. Training reads the sorted shards as one
+# stream; each step takes the next contiguous span, a slice per rank: the tokens seen do not depend on the ranks.
 # =====================================================================================================
 
 SHARD_MAGIC, SIDECAR_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 20240521, 1, 256 * 4
@@ -536,11 +541,10 @@ def load_val_tokens(h: Hyperparameters, rt: Runtime) -> Tensor:
 
 # =====================================================================================================
 # METRIC: bits per byte
-# The one byte rule: a target's bytes are the UTF-8 length of its piece without the SentencePiece "▁",
-# plus one for that leading space unless the previous token is a control token (BOS). Byte-fallback
-# pieces are one byte each. Summed over a document this equals len(decode(ids).encode()) exactly,
-# which a test checks. CaseOps data counts each token's bytes of the original text from its byte sidecar
-# instead (case operators own none). bpb = total NLL / (ln 2 * total bytes).
+# The one byte rule: a target's bytes are the UTF-8 length of its piece without the SentencePiece "▁", plus one
+# for that leading space unless the previous token is a control token (BOS); byte-fallback pieces are one byte.
+# Summed over a document this equals len(decode(ids).encode()) exactly (tested). CaseOps data counts each token's
+# bytes of the original text from its byte sidecar (case operators own none). bpb = NLL / (ln 2 * bytes).
 # =====================================================================================================
 
 
@@ -619,13 +623,12 @@ def loss_and_bpb(totals: Tensor) -> tuple[float, float]:
 
 # =====================================================================================================
 # MODEL
-# GPT with tied embeddings, logit softcap, U-Net skips, input-embedding residual mix, GQA attention with
-# q/k RMSNorm, learnable per-head QK gain, partial RoPE and XSA; LeakyReLU^2 MLP; BigramHash, SmearGate
-# and value embeddings at the input; optionally, attention within documents only (DOC_ATTENTION: with
-# BigramHash and SmearGate reset at BOS, nothing of one document reaches the next). Depth recurrence is
-# a schedule of logical layers ("slots") over shared physical blocks; each slot keeps its own scales. The
-# hidden-state path is shared by the loss, the logits and per-token NLL, so training, scoring and TTT can
-# never run different forwards.
+# GPT with tied embeddings, logit softcap, U-Net skips, input-embedding residual mix, GQA attention with q/k
+# RMSNorm, learnable per-head QK gain, partial RoPE and XSA; LeakyReLU^2 MLP; BigramHash, SmearGate and value
+# embeddings at the input; optionally parallel residuals, and attention within documents (DOC_ATTENTION: with
+# BigramHash and SmearGate reset at BOS, nothing of one document reaches the next). Depth recurrence is a schedule
+# of logical layers ("slots") over shared physical blocks. One hidden-state path serves the loss, the logits and
+# per-token NLL, so training, scoring and TTT never run different forwards.
 # =====================================================================================================
 
 
@@ -776,18 +779,19 @@ class MLP(nn.Module):
 
 class LayerControl(nn.Module):
     """Per-logical-layer scales, never shared by recurrence: branch scales, the mix of the running stream with the
-    input embedding x0, a value-embedding gain, the 2x2 lane write-back, the Value Residual mix and the
+    input embedding x0, a value-embedding gain, the parallel form's lane lambdas, the Value Residual mix and the
     attention-output gate. Small and outside `blocks`, they train with AdamW and are stored in fp16."""
 
-    def __init__(self, dim: int, value_embed: bool, lanes: bool, v_mix: bool, gate: str, heads: int):
+    def __init__(self, dim: int, value_embed: bool, form: str, v_mix: bool, gate: str, heads: int):
         super().__init__()
+        self.form = form  # how Block runs this layer: sequential, or a parallel form (gptj, lane1)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.ve_scale = nn.Parameter(torch.ones(())) if value_embed else None
-        # rows: [attention lane, MLP lane]; cols: [attention out, MLP out]. All ones = the sequential
-        # block, so lanes start identical and separate only as training pulls them apart.
-        self.lane_mix = nn.Parameter(torch.ones(2, 2)) if lanes else None
+        # lane1: new lane i = resid[i] * lane i + mix[i, 0] * attention out + mix[i, 1] * MLP out (#1530's init)
+        self.lane_mix = nn.Parameter(torch.ones(2, 2)) if form == "lane1" else None
+        self.lane_resid = nn.Parameter(torch.full((2,), 1.1)) if form == "lane1" else None
         self.v_mix = nn.Parameter(torch.full((2,), 0.5)) if v_mix else None
         self.attn_gate = {"off": None, "dense": nn.Linear(dim, heads), "sparse": SparseGate(heads)}[gate]
         if gate == "dense":  # sigmoid(4) ~ 0.98: nearly open at the start
@@ -808,23 +812,31 @@ class SparseGate(nn.Module):
 
 
 class Block(nn.Module):
-    """A physical block: attention + MLP weights, run by every logical layer mapped to it."""
+    """A physical block: attention + MLP weights, run by every logical layer mapped to it, in sequence or in the
+    parallel form its control names."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
         self.attn, self.mlp = Attention(h), MLP(h)
 
     def forward(self, x, x0: Tensor, c: LayerControl, ctx: AttnContext, ln: float, xsa: bool):
-        if isinstance(x, tuple):  # two residual lanes: attention reads lane 0, the MLP lane 1
-            lane_a, lane_m = x
-            a_in = c.resid_mix[0] * lane_a + c.resid_mix[1] * x0
-            att = c.attn_scale * self.attn(rms_norm(a_in) * ln, c, ctx, xsa)
-            m_in = c.resid_mix[0] * lane_m + c.resid_mix[1] * x0 + c.lane_mix[1, 0] * att
-            mlp = c.mlp_scale * self.mlp(rms_norm(m_in) * ln)
-            return a_in + c.lane_mix[0, 0] * att + c.lane_mix[0, 1] * mlp, m_in + c.lane_mix[1, 1] * mlp
+        if c.form != "sequential":
+            return getattr(self, c.form)(x, x0, c, ctx, ln, xsa)
         x = c.resid_mix[0] * x + c.resid_mix[1] * x0
         x = x + c.attn_scale * self.attn(rms_norm(x) * ln, c, ctx, xsa)
         return x + c.mlp_scale * self.mlp(rms_norm(x) * ln)
+
+    def gptj(self, x: Tensor, x0: Tensor, c: LayerControl, ctx: AttnContext, ln: float, xsa: bool) -> Tensor:
+        x = c.resid_mix[0] * x + c.resid_mix[1] * x0
+        n = rms_norm(x) * ln
+        return x + c.attn_scale * self.attn(n, c, ctx, xsa) + c.mlp_scale * self.mlp(n)
+
+    def lane1(self, x: tuple, x0: Tensor, c: LayerControl, ctx: AttnContext, ln: float, xsa: bool) -> tuple:
+        a_in = c.resid_mix[0] * x[0] + c.resid_mix[1] * x0
+        att = c.attn_scale * self.attn(rms_norm(a_in) * ln, c, ctx, xsa)
+        mlp = c.mlp_scale * self.mlp(rms_norm(x[1]) * ln)
+        return (c.lane_resid[0] * a_in + c.lane_mix[0, 0] * att + c.lane_mix[0, 1] * mlp,
+                c.lane_resid[1] * x[1] + c.lane_mix[1, 0] * att + c.lane_mix[1, 1] * mlp)
 
 
 class BigramHash(nn.Module):
@@ -883,20 +895,20 @@ class ValueEmbedding(nn.Module):
 
 
 def on_lanes(fn, x):
-    """fn applied to the residual stream, or to each of its two lanes."""
-    return (fn(x[0]), fn(x[1])) if isinstance(x, tuple) else fn(x)
+    """fn applied to the residual stream, or to lane 0 of the two (the U-Net skips of #1530's lanes)."""
+    return (fn(x[0]), x[1]) if isinstance(x, tuple) else fn(x)
 
 
-def control_plan(h) -> tuple[list[int], list[tuple[bool, bool, bool]]]:
+def control_plan(h) -> tuple[list[int], list[tuple[bool, str, bool]]]:
     """Which LayerControl each logical layer uses (its own, or under CONTROLS_PER=block its physical
     block's, as #1493 shares them across recurrence passes), and each control's (value embedding,
-    lanes, Value Residual) switches, which all the layers sharing it must agree on."""
+    block form, Value Residual) switches, which all the layers sharing it must agree on."""
     slots = layer_slots(h)
     lanes_from = h.parallel_start if h.parallel_start >= 0 else len(slots)
     control_of = [p if h.controls_per == "block" else i for i, (p, _) in enumerate(slots)]
-    features: dict[int, tuple[bool, bool, bool]] = {}
+    features: dict[int, tuple[bool, str, bool]] = {}
     for i, k in enumerate(control_of):
-        f = (i in h.ve_layers, i >= lanes_from, h.value_residual and i > 0)
+        f = (i in h.ve_layers, h.parallel_form if i >= lanes_from else "sequential", h.value_residual and i > 0)
         need(features.setdefault(k, f) == f, f"CONTROLS_PER=block: block {k} runs logical layers that differ in "
              "VE_LAYERS, PARALLEL_START or VALUE_RESIDUAL (layer 0); align them or use CONTROLS_PER=layer")
     return control_of, [features[k] for k in range(len(features))]
@@ -914,8 +926,7 @@ class GPT(nn.Module):
         self.value_embed = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if h.ve_layers else None
         self.blocks = nn.ModuleList(Block(h) for _ in range(max(p for p, _ in self.slots) + 1))
         self.control_of, features = control_plan(h)
-        self.controls = nn.ModuleList(LayerControl(dim, *f, h.attn_gate, h.num_heads)
-                                      for f in features)
+        self.controls = nn.ModuleList(LayerControl(dim, *f, h.attn_gate, h.num_heads) for f in features)
         self.skip_weights = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(n_logical // 2))
         self.skip_gates = (nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_logical // 2))
                            if h.skip_gates else None)
@@ -993,11 +1004,10 @@ class GPT(nn.Module):
 
 # =====================================================================================================
 # OPTIMIZERS
-# Muon for the block matrices: Nesterov momentum, then Newton-Schulz orthogonalization (the classic
-# quintic or Polar Express), decoupled weight decay, sqrt(rows/cols) scale. Each rank orthogonalizes a
-# contiguous share of every same-shape stack and the results are all-gathered, which equals the
-# one-process update. AdamW for embeddings and the small control tensors. Gradients are averaged over
-# ranks in flat buckets (no DDP), then clipped by their global norm.
+# Muon for the block matrices: Nesterov momentum, Newton-Schulz orthogonalization (classic quintic or Polar
+# Express), decoupled weight decay, sqrt(rows/cols) scale. Each rank orthogonalizes a contiguous share of every
+# same-shape stack and all-gathers: the one-process update. AdamW for embeddings and the small control tensors.
+# Gradients are averaged over ranks in flat buckets (no DDP), then clipped by their global norm.
 # =====================================================================================================
 
 NS_CLASSIC = ((3.4445, -4.7750, 2.0315),)
@@ -1014,7 +1024,7 @@ def newton_schulz(G: Tensor, steps: int, polar: bool) -> Tensor:
     wide = X.size(-2) > X.size(-1)
     if wide:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1.02 if polar else 1.0) + 1e-7)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for i in range(steps):
         a, b, c = NS_POLAR[i] if polar else NS_CLASSIC[0]
         A = X @ X.mT
@@ -1031,7 +1041,7 @@ class Muon(torch.optim.Optimizer):
         for p in self.param_groups[0]["params"]:
             self.stacks.setdefault(tuple(p.shape), []).append(p)
             self.state[p]["momentum_buffer"] = torch.zeros_like(p)  # once: a step allocates nothing
-        self.orthogonalize = torch.compile(newton_schulz) if rt.compile else newton_schulz
+        self.orthogonalize = torch.compile(newton_schulz, backend=rt.backend) if rt.compile else newton_schulz
 
     @torch.no_grad()
     def step(self):
@@ -1114,6 +1124,12 @@ def lr_multiplier(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameter
     return max(mul, h.min_lr)
 
 
+def muon_wd_multiplier(progress: float, h: Hyperparameters) -> float:
+    """1 until MUON_WD_TAPER_AT of the run, then linear to MUON_WD_TAPER_TO at its end."""
+    at = h.muon_wd_taper_at
+    return 1.0 if progress <= at or at >= 1 else 1 + (h.muon_wd_taper_to - 1) * min((progress - at) / (1 - at), 1.0)
+
+
 class WeightAverager:
     """EMA of the weights after every optimizer step and/or SWA: the uniform mean of snapshots (of the
     EMA when it is on) taken every SWA_EVERY steps once the LR multiplier is below SWA_START_LRMUL.
@@ -1153,14 +1169,11 @@ class WeightAverager:
 
 # =====================================================================================================
 # QUANTIZATION AND SERIALIZATION
-# Pure functions: state dict -> quantized tensors -> bytes -> quantized tensors -> state dict.
-# Three groups get int grids with per-row fp16 scales: attention and MLP matrices (QUANT_BITS, int6)
-# and embedding tables (int8); the small rest stays fp16. A row's scale is SDClip (k * std(row) / qmax,
-# k = 12.85 for matrices, 20 for embeddings: k sets the symbols' entropy) or the MSE-best clip of its
-# max |w|; late QAT fake-quantizes on exactly these grids. Full GPTQ keeps the grid and rounds columns in
-# act-order with Hessian error feedback. Rate control (AUTO_FIT) searches k, then bits per group, to fit
-# the byte budget, and spends bytes left under it on a finer k. The artifact is magic + codec + sha256 +
-# compressed payload (a JSON header and raw arrays; no pickle), written atomically.
+# Pure functions: state dict -> quantized tensors -> bytes -> quantized tensors -> state dict. Attention and MLP
+# matrices (int6) and embedding tables (int8) get int grids with per-row fp16 scales, SDClip (k * std(row) / qmax: k
+# sets the symbols' entropy) or the MSE-best clip of max |w|, the grids late QAT trains on; the small rest stays
+# fp16. Full GPTQ rounds columns in act-order with Hessian error feedback; LQER adds low-rank corrections. The
+# artifact is magic + codec + sha256 + compressed payload (a JSON header and raw arrays).
 # =====================================================================================================
 
 SMALL_NUMEL = 65536
@@ -1187,17 +1200,9 @@ def row_scales(w: Tensor, bits: int, k: float) -> Tensor:
     qmax = 2 ** (bits - 1) - 1
     if k:
         return fp16_grid((k * w.std(dim=1, correction=0) / qmax).clamp_min(2 ** -14))
-    amax = w.abs().amax(dim=1)
-    best_scale, best_err = None, None
-    for fraction in CLIP_FRACTIONS:
-        scale = fp16_grid((amax * fraction / qmax).clamp_min(2 ** -14))
-        err = (round_to_grid(w, scale, qmax) * scale[:, None] - w).square().sum(dim=1)
-        if best_err is None:
-            best_scale, best_err = scale, err
-        else:
-            better = err < best_err
-            best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
-    return best_scale
+    scales = torch.stack([fp16_grid((w.abs().amax(dim=1) * f / qmax).clamp_min(2 ** -14)) for f in CLIP_FRACTIONS])
+    errors = torch.stack([(round_to_grid(w, s, qmax) * s[:, None] - w).square().sum(dim=1) for s in scales])
+    return scales.gather(0, errors.argmin(0, keepdim=True))[0]  # per row, the first fraction of least error
 
 
 def fake_quantize(w: Tensor, bits: int, k: float) -> Tensor:
@@ -1260,8 +1265,9 @@ def quant_group(name: str, t: Tensor) -> str:
 def quant_plan(h: Hyperparameters) -> dict[str, tuple[int, float]]:
     """Group -> (bits, SDClip k); k = 0 is the MSE clip search."""
     sd = h.quant_clip == "sd"
-    return {"attn": (h.quant_bits_attn or h.quant_bits, h.quant_clip_k * sd),
-            "mlp": (h.quant_bits_mlp or h.quant_bits, h.quant_clip_k * sd), "embed": (h.embed_bits, h.embed_clip_k * sd)}
+    return {"attn": (h.quant_bits_attn or h.quant_bits, (h.quant_clip_k_attn or h.quant_clip_k) * sd),
+            "mlp": (h.quant_bits_mlp or h.quant_bits, (h.quant_clip_k_mlp or h.quant_clip_k) * sd),
+            "embed": (h.embed_bits, h.embed_clip_k * sd)}
 
 
 def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Tensor] | None = None,
@@ -1288,18 +1294,20 @@ def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Ten
 
 
 def add_lqer(state: dict[str, Tensor], qstate: dict[str, QTensor], rank: int, count: int) -> dict[str, QTensor]:
-    """LQER: for the `count` int tensors with the largest quantization error E = W - Q(W), the rank-r
-    truncated SVD E ~ (U S)(V^T), both factors stored int4 with MSE-clipped row scales as entries
-    '<name>.lqA' / '<name>.lqB' (paid for in the artifact like any tensor), folded back by dequantized()."""
+    """LQER (#1797): for the `count` int tensors with the largest quantization error E = W - Q(W), the rank-r SVD
+    E ~ A B as artifact entries, folded back by dequantized(): '<name>.lqA' = A^T int2 (a scale per rank component;
+    k = 1.224: a Gaussian's Lloyd-Max 3-level grid), '<name>.lqB' = B int4 in groups of 64 (else rows of B)."""
     if not rank:
         return qstate
     err = {n: state[n].detach().float().cpu().reshape(q.values.shape) - q.dequantize().reshape(q.values.shape)
            for n, q in qstate.items() if q.bits}
     for n in sorted(err, key=lambda n: -err[n].norm().item())[:count]:
         U, S, Vh = torch.linalg.svd(err[n], full_matrices=False)
-        for suffix, f in (("lqA", U[:, :rank] * S[:rank]), ("lqB", Vh[:rank])):
-            scale = row_scales(f, 4, 0)
-            qstate[f"{n}.{suffix}"] = QTensor(tuple(f.shape), 4, round_to_grid(f, scale, 7).to(torch.int8), scale.half())
+        B = Vh[:rank].reshape(-1, 64) if Vh.size(1) % 64 == 0 else Vh[:rank]
+        for suffix, f, bits, k in (("lqA", (U[:, :rank] * S[:rank]).T, 2, 1.224), ("lqB", B, 4, 0.0)):
+            scale = row_scales(f, bits, k)
+            q = round_to_grid(f, scale, 2 ** (bits - 1) - 1).to(torch.int8)
+            qstate[f"{n}.{suffix}"] = QTensor(tuple(f.shape), bits, q, scale.half())
     return qstate
 
 
@@ -1310,7 +1318,8 @@ def dequantized(qstate: dict[str, QTensor]) -> dict[str, Tensor]:
          if not k.endswith((".lqA", ".lqB"))}
     for k in w:
         if f"{k}.lqA" in qstate:
-            w[k] = w[k] + (qstate[f"{k}.lqA"].dequantize() @ qstate[f"{k}.lqB"].dequantize()).reshape(w[k].shape)
+            a_t = qstate[f"{k}.lqA"].dequantize()
+            w[k] = w[k] + (a_t.T @ qstate[f"{k}.lqB"].dequantize().reshape(a_t.size(0), -1)).reshape(w[k].shape)
     return w
 
 
@@ -1551,15 +1560,15 @@ def collect_hessians(model: GPT, loader: TrainLoader, h: Hyperparameters, rt: Ru
 
 # =====================================================================================================
 # TRAINING
-# Wallclock-capped loop: the timer pauses for validation; a step starts only if it is projected to end
-# before the cap (MAX_WALLCLOCK_SECONDS, minus GPTQ_RESERVE_SECONDS when full GPTQ calibrates on
-# training data afterwards), so every read of training data happens inside the budget. Compile warm-up
-# steps run every graph the run will need (each recurrence stage, QAT on) and are then undone.
+# Wallclock-capped loop: the timer pauses for validation; a step starts only if projected to end before the cap
+# (MAX_WALLCLOCK_SECONDS, less GPTQ_RESERVE_SECONDS when full GPTQ calibrates on training data after it): every
+# read of training data is inside the budget. Compile warm-up steps run every graph the run needs, then are undone.
 # =====================================================================================================
 
 
-def compile_model(model: GPT, rt: Runtime):
-    return torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
+def compile_model(fn, rt: Runtime):
+    """The model (training loss) or its token_nll (scoring), compiled when compiling."""
+    return torch.compile(fn, dynamic=False, fullgraph=True, backend=rt.backend) if rt.compile else fn
 
 
 def dynamo_counters():
@@ -1573,23 +1582,20 @@ def compiled_graphs(rt: Runtime) -> int:
     return dynamo_counters()["stats"]["unique_graphs"] if rt.compile else 0
 
 
-def make_score_fn(model: GPT, rt: Runtime):
-    return torch.compile(model.token_nll, dynamic=False, fullgraph=True) if rt.compile else model.token_nll
-
-
 def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader, val_tokens: Tensor, luts,
                 log: Log) -> dict:
-    compiled, score_fn = compile_model(model, rt), make_score_fn(model, rt)
+    compiled, score_fn = compile_model(model, rt), compile_model(model.token_nll, rt)
     optimizers, params = build_optimizers(model, h, rt), list(model.parameters())
     reserve = h.gptq_reserve_seconds if h.quant_method == "full" else 0.0
     cap_ms = max(h.max_wallclock_seconds - reserve, 0.0) * 1000 if h.max_wallclock_seconds else 0.0
     enable_at = [h.loop_enable_at[min(r, len(h.loop_enable_at) - 1)] for r in range(h.loop_repeats)]
     last_batch = []
 
-    def train_step(step: int, lr_mul: float) -> Tensor:
+    def train_step(step: int, lr_mul: float, wd_mul: float = 1.0) -> Tensor:
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mul
+        optimizers[0].param_groups[0]["weight_decay"] = h.muon_wd * wd_mul
         warm = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
         optimizers[0].param_groups[0]["momentum"] = (1 - warm) * h.muon_momentum_warmup_start + warm * h.muon_momentum
         total = torch.zeros((), device=rt.device)
@@ -1664,7 +1670,7 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             model.set_qat(quant_plan(h))
             qat_on = True
             log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f} grid:{fmt_plan(quant_plan(h))}")
-        loss = train_step(step, lr_mul)
+        loss = train_step(step, lr_mul, muon_wd_multiplier(progress, h))
         step += 1
         averager.update(step, lr_mul, log)
         before, elapsed = elapsed, train_ms + (rt.clock() - t0) * 1000
@@ -1713,13 +1719,11 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
 
 # =====================================================================================================
 # EVALUATION
-# One window plan and one scorer serve every evaluator. The plan cuts the targets into blocks of
-# EVAL_STRIDE, each scored by a window of EVAL_SEQ_LEN ending at the block's end (the first window
-# scores its whole span), so every target is scored exactly once with up to a window of left context;
-# blocks never straddle a TTT chunk. Stride = length gives the non-overlapping eval. Legal TTT: for each
-# chunk in order, score all its targets with the weights fixed, then (unless it is the last chunk)
-# train on exactly those targets. The eval budget guard measures TTT's own speed and lowers the epochs
-# of later chunks when the projection would overrun.
+# One window plan and one scorer serve every evaluator. The plan cuts the targets into blocks of EVAL_STRIDE, each
+# scored by a window of EVAL_SEQ_LEN ending at the block's end (the first window scores its whole span): every
+# target scored exactly once with up to a window of left context; blocks never straddle a TTT chunk. Legal TTT
+# scores each chunk (or LoRA TTT each document's chunk) with the weights fixed, then trains on exactly those
+# targets, never on a last chunk. Budget guards measure TTT's own speed and cut its work to fit the time.
 # =====================================================================================================
 
 
@@ -1888,7 +1892,8 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
     n_chunks = len(bounds) - 1
     params, n_frozen = ttt_params(model, h.ttt_freeze_blocks)
     opt = ttt_optimizer(params, h)
-    score_fn, train_fn, batch = make_score_fn(model, rt), compile_model(model, rt), eval_batch(h, rt.world_size, L)
+    score_fn, train_fn = compile_model(model.token_nll, rt), compile_model(model, rt)
+    batch = eval_batch(h, rt.world_size, L)
     log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(windows)} stride={h.eval_stride} "
         f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} optimizer={h.ttt_optimizer}")
     log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in params)} frozen={n_frozen}")
@@ -2053,6 +2058,14 @@ def phase_rows(docs: np.ndarray, h: Hyperparameters) -> np.ndarray:
     return np.resize(src, -(-len(src) // step) * step).reshape(-1, h.eval_len)
 
 
+def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.AdamW:
+    """Adam (beta1 0) on the adapters [A, B, A, B, ...]. x A B scaled by s = alpha/rank (B from 0) is exactly B's LR
+    times s, its decay over s: Adam's step ignores a gradient's scale, so A steps alike, B's move x A B s times as far."""
+    lr, wd, s = h.ttt_lora_lr, h.ttt_lora_wd, (h.ttt_lora_alpha or h.ttt_lora_rank) / h.ttt_lora_rank
+    return torch.optim.AdamW([dict(params=params[0::2]), dict(params=params[1::2], lr=lr * s, weight_decay=wd / s)],
+                             lr=lr, betas=(0.0, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2), weight_decay=wd)
+
+
 def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts,
                   log: Log, budget_s: float, observer=None) -> tuple[Tensor, dict]:
     """Document-independent LoRA TTT, longest documents first, batches shared out round-robin over the
@@ -2065,8 +2078,8 @@ def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperpa
         {b for k in range(1, h.ttt_phases + 1) if (b := -(-min(h.ttt_phase_docs, len(docs)) * k // h.ttt_phases // R)) < len(batches)})
     mine = [b for b in range(len(batches)) if b % rt.world_size == rt.rank]
     rest = np.cumsum([batches[b][:, 1].sum() * (b in mine) for b in range(len(batches))][::-1])[::-1]  # my tokens from b
-    opt = torch.optim.Adam(adapters.params, lr=h.ttt_lora_lr, betas=(0.0, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2))
-    score_fn, train_fn = make_score_fn(model, rt), compile_model(model, rt)
+    opt = lora_optimizer(adapters.params, h)
+    score_fn, train_fn = compile_model(model.token_nll, rt), compile_model(model, rt)
     log(f"ttt_lora:start docs={len(docs)} batches={len(batches)} docs_per_batch={R} chunk={h.ttt_lora_chunk} "
         f"rank={h.ttt_lora_rank} lr={h.ttt_lora_lr} phases_before_batches={phase_at}")
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
@@ -2132,7 +2145,7 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
     B, seq, widths = h.ttt_batch_seqs, rows.shape[1], lora_widths(h) if adapters else []
     train_shapes = {len(rows[b: b + B][rt.rank:: rt.world_size]) for b in range(0, len(rows), B)} - {0}  # as train_rows
     noise = torch.randint(0, h.vocab_size, (L + 1,), device=rt.device).to(torch.int32)
-    score_fn, score_shapes = make_score_fn(model, rt), {score_batch(len(s), batch) for s in shares if len(s)}
+    score_fn, score_shapes = compile_model(model.token_nll, rt), {score_batch(len(s), batch) for s in shares if len(s)}
     model.eval()
     for b in score_shapes:
         score_windows(score_fn, noise, np.array([[0, 0, L]] * b), L, b, luts, rt)
@@ -2168,7 +2181,7 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
     elif h.ttt_enabled:  # LoRA TTT: the model's weights are fixed (but in global-SGD phases)
         model.requires_grad_(False)
         adapters = LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed)
-    score_fn = make_score_fn(model, rt)
+    score_fn = compile_model(model.token_nll, rt)
     if rt.compile:
         t = now()
         shapes = warm_up_eval(model, h, rt, n_targets, luts, adapters)
@@ -2211,12 +2224,10 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
 
 # =====================================================================================================
 # ARTIFACT AND BUDGET REPORT
-# The counted size is the compressed model plus the bytes of the file that runs (this source, or its
-# packed form when that is what runs). Over the cap, AUTO_FIT=1 (default) or tighten raises k and drops
-# bits until it fits; under it, AUTO_FIT=1 lowers k (or takes the MSE clip) while that fits and lowers
-# the calibration loss. Each step is logged with the calibration-loss cost; AUTO_FIT=0 gives a loud
-# FAIL when over. The float weights are saved first (FINAL_MODEL_PATH), so EXPORT_FROM can redo all of
-# this without training. Then every rank reads the artifact from disk.
+# The counted size is the compressed model plus the bytes of the file that runs (this source, or its packed form).
+# Rate control (AUTO_FIT, fit_to_budget) fits the budget and spends what is left under it, each step logged with its
+# calibration-loss cost; AUTO_FIT=0 gives a loud FAIL when over. The float weights are saved first
+# (FINAL_MODEL_PATH), so EXPORT_FROM can redo all of this without training. Every rank reads the artifact.
 # =====================================================================================================
 
 RULE_BYTES, RULE_TRAIN_S, RULE_EVAL_S = 16_000_000, 600.0, 600.0
@@ -2252,10 +2263,17 @@ def export_artifact(state: dict[str, Tensor], stage: int, h: Hyperparameters, rt
         with rt.autocast():
             return trial(*(c.to(rt.device) for c in calib)).item()
 
-    quantize = lambda plan: quantize_state(state, plan, hessians, h.gptq_damp, h.prune_frac, (h.lqer_rank, h.lqer_tensors))
     pack = lambda qstate: pack_artifact(qstate, meta, h.compressor)
     fit_limit = limit - code_bytes if h.auto_fit != "0" else math.inf
-    plan, qstate, blob = fit_to_budget(quantize, pack, quant_plan(h), fit_limit, calib_loss, log, fill=h.auto_fit == "1")
+    fits = []  # LQER pays when, fitted to the same limit, it leaves the lower calibration loss (AUTO_FIT=1)
+    for lqer in [(h.lqer_rank, h.lqer_tensors)] + [(0, 0)] * (h.lqer_rank > 0 and h.auto_fit == "1"):
+        quantize = lambda plan: quantize_state(state, plan, hessians, h.gptq_damp, h.prune_frac, lqer)
+        fit = fit_to_budget(quantize, pack, quant_plan(h), fit_limit, calib_loss, log, fill=h.auto_fit == "1")
+        fits.append((calib_loss(fit[1]), *fit))
+    if len(fits) > 1:
+        log(f"lqer:{'kept' if fits[0][0] <= fits[1][0] else 'dropped'} calib_loss with:{fits[0][0]:.5f} "
+            f"without:{fits[1][0]:.5f} (each fitted to {fit_limit} bytes)")
+    _, plan, qstate, blob = min(fits, key=lambda f: f[0])
     write_atomic(h.artifact_path, blob)
     export_s = now() - t
     n_params, total = sum(t.numel() for t in state.values()), len(blob) + code_bytes
@@ -2330,10 +2348,9 @@ def compliance_checks(h: Hyperparameters, train: dict | None, ev: dict, sizes: d
     if sizes is not None:
         checks.append(("artifact_bytes", verdict[sizes["total"] <= RULE_BYTES],
                        f"{sizes['total']} bytes, limit {RULE_BYTES}"))
-    rule = ("each chunk scored whole under inference_mode before training on exactly its targets; last chunk "
-            "never trained" if h.ttt_mode == "chunk" else "each document's chunk scored before the adapter step on "
-            "it, adapters reset per document, a document's last chunk never trained, phases only on documents "
-            "scored to the end")
+    rule = ("each chunk scored whole before training on exactly its targets; last chunk never trained" if h.ttt_mode ==
+            "chunk" else "chunks scored before the step on them, adapters reset per document, no document's last chunk "
+            "trained, phases only on documents scored to the end")
     checks.append(("ttt_legal", "SKIP", "TTT off") if ev["ttt"] is None else
                   ("ttt_legal", verdict[ev["ttt"]["legal"]], f"score-first: {rule}; single pass"))
     scored = {k: r["scored"] for k, r in ev["results"].items()}

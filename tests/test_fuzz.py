@@ -34,7 +34,8 @@ TINY = dict(val_max_tokens=300, iterations=3, max_wallclock_seconds=2.0, train_b
             eval_seq_len=32, eval_stride=32, eval_budget_seconds=30.0, ttt_chunk_tokens=512, ttt_epochs=2,
             ttt_lr=0.05, ttt_freeze_blocks=6, ttt_grad_clip=2.0, ttt_batch_seqs=4, train_micro_batches=16,
             embed_wd=1.0, quant_clip_k=30.0, embed_clip_k=40.0, ttt_lora_rank=4, ttt_lora_lr=0.1, ttt_lora_chunk=40,
-            ttt_docs_per_batch=3, ttt_phase_docs=4, ttt_phases=3, smear_input_dims=8, lqer_rank=3, lqer_tensors=3)
+            ttt_docs_per_batch=3, ttt_phase_docs=4, ttt_phases=3, smear_input_dims=8, lqer_rank=3, lqer_tensors=3,
+            muon_wd_taper_to=2.0, quant_clip_k_attn=30.0, quant_clip_k_mlp=30.0, ttt_lora_alpha=16.0, ttt_lora_wd=1.0)
 
 
 class Sampler(random.Random):
@@ -98,7 +99,7 @@ def drawn_env(seed: int) -> dict:
         v["xsa_last_n"] = r.int(0, n)
         v["parallel_start"] = r.int(-1, n - 1)
         v["ttt_freeze_blocks"] = r.int(0, n)
-        v["muon_backend_steps"] = 5 if v["muon_ns"] == "polar" else v["muon_backend_steps"]
+        v["muon_backend_steps"] = min(5, v["muon_backend_steps"]) if v["muon_ns"] == "polar" else v["muon_backend_steps"]
         v["beta1"] = min(v["beta1"], 0.99)
         v["beta2"] = v["beta2"] if v["beta1"] ** 2 < v["beta2"] < 1 else (1 + v["beta1"] ** 2) / 2
         v["gptq_reserve_seconds"] = min(v["gptq_reserve_seconds"], v["max_wallclock_seconds"] / 2)

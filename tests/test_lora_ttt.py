@@ -159,9 +159,31 @@ def test_lora_budget_guard_stops_adapting_and_phases_when_time_runs_out(small_da
 def test_compiled_phased_lora_ttt_compiles_nothing_inside_the_timed_eval(small_data, monkeypatch):
     """Compiled, with document attention: the warm-up on random tokens builds the scoring graph, the LoRA
     width with adapters (forward and backward; one width keeps this affordable) and the phases' training
-    graph; the timed eval, two phases included, then builds none."""
+    graph; the timed eval, two phases included, then builds none (dynamo's graphs: aot_eager spares the C++ builds)."""
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 32)  # as setup_runtime sets it
     h, model, _, tokens, luts = tiny_setup(small_data, **{**LORA, "TTT_MODE": "phased", "TTT_LORA_CHUNK": 64},
                                            DOC_ATTENTION=1, EVAL_SLIDING=0, NUM_LAYERS=2, VE_LAYERS=1, XSA_LAST_N=1)
-    ev = tg.run_evaluations(model, h, tg.Runtime(0, 1, 0, torch.device("cpu"), True), tokens, luts, SILENT)
+    ev = tg.run_evaluations(model, h, tg.Runtime(0, 1, 0, torch.device("cpu"), True, backend="aot_eager"), tokens, luts,
+                            SILENT)
     assert ev["compiled_inside"] == 0 and ev["ttt"]["phases"] == 2 and ev["results"]["ttt"]["scored"] == 5000
+
+
+def test_lora_alpha_is_the_adapter_scale_and_weight_decay_is_decoupled():
+    """TTT_LORA_ALPHA: Adam on x A B with lora_optimizer's groups equals Adam on x A B * alpha/rank (B from 0,
+    decoupled weight decay on both), step for step; without the scale, it would not."""
+    h = tg.Hyperparameters.from_env({"TTT_LORA_RANK": "4", "TTT_LORA_ALPHA": "10", "TTT_LORA_LR": "0.01",
+                                     "TTT_LORA_WD": "0.5"})
+    torch.manual_seed(0)
+    x, target, a0 = torch.randn(16, 8), torch.randn(16, 6), torch.randn(8, 4)
+    ours = [a0.clone().requires_grad_(), torch.zeros(4, 6, requires_grad=True)]
+    scaled = [a0.clone().requires_grad_(), torch.zeros(4, 6, requires_grad=True)]
+    plain = torch.optim.AdamW(scaled, lr=0.01, betas=(0.0, 0.95), weight_decay=0.5)
+    opt = tg.lora_optimizer(ours, h)
+    for _ in range(5):
+        for o, (a, b), s in ((opt, ours, 1.0), (plain, scaled, 2.5)):
+            o.zero_grad()
+            (x @ a @ b * s - target).square().mean().backward()
+            o.step()
+        assert torch.allclose(x @ ours[0] @ ours[1], x @ scaled[0] @ scaled[1] * 2.5, atol=1e-5)
+    assert not torch.allclose(x @ ours[0] @ ours[1], x @ scaled[0] @ scaled[1], atol=1e-3)
+    assert ours[0].norm() < a0.norm()  # decayed

@@ -138,6 +138,55 @@ def test_skip_gates_interpolate_between_stream_and_skip():
     assert sum(p.numel() for p in gated.skip_gates) == 4 * 32  # 8 slots: 4 skips of MODEL_DIM gates
 
 
+def parallel_layer(form: str):
+    """The first parallel layer of a full model in `form` (random weights): its block, control, context, inputs."""
+    model = full_model(PARALLEL_FORM=form, VALUE_RESIDUAL=0, ATTN_GATE="off", VE_LAYERS="")
+    i = model.active[5]  # PARALLEL_START=5
+    ctx = tg.AttnContext(*model.rotary(16), None)
+    return model.blocks[model.slots[i][0]], model.controls[model.control_of[i]], ctx, torch.randn(2, 16, 32)
+
+
+def test_gptj_form_reads_one_input_in_attention_and_mlp():
+    """GPT-J (#1493): x_in + attention(x_in) + MLP(x_in), where the sequential block's MLP reads attention's output."""
+    block, c, ctx, x = parallel_layer("gptj")
+    x0 = torch.randn_like(x)
+    with torch.no_grad():
+        x_in = c.resid_mix[0] * x + c.resid_mix[1] * x0
+        n = tg.rms_norm(x_in) * 0.5
+        parallel = x_in + c.attn_scale * block.attn(n, c, ctx, False) + c.mlp_scale * block.mlp(n)
+        assert c.form == "gptj" and c.lane_mix is None  # no parameters of its own
+        assert torch.allclose(block(x, x0, c, ctx, 0.5, False), parallel, atol=1e-5)
+        c.form = "sequential"
+        assert not torch.allclose(block(x, x0, c, ctx, 0.5, False), parallel, atol=1e-3)
+
+
+def test_lane1_form_runs_the_mlp_on_lane_one_alone():
+    """#1530's lanes: lane 1's MLP reads neither lane 0 nor x0, so with the attention write-back into lane 1 at 0,
+    new lane 1 ignores both entirely; lane 0 and (through that write-back) lane 1 see attention's output."""
+    block, c, ctx, x = parallel_layer("lane1")
+    run = lambda lane0, x0: block((lane0, x + 1.0), x0, c, ctx, 0.5, False)
+    with torch.no_grad():
+        c.resid_mix[1].normal_()
+        base, other = run(x, torch.randn_like(x)), run(torch.randn_like(x), torch.randn_like(x))
+        assert not torch.allclose(other[1], base[1]) and not torch.allclose(other[0], base[0])
+        c.lane_mix[1, 0] = 0.0
+        base, other = run(x, torch.randn_like(x)), run(torch.randn_like(x), torch.randn_like(x))
+    assert torch.equal(other[1], base[1]) and not torch.allclose(other[0], base[0])
+    fresh = tg.LayerControl(8, False, "lane1", False, "off", 2)
+    assert fresh.lane_resid.tolist() == pytest.approx([1.1, 1.1]) and fresh.lane_mix.tolist() == [[1, 1], [1, 1]]
+
+
+def test_lane1_form_sends_skips_into_lane_zero_only():
+    skip = lambda lane: lane + 1.0
+    a, b = torch.zeros(3), torch.zeros(3)
+    assert torch.equal(tg.on_lanes(skip, (a, b))[0], a + 1.0) and tg.on_lanes(skip, (a, b))[1] is b
+    assert torch.equal(tg.on_lanes(skip, a), a + 1.0)
+    model = full_model(PARALLEL_FORM="lane1")
+    assert [model.controls[model.control_of[i]].form for i in model.active] == ["sequential"] * 5 + ["lane1"] * 3
+    model.logits(torch.randint(2, 128, (2, 32))).sum().backward()  # every lane lambda trains
+    assert all(c.lane_resid.grad.abs().sum() > 0 for c in model.controls if c.form == "lane1")
+
+
 def copy_shared(src, dst):
     """dst takes every weight of src that it has (a model without some optional component)."""
     own = dst.state_dict()

@@ -7,14 +7,27 @@ from conftest import SILENT, cpu_runtime, run_distributed, tg
 from test_model import full_model
 
 
-@pytest.mark.parametrize("polar, lo, hi", [(False, 0.6, 1.25), (True, 0.85, 1.15)])
-def test_newton_schulz_orthogonalizes(polar, lo, hi):
+@pytest.mark.parametrize("polar, steps, lo, hi", [(False, 5, 0.6, 1.25), (True, 5, 0.85, 1.15), (True, 4, 0.4, 1.6)])  # 4 of 5: rougher
+def test_newton_schulz_orthogonalizes(polar, steps, lo, hi):
     torch.manual_seed(0)
     G = torch.randn(4, 64, 32) @ torch.diag(torch.logspace(0, -2, 32))  # condition number 100
-    X = tg.newton_schulz(G, 5, polar)
+    X = tg.newton_schulz(G, steps, polar)
     s = torch.linalg.svdvals(X)
     assert X.shape == G.shape and s.min() > lo and s.max() < hi
-    assert torch.allclose(tg.newton_schulz(G.mT, 5, polar), X.mT, atol=1e-5)  # tall and wide agree
+    assert torch.allclose(tg.newton_schulz(G.mT, steps, polar), X.mT, atol=1e-5)  # tall and wide agree
+
+
+def test_polar_express_steps_are_the_first_of_its_five():
+    """MUON_BACKEND_STEPS=4 with Polar Express (#1539) runs its first 4 tuned steps; a 6th does not exist."""
+    G = torch.randn(2, 16, 8)
+    X = G / G.norm(dim=(-2, -1), keepdim=True)
+    for a, b, c in tg.NS_POLAR[:4]:
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    assert torch.allclose(tg.newton_schulz(G.mT, 4, True), X.mT, atol=1e-5)
+    tg.Hyperparameters.from_env({"MUON_NS": "polar", "MUON_BACKEND_STEPS": "4"})
+    with pytest.raises(tg.ConfigError, match="MUON_BACKEND_STEPS=1..5"):
+        tg.Hyperparameters.from_env({"MUON_NS": "polar", "MUON_BACKEND_STEPS": "6"})
 
 
 SHAPES = [(16, 8)] * 3 + [(8, 24)] * 2 + [(12, 12)]
@@ -106,24 +119,34 @@ def test_short_run_schedule_warns_or_scales(small_data):
     """A run shorter than WARMDOWN_ITERS starts in warmdown (lr_mul < 1 at step 0): the log says so.
     With WARMDOWN_FRAC the LR holds at 1, then decays over the configured fraction of the run."""
     from conftest import hparams
-    for over, warned in (({"WARMDOWN_ITERS": 100}, True), ({"WARMDOWN_FRAC": 0.5}, False)):
+    taper = {"MUON_WD_TAPER_AT": 0.5, "MUON_WD_TAPER_TO": 0.5, "MUON_WD": 0.1}
+    for over, warned in (({"WARMDOWN_ITERS": 100}, True), ({"WARMDOWN_FRAC": 0.5, **taper}, False)):
         h = hparams(small_data, ITERATIONS=4, WARMUP_STEPS=0, LATE_QAT_THRESHOLD=0.5, **over)
-        lines, muls = [], []
+        lines, muls, wds = [], [], []
         model = tg.GPT(h)
         rt = cpu_runtime()
-        real = tg.lr_multiplier
+        real, real_step = tg.lr_multiplier, tg.Muon.step
         tg.lr_multiplier = lambda *a: muls.append(real(*a)) or muls[-1]
+        tg.Muon.step = lambda opt: wds.append(opt.param_groups[0]["weight_decay"]) or real_step(opt)
         try:
             tg.train_model(model, h, rt, tg.TrainLoader(tg.find_shards(h, "train")[0], rt),
                            tg.load_val_tokens(h, rt), tg.build_byte_luts(tg.load_tokenizer(h), "cpu"), lines.append)
         finally:
-            tg.lr_multiplier = real
+            tg.lr_multiplier, tg.Muon.step = real, real_step
         warning = [l for l in lines if l.startswith("warning: the LR warmdown starts at step 0")]
         assert bool(warning) == warned, lines
         if warned:
             assert "lr_mul 0.040, late QAT on at once" in warning[0] and "WARMDOWN_FRAC" in warning[0]
         else:
             assert muls == pytest.approx([1.0, 1.0, 1.0, 0.5])
+            assert wds == pytest.approx([0.1, 0.1, 0.1, 0.075])  # step 3 of 4: half-way down the taper to 0.5x
+
+
+def test_muon_weight_decay_taper():
+    h = tg.Hyperparameters.from_env({"MUON_WD_TAPER_AT": "0.7", "MUON_WD_TAPER_TO": "0.5"})
+    assert [tg.muon_wd_multiplier(p, h) for p in (0.0, 0.7, 0.85, 1.0, 1.2)] == pytest.approx([1, 1, 0.75, 0.5, 0.5])
+    assert tg.muon_wd_multiplier(0.99, tg.Hyperparameters.from_env({})) == 1.0  # off by default
+    assert tg.muon_wd_multiplier(1.1, tg.Hyperparameters.from_env({"MUON_WD_TAPER_TO": "0.5"})) == 1.0  # past the cap
 
 
 def test_ema_and_swa_math_and_export():

@@ -14,9 +14,9 @@ PRESETS = {
     "pr526": (24_634_452, 0, ""),
     "pr691": (26_993_756, 0, ""),
     "pr490": (27_137_221, 0, ""),
-    "pr1493": (35_944_536, 16, "the 2x2 lane write-back of 4 layers (+16)"),
-    "pr1539_legal": (36_311_132, 1_039, "2 extra skip weights (+1,024), lane mix 16 vs lane merge 1 (+15)"),
-    "top_1_0611": (35_945_671, -54, "lanes: our 2x2 write-back per layer vs its resid and post lambdas (-54)"),
+    "pr1493": (35_944_536, 0, ""),
+    "pr1539_legal": (36_311_132, 1_047, "2 extra skip weights (+1,024), 24 lane lambdas vs one lane merge (+23)"),
+    "top_1_0611": (35_945_671, -48, "6 lane lambdas on its 8 blocks that never run in parallel (-48)"),
 }
 
 
@@ -67,3 +67,7 @@ def test_shrunk_preset_runs_end_to_end(name, embedded_data, tmp_path):
                            "record_hardware"}
     assert checks["ttt_legal"] == checks["train_time"] == checks["artifact_bytes"] == "PASS"
     assert re.search(r"^legal_ttt_exact val_loss:\S+ val_bpb:\S+$", proc.stdout, re.M)
+    if env.get("LQER_RANK", "0") != "0":  # rate control fitted it with and without LQER and kept the better
+        choice = re.search(r"^lqer:(kept|dropped) calib_loss with:(\S+) without:(\S+)", proc.stdout, re.M)
+        kept = any(n.endswith(".lqA") for n in tg.read_artifact(env["ARTIFACT_PATH"])[0])
+        assert choice and (choice[1] == "kept") == kept == (float(choice[2]) <= float(choice[3]))

@@ -217,16 +217,20 @@ def test_rate_control_never_returns_a_miss():
 
 
 def test_lqer_adds_back_the_largest_errors_low_rank_and_round_trips(tmp_path):
-    """LQER (rank 4, 3 tensors): int4 factors of the rank-4 SVD of the quantization error on exactly the 3
-    int tensors with the largest error, stored as artifact entries, read back and folded into the weights:
-    each of those tensors gets closer to the float one, every other tensor is untouched."""
+    """LQER (rank 4, 3 tensors): the rank-4 SVD of the quantization error on exactly the 3 int tensors with the
+    largest error, A^T int2 with 4 scales and B int4 in groups of 64, stored as artifact entries, read back and
+    folded into the weights: each of those tensors gets closer to the float one, every other one is untouched."""
     state = small_state()
     plan = {g: (4, k) for g, (_, k) in PLAN.items()}  # coarse grids: errors a low rank can matter for
     base, lq = tg.quantize_state(state, plan), tg.quantize_state(state, plan, lqer=(4, 3))
     err = {n: (state[n] - q.dequantize()).norm().item() for n, q in base.items() if q.bits}
     top = sorted(err, key=err.get, reverse=True)[:3]
     assert sorted(n[:-4] for n in lq if n.endswith(".lqA")) == sorted(top)
-    assert all(lq[f"{n}.lqA"].shape == (state[n].shape[0], 4) and lq[f"{n}.lqB"].bits == 4 for n in top)
+    for n in top:
+        cols = state[n].numel() // state[n].shape[0]
+        assert lq[f"{n}.lqA"].shape == (4, state[n].shape[0]) and lq[f"{n}.lqA"].bits == 2
+        assert lq[f"{n}.lqB"].shape == ((4 * cols // 64, 64) if cols % 64 == 0 else (4, cols)) and lq[f"{n}.lqB"].bits == 4
+    assert any(lq[f"{n}.lqB"].shape[1] == 64 for n in top)
     tg.write_atomic(str(tmp_path / "lq.ptz"), tg.pack_artifact(lq, {}, "zstd"))
     folded = tg.dequantized(tg.read_artifact(str(tmp_path / "lq.ptz"))[0])
     assert set(folded) == set(state)

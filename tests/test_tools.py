@@ -33,7 +33,7 @@ def two_runs(tmp_path_factory, small_data):
     paths = []
     for seed in (1, 2):
         env = make_env(small_data, SEED=seed, RUN_ID=f"seed{seed}", ARTIFACT_PATH=cwd / f"m{seed}.ptz", VAL_MAX_TOKENS=0,
-                       EVAL_SLIDING=0, ITERATIONS=4)
+                       EVAL_SLIDING=0, ITERATIONS=4, EVAL_STRIDE=64, TTT_CHUNK_TOKENS=8192)
         proc = run_script(env, cwd)
         assert proc.returncode == 0, proc.stderr[-2000:]
         paths.append(cwd / "logs" / f"seed{seed}.json")

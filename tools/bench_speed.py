@@ -94,7 +94,7 @@ def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -
                                            torch.zeros(h.vocab_size, dtype=torch.bool), torch.zeros(h.vocab_size, dtype=torch.bool)))
     val = torch.randint(2, h.vocab_size, (eval_tokens + 1,), device=rt.device, dtype=torch.int32)
     eval_model = tg.GPT(h).to(rt.device)
-    score = tg.make_score_fn(eval_model, rt)
+    score = tg.compile_model(eval_model.token_nll, rt)
     batch = tg.eval_batch(h, rt.world_size, L)
     windows = tg.plan_windows(eval_tokens, L, h.eval_stride)
     tg.score_windows(score, val, windows[:batch], L, batch, luts, rt)  # compile warm-up
