@@ -202,6 +202,7 @@ class Hyperparameters:
     ttt_lora_lr: float = knob(1e-4, 0.0)  # LoRA TTT: Adam LR (beta1 0, TTT_BETA2), one step per scored chunk
     ttt_lora_alpha: float = knob(0.0, 0.0)  # LoRA TTT: adapters scaled by alpha/rank (0 = rank: by 1; #1787: 144)
     ttt_lora_wd: float = knob(0.0, 0.0)  # LoRA TTT: decoupled weight decay of the adapters (#1787: 0.5)
+    ttt_lora_warm_a: bool = False  # LoRA TTT: keep each row's A from document to document, reset only B (#1787)
     ttt_lora_chunk: int = knob(48, 1)  # LoRA TTT: tokens of a document scored, then learned from, per step
     ttt_docs_per_batch: int = knob(64, 1)  # LoRA TTT: documents adapted side by side on each rank, longest first
     ttt_phase_docs: int = knob(2500, 1)  # phased: after this many documents (the longest) ...
@@ -894,11 +895,6 @@ class ValueEmbedding(nn.Module):
         return self.proj(self.embed(ids)) * self.scale
 
 
-def on_lanes(fn, x):
-    """fn applied to the residual stream, or to lane 0 of the two (the U-Net skips of #1530's lanes)."""
-    return (fn(x[0]), x[1]) if isinstance(x, tuple) else fn(x)
-
-
 def control_plan(h) -> tuple[list[int], list[tuple[bool, str, bool]]]:
     """Which LayerControl each logical layer uses (its own, or under CONTROLS_PER=block its physical
     block's, as #1493 shares them across recurrence passes), and each control's (value embedding,
@@ -977,12 +973,12 @@ class GPT(nn.Module):
         for pos, i in enumerate(self.active):
             c = self.controls[self.control_of[i]]
             if pos >= n_enc and skips:  # U-Net: decoder layer j adds encoder output n_enc-1-j
-                skip = self.skip_weights[pos - n_enc] * skips.pop()
+                skip, lane = self.skip_weights[pos - n_enc] * skips.pop(), x[0] if isinstance(x, tuple) else x
                 if self.skip_gates is None:
-                    x = on_lanes(lambda lane: lane + skip, x)
+                    lane = lane + skip
                 else:  # gated: a learned per-channel interpolation between the skip and the stream
-                    g = torch.sigmoid(self.skip_gates[pos - n_enc]).to(skip.dtype)
-                    x = on_lanes(lambda lane: torch.lerp(skip, lane, g), x)
+                    lane = torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[pos - n_enc]).to(skip.dtype))
+                x = (lane, x[1]) if isinstance(x, tuple) else lane  # two lanes (#1530): the skip joins lane 0
             if c.lane_mix is not None and not isinstance(x, tuple):
                 x = (x, x)
             x = self.blocks[self.slots[i][0]](x, x0, c, ctx, self.ln_factors[i], self.xsa[i])
@@ -1960,10 +1956,11 @@ def lora_widths(h: Hyperparameters) -> list[int]:
 class LoRAAdapters:
     """LoRA TTT's adapters A (rows, in, rank) and B (rows, rank, out) on every block matrix and the tied output head,
     row r for document r of a batch. Not model parameters (the artifact's weights stay as they are); reset in place
-    per batch, A seeded-random, B zero: a fresh adapter adds exactly zero and compiled graphs see the same tensors."""
+    per batch, A seeded-random (warm_a: at the first batch only, then kept), B zero: a fresh adapter adds exactly zero
+    and compiled graphs see the same tensors. A kept has learned only from documents scored before: legal."""
 
-    def __init__(self, model: GPT, rows: int, rank: int, seed: int):
-        self.model, self.seed = model, seed
+    def __init__(self, model: GPT, rows: int, rank: int, seed: int, warm_a: bool = False):
+        self.model, self.seed, self.warm_a, self.drawn = model, seed, warm_a, False
         self.linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
         dev = model.tok_emb.weight.device
         shapes = [(m.in_features, m.out_features) for m in self.linears] + [model.tok_emb.weight.shape[::-1]]
@@ -1981,8 +1978,10 @@ class LoRAAdapters:
     def reset(self, batch: int) -> None:
         self.gen.manual_seed(self.seed + batch)
         for a, b in self.pairs:
-            a.uniform_(-1, 1, generator=self.gen).mul_(a.size(1) ** -0.5)
+            if not (self.warm_a and self.drawn):
+                a.uniform_(-1, 1, generator=self.gen).mul_(a.size(1) ** -0.5)
             b.zero_()
+        self.drawn = True
 
 
 class LoRABudget:
@@ -2180,7 +2179,7 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         ttt_params(model, h.ttt_freeze_blocks)   # a requires_grad change
     elif h.ttt_enabled:  # LoRA TTT: the model's weights are fixed (but in global-SGD phases)
         model.requires_grad_(False)
-        adapters = LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed)
+        adapters = LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a)
     score_fn = compile_model(model.token_nll, rt)
     if rt.compile:
         t = now()
@@ -2349,8 +2348,8 @@ def compliance_checks(h: Hyperparameters, train: dict | None, ev: dict, sizes: d
         checks.append(("artifact_bytes", verdict[sizes["total"] <= RULE_BYTES],
                        f"{sizes['total']} bytes, limit {RULE_BYTES}"))
     rule = ("each chunk scored whole before training on exactly its targets; last chunk never trained" if h.ttt_mode ==
-            "chunk" else "chunks scored before the step on them, adapters reset per document, no document's last chunk "
-            "trained, phases only on documents scored to the end")
+            "chunk" else f"chunks scored before the step on them, B{'' if h.ttt_lora_warm_a else ' and A'} reset per "
+            "document, no document's last chunk trained, phases only on documents scored to the end")
     checks.append(("ttt_legal", "SKIP", "TTT off") if ev["ttt"] is None else
                   ("ttt_legal", verdict[ev["ttt"]["legal"]], f"score-first: {rule}; single pass"))
     scored = {k: r["scored"] for k, r in ev["results"].items()}

@@ -17,7 +17,7 @@ def lora_run(data, tokens=None, world=(0, 1), budget=1e9, **over):
     h, model, rt, val, luts = tiny_setup(data, **{**LORA, **over})
     rt = cpu_runtime(*world)
     model.requires_grad_(False)
-    adapters = tg.LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed)
+    adapters = tg.LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a)
     rec = Recorder()
     totals, info = tg.eval_ttt_lora(model, adapters, val if tokens is None else tokens, h, rt, luts, SILENT, budget, rec)
     return h, val, rec, totals, info
@@ -100,6 +100,28 @@ def test_lora_ttt_is_legal_and_documents_are_independent(small_data):
     same = [j for j in range(n) if rec2.scores[j] == rec.scores[j]]
     assert set(range(n)) - set(same) <= set(positions[positions >= p - 1])
     assert any(rec2.scores[j] != rec.scores[j] for j in positions[positions > p + 16])  # learned from it
+
+
+def test_warm_start_a_carries_a_row_from_document_to_document_legally(small_data):
+    """TTT_LORA_WARM_A (#1787): each row keeps its A for the next batch's document in that row (B reset). A change
+    in the longest document (batch 0, row 0) then reaches the later documents of row 0 (1,296 and 94 tokens), only
+    from their second chunk on (B = 0 makes a first chunk blind to A), and never row 1's; still every target once."""
+    h, tokens, rec, totals, info = lora_run(small_data, TTT_LORA_WARM_A=1)
+    n = tokens.numel() - 1
+    docs = tg.documents(tokens, n)
+    check_legal(rec, tokens, docs, n)
+    doc, order = doc_of(tokens, n), {int(s): i for i, (s, _) in enumerate(docs)}  # stream start -> rank by length
+    rank = np.array([order[int(np.flatnonzero(doc == d)[0])] for d in range(doc.max() + 1)])[doc]  # per position
+    positions = np.flatnonzero(rank == 0)
+    p = int(positions[len(positions) // 2])
+    changed = tokens.clone()
+    changed[p] = (int(changed[p]) + 17) % 400 + 2
+    _, _, rec2, _, _ = lora_run(small_data, changed, TTT_LORA_WARM_A=1)
+    moved = {j for j in range(n) if rec2.scores[j] != rec.scores[j]}
+    row0_later = np.flatnonzero((rank == 2) | (rank == 4))
+    assert moved <= set(positions[positions >= p - 1]) | set(row0_later) and moved & set(row0_later)
+    first_chunk = [j for j in row0_later if j - int(np.flatnonzero(rank == rank[j])[0]) < 32]
+    assert not moved & set(first_chunk)
 
 
 def test_phased_ttt_trains_base_weights_only_on_fully_scored_documents(small_data):

@@ -176,14 +176,20 @@ def test_lane1_form_runs_the_mlp_on_lane_one_alone():
     assert fresh.lane_resid.tolist() == pytest.approx([1.1, 1.1]) and fresh.lane_mix.tolist() == [[1, 1], [1, 1]]
 
 
-def test_lane1_form_sends_skips_into_lane_zero_only():
-    skip = lambda lane: lane + 1.0
-    a, b = torch.zeros(3), torch.zeros(3)
-    assert torch.equal(tg.on_lanes(skip, (a, b))[0], a + 1.0) and tg.on_lanes(skip, (a, b))[1] is b
-    assert torch.equal(tg.on_lanes(skip, a), a + 1.0)
+def test_lane1_form_sends_skips_into_lane_zero_only(monkeypatch):
+    """Active slots 0-3 encode, 4-7 decode; lanes from slot 5: slot 6's skip changes lane 0 of its input, never lane 1."""
     model = full_model(PARALLEL_FORM="lane1")
     assert [model.controls[model.control_of[i]].form for i in model.active] == ["sequential"] * 5 + ["lane1"] * 3
-    model.logits(torch.randint(2, 128, (2, 32))).sum().backward()  # every lane lambda trains
+    inputs, forward = [], tg.Block.forward
+    monkeypatch.setattr(tg.Block, "forward", lambda self, x, *a: inputs.append(x) or forward(self, x, *a))
+    ids = torch.randint(2, 128, (2, 32))
+    with torch.no_grad():
+        model.logits(ids)
+        model.skip_weights[2].zero_()  # the skip into slot 6
+        model.logits(ids)
+    (lane0, lane1), (lane0_no_skip, lane1_no_skip) = inputs[6], inputs[14]
+    assert torch.equal(lane1, lane1_no_skip) and not torch.allclose(lane0, lane0_no_skip)
+    model.logits(ids).sum().backward()  # every lane lambda trains
     assert all(c.lane_resid.grad.abs().sum() > 0 for c in model.controls if c.form == "lane1")
 
 

@@ -39,7 +39,8 @@ VARIANTS = {
     "no_ema": dict(EMA_DECAY=0),
     "no_late_qat": dict(LATE_QAT_THRESHOLD=0),
     "plus_loop": dict(LOOP_START=1, LOOP_END=2, LOOP_REPEATS=1, LOOP_ENABLE_AT=0.4),
-    "plus_lanes": dict(PARALLEL_START=2),
+    "plus_lanes": dict(PARALLEL_START=2),  # PARALLEL_FORM=lane1, #1530's two lanes
+    "plus_gptj": dict(PARALLEL_START=2, PARALLEL_FORM="gptj"),  # #1493's one-stream parallel block
     # the 1.0611 record's additions (issue 17), one at a time on the full stack
     "plus_sparse_gate": dict(ATTN_GATE="sparse"),
     "plus_smear_input": dict(SMEAR_INPUT_DIMS=12),
