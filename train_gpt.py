@@ -168,7 +168,7 @@ class Hyperparameters:
     quant_clip_k_attn: float = knob(0.0, 0.0)  # attention matrices (0 = QUANT_CLIP_K)
     quant_clip_k_mlp: float = knob(0.0, 0.0)  # MLP matrices (0 = QUANT_CLIP_K; the 1.0611 record: attn 13, MLP 11.5)
     embed_clip_k: float = knob(20.0, 0.5)  # SDClip k of the embedding tables
-    lqer_rank: int = knob(0, 0)  # LQER: rank-r SVD of the quantization error, int4 factors, added back (0 = off) ...
+    lqer_rank: int = knob(0, 0)  # LQER: rank-r SVD of the quantization error, int2/int4 factors, added back (0 = off) ...
     lqer_tensors: int = knob(3, 1)  # ... on the tensors with the largest error (#1797: rank 4, 3 tensors)
     prune_frac: float = knob(0.0, 0.0, 0.9)  # zero this fraction of smallest |w| of each int tensor first
     quant_method: str = knob("lite", choices=("lite", "full"))  # row clip alone, or + Hessian GPTQ
