@@ -249,10 +249,9 @@ class Hyperparameters:
         return len(layer_slots(self))
 
     def validate(self) -> None:
-        dim, heads, kv = self.model_dim, self.num_heads, self.num_kv_heads
+        dim, heads, kv, head_dim = self.model_dim, self.num_heads, self.num_kv_heads, self.model_dim // self.num_heads
         need(dim % heads == 0, f"MODEL_DIM={dim} must be divisible by NUM_HEADS={heads}")
         need(heads % kv == 0, f"NUM_HEADS={heads} must be a multiple of NUM_KV_HEADS={kv}")
-        head_dim = self.model_dim // self.num_heads
         need(head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
         need(4 <= (self.rope_dims or head_dim) <= head_dim and self.rope_dims % 2 == 0,
              f"ROPE_DIMS={self.rope_dims}: the rotated dims per head ({self.rope_dims or head_dim}) must be even and in "
@@ -813,8 +812,7 @@ class SparseGate(nn.Module):
 
 
 class Block(nn.Module):
-    """A physical block: attention + MLP weights, run by every logical layer mapped to it, in sequence or in the
-    parallel form its control names."""
+    """A physical block: attention + MLP weights, run by every logical layer mapped to it, in its control's form."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -873,12 +871,12 @@ class SmearGate(nn.Module):
             self.gate = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor, starts: Tensor) -> Tensor:
-        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * (~starts).unsqueeze(-1).to(x.dtype)
+        keep = (~starts).unsqueeze(-1).to(x.dtype)  # 0 at a sequence start or a BOS
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0)) * keep
         if self.input_dims:
             g = self.lam.to(x.dtype) * torch.sigmoid(x[..., : self.input_dims] @ self.weight.to(x.dtype))
             return x + g.unsqueeze(-1) * prev
-        g = torch.sigmoid(self.gate).to(x.dtype) * (~starts).unsqueeze(-1).to(x.dtype)
-        return x + g * (prev - x)
+        return x + torch.sigmoid(self.gate).to(x.dtype) * keep * (prev - x)
 
 
 class ValueEmbedding(nn.Module):
@@ -900,11 +898,11 @@ def control_plan(h) -> tuple[list[int], list[tuple[bool, str, bool]]]:
     block's, as #1493 shares them across recurrence passes), and each control's (value embedding,
     block form, Value Residual) switches, which all the layers sharing it must agree on."""
     slots = layer_slots(h)
-    lanes_from = h.parallel_start if h.parallel_start >= 0 else len(slots)
+    parallel_from = h.parallel_start if h.parallel_start >= 0 else len(slots)
     control_of = [p if h.controls_per == "block" else i for i, (p, _) in enumerate(slots)]
     features: dict[int, tuple[bool, str, bool]] = {}
     for i, k in enumerate(control_of):
-        f = (i in h.ve_layers, h.parallel_form if i >= lanes_from else "sequential", h.value_residual and i > 0)
+        f = (i in h.ve_layers, h.parallel_form if i >= parallel_from else "sequential", h.value_residual and i > 0)
         need(features.setdefault(k, f) == f, f"CONTROLS_PER=block: block {k} runs logical layers that differ in "
              "VE_LAYERS, PARALLEL_START or VALUE_RESIDUAL (layer 0); align them or use CONTROLS_PER=layer")
     return control_of, [features[k] for k in range(len(features))]
@@ -979,7 +977,7 @@ class GPT(nn.Module):
                 else:  # gated: a learned per-channel interpolation between the skip and the stream
                     lane = torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[pos - n_enc]).to(skip.dtype))
                 x = (lane, x[1]) if isinstance(x, tuple) else lane  # two lanes (#1530): the skip joins lane 0
-            if c.lane_mix is not None and not isinstance(x, tuple):
+            if c.form == "lane1" and not isinstance(x, tuple):
                 x = (x, x)
             x = self.blocks[self.slots[i][0]](x, x0, c, ctx, self.ln_factors[i], self.xsa[i])
             if pos < n_enc:
@@ -1267,7 +1265,7 @@ def quant_plan(h: Hyperparameters) -> dict[str, tuple[int, float]]:
 
 
 def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Tensor] | None = None,
-                   damp: float = 0.01, prune: float = 0.0, lqer: tuple[int, int] = (0, 0)) -> dict[str, QTensor]:
+                   damp: float = 0.01, prune: float = 0.0) -> dict[str, QTensor]:
     """Every tensor on its group's grid (scales from the unpruned weights, so QAT's grid is kept), after
     zeroing the `prune` fraction of smallest |w|; rounded by GPTQ where a Hessian is given. Computed on
     the tensors' device; the results are on the CPU."""
@@ -1286,15 +1284,16 @@ def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Ten
         H = hessians.get(name) if hessians else None
         q = gptq_round(w, H.to(w), scale, qmax, damp) if H is not None else round_to_grid(w, scale, qmax)
         out[name] = QTensor(tuple(t.shape), bits, q.to(torch.int8).cpu(), scale.half().cpu())
-    return add_lqer(state, out, *lqer)
+    return out
 
 
 def add_lqer(state: dict[str, Tensor], qstate: dict[str, QTensor], rank: int, count: int) -> dict[str, QTensor]:
     """LQER (#1797): for the `count` int tensors with the largest quantization error E = W - Q(W), the rank-r SVD
-    E ~ A B as artifact entries, folded back by dequantized(): '<name>.lqA' = A^T int2 (a scale per rank component;
+    E ~ A B as artifact entries added to a copy of qstate, folded back by dequantized(): '<name>.lqA' = A^T int2 (a scale per rank component;
     k = 1.224: a Gaussian's Lloyd-Max 3-level grid), '<name>.lqB' = B int4 in groups of 64 (else rows of B)."""
     if not rank:
         return qstate
+    qstate = dict(qstate)
     err = {n: state[n].detach().float().cpu().reshape(q.values.shape) - q.dequantize().reshape(q.values.shape)
            for n, q in qstate.items() if q.bits}
     for n in sorted(err, key=lambda n: -err[n].norm().item())[:count]:
@@ -1308,8 +1307,7 @@ def add_lqer(state: dict[str, Tensor], qstate: dict[str, QTensor], rank: int, co
 
 
 def dequantized(qstate: dict[str, QTensor]) -> dict[str, Tensor]:
-    """The model's weights from an artifact's tensors (float ones pass through): each dequantized, plus its
-    LQER correction A @ B."""
+    """The model's weights from an artifact's tensors (float ones pass through), each plus its LQER correction A @ B."""
     w = {k: q.dequantize() if isinstance(q, QTensor) else q for k, q in qstate.items()
          if not k.endswith((".lqA", ".lqB"))}
     for k in w:
@@ -2264,19 +2262,22 @@ def export_artifact(state: dict[str, Tensor], stage: int, h: Hyperparameters, rt
 
     pack = lambda qstate: pack_artifact(qstate, meta, h.compressor)
     fit_limit = limit - code_bytes if h.auto_fit != "0" else math.inf
-    fits = []  # LQER pays when, fitted to the same limit, it leaves the lower calibration loss (AUTO_FIT=1)
+    fits, rounded = [], {}  # AUTO_FIT=1 keeps LQER when, fitted to the same limit, its calibration loss is lower
     for lqer in [(h.lqer_rank, h.lqer_tensors)] + [(0, 0)] * (h.lqer_rank > 0 and h.auto_fit == "1"):
-        quantize = lambda plan: quantize_state(state, plan, hessians, h.gptq_damp, h.prune_frac, lqer)
+        def quantize(plan: dict, lqer=lqer) -> dict[str, QTensor]:  # the two fits share each plan's rounding (GPTQ)
+            key = repr(sorted(plan.items()))
+            rounded[key] = rounded.get(key) or quantize_state(state, plan, hessians, h.gptq_damp, h.prune_frac)
+            return add_lqer(state, rounded[key], *lqer)
         fit = fit_to_budget(quantize, pack, quant_plan(h), fit_limit, calib_loss, log, fill=h.auto_fit == "1")
         fits.append((calib_loss(fit[1]), *fit))
     if len(fits) > 1:
         log(f"lqer:{'kept' if fits[0][0] <= fits[1][0] else 'dropped'} calib_loss with:{fits[0][0]:.5f} "
             f"without:{fits[1][0]:.5f} (each fitted to {fit_limit} bytes)")
-    _, plan, qstate, blob = min(fits, key=lambda f: f[0])
+    q_loss, plan, qstate, blob = min(fits, key=lambda f: f[0])
     write_atomic(h.artifact_path, blob)
     export_s = now() - t
     n_params, total = sum(t.numel() for t in state.values()), len(blob) + code_bytes
-    base_loss, q_loss = calib_loss(state), calib_loss(qstate)
+    base_loss = calib_loss(state)
     tag = f"int{export_bits(qstate)}+{h.compressor}"
     log(f"quant:plan {fmt_plan(plan)} method:{h.quant_method} prune_frac:{h.prune_frac} "
         f"bytes_per_param:{len(blob) / n_params:.4f} calib_loss float:{base_loss:.5f} quantized:{q_loss:.5f} "

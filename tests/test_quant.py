@@ -222,7 +222,8 @@ def test_lqer_adds_back_the_largest_errors_low_rank_and_round_trips(tmp_path):
     folded into the weights: each of those tensors gets closer to the float one, every other one is untouched."""
     state = small_state()
     plan = {g: (4, k) for g, (_, k) in PLAN.items()}  # coarse grids: errors a low rank can matter for
-    base, lq = tg.quantize_state(state, plan), tg.quantize_state(state, plan, lqer=(4, 3))
+    base = tg.quantize_state(state, plan)
+    lq = tg.add_lqer(state, base, 4, 3)
     err = {n: (state[n] - q.dequantize()).norm().item() for n, q in base.items() if q.bits}
     top = sorted(err, key=err.get, reverse=True)[:3]
     assert sorted(n[:-4] for n in lq if n.endswith(".lqA")) == sorted(top)
