@@ -1,5 +1,6 @@
 """GPU checks (skipped without CUDA): bf16 + torch.compile numerics, and the whole pipeline on the
-record configuration. Run them on a GPU machine with: python -m pytest -q tests/test_gpu.py"""
+record configuration. Run them on a GPU machine with: python -m pytest -q tests/test_gpu.py
+(the whole-pipeline test is the slow one: it runs last, so that a time limit cuts it, not the others)"""
 
 import re
 
@@ -28,20 +29,6 @@ def test_bf16_compiled_forward_matches_fp32_eager():
     assert abs(fast.mean().item() - reference.mean().item()) < 5e-3 * reference.mean().item()
 
 
-def test_record_config_pipeline(embedded_data, tmp_path):
-    """Train a few steps -> export -> round-trip from disk -> sliding -> TTT, at the record's shapes."""
-    env = dict(embedded_data, RUN_ID="gpu_pipeline", ARTIFACT_PATH=str(tmp_path / "m.ptz"), ITERATIONS="6",
-               WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", VAL_MAX_TOKENS="131072",
-               TTT_EPOCHS="1", WARMDOWN_ITERS="3")
-    proc = run_script(env, tmp_path, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = proc.stdout
-    assert "model_params:26928220" in out and "compliance:ttt_legal PASS" in out
-    for name in ("final_int6_roundtrip", "final_int6_sliding_window", "legal_ttt"):
-        bpb = float(re.search(rf"^{name}_exact val_loss:\S+ val_bpb:(\S+)", out, re.M).group(1))
-        assert 0 < bpb < 10
-
-
 def test_compiled_flex_document_attention_matches_the_mask():
     """DOC_ATTENTION's two kernels at the record's shapes: FlexAttention's block mask, compiled, against
     SDPA with a dense mask, forward and gradients, under bf16 autocast."""
@@ -63,3 +50,17 @@ def test_compiled_flex_document_attention_matches_the_mask():
         out[kernel] = loss.item(), model.blocks[0].attn.c_q.weight.grad.clone()
     assert abs(out["mask"][0] - out["flex"][0]) < 1e-2 * out["mask"][0]
     assert torch.allclose(out["mask"][1], out["flex"][1], rtol=5e-2, atol=1e-4 * out["mask"][1].abs().max().item())
+
+
+def test_record_config_pipeline(embedded_data, tmp_path):
+    """Train a few steps -> export -> round-trip from disk -> sliding -> TTT, at the record's shapes."""
+    env = dict(embedded_data, RUN_ID="gpu_pipeline", ARTIFACT_PATH=str(tmp_path / "m.ptz"), ITERATIONS="6",
+               WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", VAL_MAX_TOKENS="131072",
+               TTT_EPOCHS="1", WARMDOWN_ITERS="3")
+    proc = run_script(env, tmp_path, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "model_params:26928220" in out and "compliance:ttt_legal PASS" in out
+    for name in ("final_int6_roundtrip", "final_int6_sliding_window", "legal_ttt"):
+        bpb = float(re.search(rf"^{name}_exact val_loss:\S+ val_bpb:(\S+)", out, re.M).group(1))
+        assert 0 < bpb < 10

@@ -7,6 +7,7 @@ import math
 import shutil
 import statistics
 import subprocess
+import tarfile
 import sys
 import tokenize
 from argparse import Namespace
@@ -179,11 +180,41 @@ def test_gpu_report_runs_end_to_end_on_cpu(small_data, tmp_path):
     assert t["recompiles"]["total"] == 0  # eager on a CPU: nothing compiles
     assert t["phases"]["overhead"] > 0 and not (out / "report_train.ptz").exists()  # the artifact is not kept
     assert (out / "logs" / "report_train.txt").exists() and (out / "report_train.log").read_text().startswith("[+")
-    assert "3 skipped" in r["tests"]["result"]
+    assert "3 skipped" in r["tests"]["result"] and set(r["tests"]["tests"].values()) == {"SKIPPED"}
+    assert list(r["tests"]["tests"])[-1] == "test_record_config_pipeline"  # the slow one last: a deadline cuts it alone
     md = (out / "report.md").read_text()
     for heading in ("## Device", "## Throughput", "## Top kernels", "### Phases", "### Recompiles: 0", "### Timeline",
                     "## GPU tests"):
         assert heading in md, heading
+
+
+def test_gpu_report_deadline_kills_the_running_step_skips_the_rest_and_still_packs(small_data, tmp_path):
+    """A lent GPU gives 10 minutes a command and 8 files back: --deadline stops the report in time (the step
+    running is killed, the later ones are listed as skipped) and --tar packs whatever was written."""
+    out, tar = tmp_path / "report", tmp_path / "out" / "report.tar.gz"
+    tar.parent.mkdir()
+    proc = subprocess.run([PY, str(REPO / "tools" / "gpu_report.py"), "--tiny", "--out", str(out), "--deadline", "3",
+                           "--skip", "profile", "--tar", str(tar)], env=script_env(small_data), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((out / "report.json").read_text())
+    assert r["env"]["device"] == "cpu" and r["bench"]["rc"] == -9 and r["skipped_at_deadline"] == ["train", "tests"]
+    assert (out / "bench_speed.txt").read_text().rstrip().endswith("gpu_report: killed at the --deadline")
+    with tarfile.open(tar) as t:
+        assert {"report/report.md", "report/report.json", "report/bench_speed.txt"} <= set(t.getnames())
+    assert "Not run, the --deadline had passed: train, tests" in (out / "report.md").read_text()
+
+
+def test_gpu_report_runs_a_preset_on_the_embedded_corpus_at_its_vocabulary():
+    env, data = gpu_report.run_env("top_1_0611", False, {"SEED": "7"})
+    assert data == ["--vocab-size", "8192", "--caseops"] and env["SEED"] == "7" and env["TTT_MODE"] == "phased"
+    assert env["DATA_PATH"].endswith("pdmix_sp8192_caseops") and env["TOKENIZER_PATH"].endswith("pdmix_8192_bpe_caseops.model")
+    env, data = gpu_report.run_env("top_1_0611", True, {"VOCAB_SIZE": "512"})  # shrunk; the environment wins
+    assert data == ["--vocab-size", "512", "--caseops"] and env["MODEL_DIM"] == "64" and env["NUM_LAYERS"] == "11"
+    env, data = gpu_report.run_env(None, False, {"DATA_PATH": "/d", "TOKENIZER_PATH": "/t.model"})
+    assert data == [] and env == {"DATA_PATH": "/d", "TOKENIZER_PATH": "/t.model"}  # train_gpt.py's defaults
+    env, data = gpu_report.run_env(None, True, {})
+    assert data == ["--vocab-size", "1024"] and env["NUM_LAYERS"] == "2" and env["DATA_PATH"].endswith("pdmix_sp1024")
 
 
 def test_gpu_report_parses_phases_and_recompiles():

@@ -11,14 +11,23 @@ EMBEDDED = dict(DATA_PATH=str(REPO / "data" / "datasets" / "pdmix_sp1024"),
                 TOKENIZER_PATH=str(REPO / "data" / "tokenizers" / "pdmix_1024_bpe.model"))
 
 
+def read_env_file(path: Path) -> dict:
+    """A KEY=VALUE file (tools/cpu_scale.env, configs/*.env) as a dict; # lines are comments."""
+    env = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
+        env[key.strip()] = value.strip()
+    return env
+
+
 def cpu_scale_env() -> dict:
     """tools/cpu_scale.env as a dict (the main job's configuration)."""
-    env = {}
-    for line in (REPO / "tools" / "cpu_scale.env").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, value = line.split("=", 1)
-            env[key] = value
-    return env
+    return read_env_file(REPO / "tools" / "cpu_scale.env")
 
 
 def ensure_embedded_data(*args: str) -> None:

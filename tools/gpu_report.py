@@ -16,9 +16,16 @@ Steps (each can be left out with --skip NAME):
 Output (default results/gpu_report_<date>/): report.md (tables), report.json, and the raw files
 (env.txt, bench_speed.txt/.json, profile.txt, report_train.log with arrival times, logs/, tests.txt).
 
-Data: DATA_PATH / TOKENIZER_PATH from the environment, else the embedded corpus (built if missing).
-Every train_gpt.py knob in the environment reaches the run (COMPILE_CACHE_DIR=... for a warm-cache run).
-A GPU image without zstandard/brotli: carry wheels in .whl/ and first run
+Data: DATA_PATH / TOKENIZER_PATH from the environment, else the embedded corpus (built if missing, at the
+run's VOCAB_SIZE, CaseOps when the preset's tokenizer is). The training run is train_gpt.py's defaults (the
+2026-03-23 record), or --preset NAME (configs/NAME.env at full size; --tiny shrinks it by tools/preset_cpu.env).
+Every train_gpt.py knob in the environment wins over both (COMPILE_CACHE_DIR=... for a warm-cache run).
+
+On a lent device machine (15 min of device time a session, 10 min a command, 8 files back): give the report a
+--deadline under the command's limit (a step still running then is killed and reported as such; steps not
+begun are marked skipped) and --tar $OUT/report.tar.gz (one file, packed even when the deadline struck).
+README "GPU sessions" has the commands that fit one session each. A GPU image without zstandard/brotli:
+carry wheels in .whl/ and first run
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 """
 
@@ -30,14 +37,17 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from benchlib import EMBEDDED, REPO, ensure_embedded_data, markdown_table
+from benchlib import REPO, ensure_embedded_data, markdown_table, read_env_file
 
 PY = sys.executable
 STEPS = ("env", "bench", "profile", "train", "tests")
@@ -54,22 +64,37 @@ MARKERS = [(r"^phase:(\w+)", True), (r"^warmup_step:1/", False), (r"^eval_warmup
            (r"^eval_time:", False), (r"^\w+_compiles:", True), (r"^compile_cache:", False)]
 
 
-def run_logged(cmd: list, path: Path, env: dict | None = None, timeout: float | None = None) -> tuple[int, list]:
+DEADLINE = [None]  # perf_counter() at which every step stops (--deadline); None = no limit
+
+
+def seconds_left() -> float | None:
+    return None if DEADLINE[0] is None else DEADLINE[0] - time.perf_counter()
+
+
+def run_logged(cmd: list, path: Path, env: dict | None = None) -> tuple[int, list]:
     """Run cmd, stdout and stderr merged; write each line to path as `[+seconds] line`; return the lines
-    as (seconds since launch, text)."""
+    as (seconds since launch, text). At the deadline its whole process group is killed (torchrun's workers
+    too, so that the GPU is free) and the log says so; rc is then -9."""
     t0 = time.perf_counter()
     lines = []
     with open(path, "w", encoding="utf-8") as f, subprocess.Popen(
             cmd, cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            errors="replace") as proc:
+            errors="replace", start_new_session=True) as proc:
+        left = seconds_left()
+        timer = None if left is None else threading.Timer(max(left, 0.0), os.killpg, (proc.pid, signal.SIGKILL))
+        if timer:
+            timer.start()
         for text in proc.stdout:
             t = time.perf_counter() - t0
             lines.append((t, text.rstrip("\n")))
             f.write(f"[+{t:8.2f}s] {text}")
             f.flush()
-            if timeout and t > timeout:
-                proc.kill()
         rc = proc.wait()
+        if timer:
+            timer.cancel()
+        if left is not None and seconds_left() <= 0:
+            lines.append((time.perf_counter() - t0, "gpu_report: killed at the --deadline"))
+            f.write(f"[+{lines[-1][0]:8.2f}s] {lines[-1][1]}\n")
     return rc, lines
 
 
@@ -204,40 +229,65 @@ def recompiles(lines: list) -> dict:
     return dict(total=len(found), after_training_began=sum(t >= begun for t, _ in found), by_function=by_fn, **counts)
 
 
-def train_run(out: Path, tiny: bool, seconds: float, nproc: int, run_id: str, cache: Path | None) -> dict:
-    env = dict(os.environ, **({"COMPILE_CACHE_DIR": str(cache)} if cache else {}))
-    if "DATA_PATH" not in env:
-        ensure_embedded_data()
-        env.update(EMBEDDED)
-    for k, v in (TINY_TRAIN.items() if tiny else ()):
-        env.setdefault(k, str(v))
+def run_env(preset: str | None, tiny: bool, environ: dict) -> tuple[dict, list]:
+    """The training run's environment and, when it needs the embedded corpus (no DATA_PATH given), the
+    prepare_data.py arguments that build it: the preset's knobs (configs/NAME.env; tools/preset_cpu.env over
+    them with --tiny), or TINY_TRAIN with --tiny, or none (train_gpt.py's defaults); `environ` wins over them."""
+    knobs = read_env_file(REPO / "configs" / f"{preset}.env") if preset else {}
+    if tiny:
+        knobs.update(read_env_file(REPO / "tools" / "preset_cpu.env") if preset else {k: str(v) for k, v in TINY_TRAIN.items()})
+    data_args = []
+    if "DATA_PATH" not in environ:  # the embedded corpus at the run's vocabulary, CaseOps if the preset's is
+        vocab, caseops = environ.get("VOCAB_SIZE", knobs.get("VOCAB_SIZE", "1024")), "caseops" in knobs.get("TOKENIZER_PATH", "")
+        data_args = ["--vocab-size", vocab] + (["--caseops"] if caseops else [])
+        tag = "_caseops" if caseops else ""
+        knobs.update(DATA_PATH=str(REPO / "data" / "datasets" / f"pdmix_sp{vocab}{tag}"),
+                     TOKENIZER_PATH=str(REPO / "data" / "tokenizers" / f"pdmix_{vocab}_bpe{tag}.model"))
+    return {**knobs, **environ}, data_args
+
+
+def train_run(out: Path, tiny: bool, seconds: float, nproc: int, run_id: str, cache: Path | None,
+              preset: str | None) -> dict:
+    env, data_args = run_env(preset, tiny, dict(os.environ, **({"COMPILE_CACHE_DIR": str(cache)} if cache else {})))
+    if data_args:
+        ensure_embedded_data(*data_args)
     env.update(RUN_ID=run_id, MAX_WALLCLOCK_SECONDS=str(seconds), ARTIFACT_PATH=str(out / f"{run_id}.ptz"),
                TORCH_LOGS=",".join(filter(None, [env.get("TORCH_LOGS"), "recompiles"])), PYTHONUNBUFFERED="1")
     script = str(REPO / "train_gpt.py")
     cmd = ([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
            if torch.cuda.is_available() or nproc > 1 else [PY, script])
-    rc, lines = run_logged(cmd, out / f"{run_id}.log", env, timeout=seconds + 3600)
+    rc, lines = run_logged(cmd, out / f"{run_id}.log", env)
     summary = out / "logs" / f"{run_id}.json"
     s = json.loads(summary.read_text()) if summary.exists() else {}
     (out / f"{run_id}.ptz").unlink(missing_ok=True)  # its size is in the summary; the folder gets committed
     texts = [text for _, text in lines]
     step_avg = [float(m.group(1)) for x in texts if (m := re.search(r"^step:\d+/\d+ train_loss.* step_avg:([\d.]+)ms", x))]
-    return dict(rc=rc, cmd=" ".join(cmd[-3:]), compile_cache=env.get("COMPILE_CACHE_DIR", ""), wall_s=round(lines[-1][0], 2) if lines else 0.0, phases=phases(lines),
+    ev = s.get("eval") or {}
+    timed_ms, targets = (ev.get("times_ms") or {}).get("total"), ev.get("n_targets")
+    return dict(rc=rc, cmd=" ".join(cmd[-3:]), preset=preset or "(defaults: r23)", compile_cache=env.get("COMPILE_CACHE_DIR", ""),
+                wall_s=round(lines[-1][0], 2) if lines else 0.0, phases=phases(lines),
                 recompiles=recompiles(lines), timeline=timeline(lines), steps=(s.get("train") or {}).get("steps"),
                 step_avg_ms=step_avg[-1] if step_avg else None, final_val_bpb=(s.get("final") or {}).get("val_bpb"),
-                bytes_total=(s.get("bytes") or {}).get("total"), eval_ms=((s.get("eval") or {}).get("times_ms")),
+                bytes_total=(s.get("bytes") or {}).get("total"), eval_ms=ev.get("times_ms"), eval_targets=targets,
+                ttt_mode=env.get("TTT_MODE", "chunk") if env.get("TTT_ENABLED", "1") != "0" else "off", ttt=ev.get("ttt"),
+                # per GPU, what the timed eval costs per million scored targets: x the val split's targets / 8 GPUs
+                # is a linear projection of a record's eval (CaseOps val: 47.85M targets)
+                eval_s_per_m_targets=round(timed_ms / 1000 / (targets / 1e6), 2) if timed_ms and targets else None,
                 errors=[x for x in texts if x.startswith(("error:", "Traceback"))][:5],
                 compile_cache_line=next((x for x in texts if x.startswith("compile_cache:")), ""))
 
 
 def gpu_tests(out: Path) -> dict:
-    rc, lines = run_logged([PY, "-m", "pytest", "-q", "-rs", str(REPO / "tests" / "test_gpu.py")], out / "tests.txt")
+    rc, lines = run_logged([PY, "-m", "pytest", "-v", "-rs", str(REPO / "tests" / "test_gpu.py")], out / "tests.txt")
     tail = [text for _, text in lines if re.search(r"\d+ (passed|failed|skipped|error)", text)]
-    return dict(rc=rc, result=tail[-1].strip("= ") if tail else "no result line")
+    each = {m.group(1): m.group(2) for _, text in lines if (m := re.match(r"\S+::(\w+) (PASSED|FAILED|SKIPPED|ERROR)", text))}
+    return dict(rc=rc, result=tail[-1].strip("= ") if tail else "no result line (killed?)", tests=each)
 
 
 def write_report(out: Path, r: dict) -> None:
     md = [f"# GPU report {r['date']}", "", f"Command: `{r['command']}`", ""]
+    if r.get("skipped_at_deadline"):
+        md += [f"Not run, the --deadline had passed: {', '.join(r['skipped_at_deadline'])}", ""]
     if "env" in r:
         e = r["env"]
         md += ["## Device", "", markdown_table([{k: e.get(k, "") for k in ("device", "gpus", "driver", "torch", "cuda",
@@ -263,11 +313,17 @@ def write_report(out: Path, r: dict) -> None:
             ["phase", "fresh", "warm"]), ""]
     for key in runs:
         t = r[key]
-        md += [f"## Training run{' (warm compile cache)' if key == 'train_warm' else ''} (`{t['cmd']}`, "
-               f"{r['train_seconds']} s of training, rc {t['rc']}, COMPILE_CACHE_DIR={t['compile_cache'] or '(unset)'})", ""]
+        md += [f"## Training run{' (warm compile cache)' if key == 'train_warm' else ''} (`{t['cmd']}`, preset "
+               f"{t['preset']}, {r['train_seconds']} s of training, rc {t['rc']}, "
+               f"COMPILE_CACHE_DIR={t['compile_cache'] or '(unset)'})", ""]
         md += [markdown_table([dict(steps=t["steps"], step_avg_ms=t["step_avg_ms"], final_val_bpb=t["final_val_bpb"],
                                     bytes_total=t["bytes_total"], wall_s=t["wall_s"])],
                               ["steps", "step_avg_ms", "final_val_bpb", "bytes_total", "wall_s"]), ""]
+        if t["eval_ms"]:
+            md += [f"### Timed eval (TTT {t['ttt_mode']}): {t['eval_targets']} targets, "
+                   f"{t['eval_s_per_m_targets']} s per million targets on this GPU", "",
+                   markdown_table([{k: round(v / 1000, 2) for k, v in t["eval_ms"].items()}], list(t["eval_ms"])), "",
+                   f"TTT: `{json.dumps(t['ttt'])}`", ""]
         md += ["### Phases (seconds)", "", markdown_table([dict(phase=k, seconds=v) for k, v in t["phases"].items()],
                                                           ["phase", "seconds"]), ""]
         rc = t["recompiles"]
@@ -278,7 +334,8 @@ def write_report(out: Path, r: dict) -> None:
         if t["errors"]:
             md += ["Errors: " + " / ".join(t["errors"]), ""]
     if "tests" in r:
-        md += [f"## GPU tests (pytest tests/test_gpu.py): {r['tests']['result']}", ""]
+        md += [f"## GPU tests (pytest tests/test_gpu.py): {r['tests']['result']}", "",
+               *(f"- {name}: {outcome}" for name, outcome in r["tests"]["tests"].items()), ""]
     (out / "report.md").write_text("\n".join(md))
     (out / "report.json").write_text(json.dumps(r, indent=1, default=str))
 
@@ -293,6 +350,10 @@ def main() -> None:
     p.add_argument("--warm-rerun", action="store_true", help="train twice on one emptied COMPILE_CACHE_DIR "
                    "(.compile_cache/gpu_report): the phase timeline with a cold and with a warm compile cache")
     p.add_argument("--skip", default="", help=f"comma-separated steps to leave out: {','.join(STEPS)}")
+    p.add_argument("--preset", help="the training run's knobs: configs/NAME.env (default: train_gpt.py's, the r23 record)")
+    p.add_argument("--deadline", type=float, help="seconds for the whole report: a step running then is killed, "
+                   "later ones are skipped (a lent device machine's command limit, less its start-up)")
+    p.add_argument("--tar", type=Path, help="also pack the output folder into this .tar.gz (a device's $OUT)")
     p.add_argument("--profile-only", help=argparse.SUPPRESS)  # internal: the profiler's own process
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
@@ -303,29 +364,44 @@ def main() -> None:
         skip.add("train_warm")
     if skip - set(STEPS) - {"train_warm"}:
         p.error(f"--skip: unknown step(s) {sorted(skip - set(STEPS))}; steps: {','.join(STEPS)}")
+    if args.preset and not (REPO / "configs" / f"{args.preset}.env").exists():
+        p.error(f"--preset {args.preset}: no configs/{args.preset}.env")
+    if args.deadline is not None:
+        DEADLINE[0] = time.perf_counter() + args.deadline
     out = args.out or REPO / "results" / f"gpu_report_{datetime.date.today().isoformat()}{'_tiny' if args.tiny else ''}"
     out.mkdir(parents=True, exist_ok=True)
     seconds = args.train_seconds if args.train_seconds is not None else 3.0 if args.tiny else 120.0
     r = dict(command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), tiny=args.tiny, train_seconds=seconds,
+             preset=args.preset or "(defaults: r23)",
              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     work = [("env", lambda: env_info(out)), ("bench", lambda: bench(out, args.tiny)),
             ("profile", lambda: profile(out, args.tiny, args.profile_steps)),
-            ("train", lambda: train_run(out, args.tiny, seconds, args.nproc, "report_train", cache)),
-            ("train_warm", lambda: train_run(out, args.tiny, seconds, args.nproc, "report_train_warm", cache)),
+            ("train", lambda: train_run(out, args.tiny, seconds, args.nproc, "report_train", cache, args.preset)),
+            ("train_warm", lambda: train_run(out, args.tiny, seconds, args.nproc, "report_train_warm", cache, args.preset)),
             ("tests", lambda: gpu_tests(out))]
     cache = REPO / ".compile_cache" / "gpu_report" if args.warm_rerun else None
     if cache:
         shutil.rmtree(cache, ignore_errors=True)
     else:
         skip.add("train_warm")
-    for name, fn in work:
-        if name in skip:
-            continue
-        t = time.perf_counter()
-        print(f"gpu_report: {name} ...", flush=True)
-        r[name] = fn()
-        print(f"gpu_report: {name} done in {time.perf_counter() - t:.1f}s", flush=True)
-        write_report(out, r)  # after every step, so a step that hangs leaves the others' results
+    try:
+        for name, fn in work:
+            if name in skip:
+                continue
+            if (seconds_left() or 1.0) <= 0:
+                r.setdefault("skipped_at_deadline", []).append(name)
+                continue
+            t = time.perf_counter()
+            print(f"gpu_report: {name} ...", flush=True)
+            r[name] = fn()
+            print(f"gpu_report: {name} done in {time.perf_counter() - t:.1f}s", flush=True)
+            write_report(out, r)  # after every step, so a step that hangs leaves the others' results
+        write_report(out, r)
+    finally:
+        if args.tar:
+            with tarfile.open(args.tar, "w:gz") as tar:
+                tar.add(out, arcname=out.name)
+            print(f"gpu_report: packed {out} into {args.tar}", flush=True)
     print(f"gpu_report: {out}/report.md")
     print((out / "report.md").read_text())
 

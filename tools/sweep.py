@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 import train_gpt as tg  # noqa: E402
+from benchlib import read_env_file  # noqa: E402
 from submission import student_t_cdf  # noqa: E402
 
 KNOBS = set(tg.knob_names())
@@ -40,19 +41,6 @@ PATH_KNOBS = ("DATA_PATH", "TOKENIZER_PATH", "EVAL_ONLY_ARTIFACT")
 
 class SweepError(Exception):
     pass
-
-
-def read_env_file(path: Path) -> dict:
-    env = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key.strip():
-            raise SweepError(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
-        env[key.strip()] = value.strip()
-    return env
 
 
 def parse_assignment(text: str, flag: str) -> tuple[str, str]:
