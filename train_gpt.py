@@ -27,7 +27,7 @@ import dataclasses
 import difflib
 import glob
 import hashlib
-import importlib
+import importlib.util
 import io
 import json
 import lzma
@@ -134,7 +134,7 @@ class Hyperparameters:
     attn_gate: str = knob("off", choices=("off", "dense", "sparse"))  # per-head output gate: sigmoid(W x + b) (#490)
     # or sigmoid(0.5 W x[:12]) (#1787)
     doc_attention: bool = False  # attend only within the document (from its BOS): training and eval
-    doc_attention_kernel: str = knob("auto", choices=("auto", "mask", "flex"))  # auto: FlexAttention on CUDA, else a mask
+    attn_kernel: str = knob("auto", choices=("auto", "sdpa", "flex", "fa3"))  # auto: fa3 if installed, flex for docs on CUDA
     # optimizers
     matrix_lr: float = knob(0.025, 0.0)  # Muon LR (block matrices)
     scalar_lr: float = knob(0.025, 0.0)  # AdamW LR of gains, scales and small projections
@@ -220,10 +220,8 @@ class Hyperparameters:
                 if kind == "tuple":
                     item = float if "float" in f.type else int
                     value = tuple(item(v) for v in raw.split(",") if v.strip())
-                elif kind == "bool":
-                    if raw.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-                        raise ValueError
-                    value = raw.lower() in ("1", "true", "yes", "on")
+                elif kind == "bool":  # .index raises ValueError for anything else
+                    value = ("0", "false", "no", "off", "1", "true", "yes", "on").index(raw.lower()) >= 4
                 else:
                     value = {"int": int, "float": float, "str": str}[kind](raw)
                 if isinstance(value, float) and not math.isfinite(value):
@@ -274,8 +272,10 @@ class Hyperparameters:
         need(self.eval_stride <= L, f"EVAL_STRIDE={self.eval_stride} exceeds the eval length {L}")
         need(C % self.eval_stride == 0 and (C < L or C % L == 0), f"TTT_CHUNK_TOKENS={C} must be a multiple of "
              f"EVAL_STRIDE={self.eval_stride} and, if longer, of the eval length {L}")
-        need(self.doc_attention_kernel != "flex" or torch.cuda.is_available(), "DOC_ATTENTION_KERNEL=flex needs CUDA "
-             "(FlexAttention has no CPU backward); auto picks it on CUDA and the mask elsewhere")
+        need(self.attn_kernel != "flex" or torch.cuda.is_available(), "ATTN_KERNEL=flex needs CUDA (FlexAttention has no "
+             "CPU backward); ATTN_KERNEL=auto picks it for DOC_ATTENTION on CUDA, SDPA elsewhere")
+        need(self.attn_kernel != "fa3" or importlib.util.find_spec("flash_attn_interface"), "ATTN_KERNEL=fa3 needs "
+             "FlashAttention-3 (the flash_attn_interface package, Hopper GPUs); auto falls back to flex or sdpa")
         need(self.ttt_mode == "chunk" or self.ttt_lora_chunk <= L,
              f"TTT_LORA_CHUNK={self.ttt_lora_chunk} exceeds the eval length {L} (TTT_MODE={self.ttt_mode})")
         need(self.quant_bits_attn != 1 and self.quant_bits_mlp != 1, "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8")
@@ -368,9 +368,7 @@ class Runtime:
         return now()
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def all_reduce(self, t: Tensor, op=None) -> Tensor:
         if self.world_size > 1:
@@ -636,11 +634,6 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-class RMSNorm(nn.Module):
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x)
-
-
 def lora_linear(x: Tensor, w: Tensor, lora: tuple[Tensor, Tensor] | None) -> Tensor:
     """x @ w.T, plus LoRA TTT's per-row adapter x @ A @ B (row r of the batch is document r's)."""
     y = F.linear(x, w)
@@ -702,17 +695,28 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
-
-
-def document_attention(starts: Tensor, kernel: str):
-    """Causal attention that stays inside each document (a row's first position and every BOS start
-    one), built once per forward for all layers: a FlexAttention block mask, which skips the blocks
-    across documents (fused when compiled: CUDA), or a dense boolean mask for SDPA (any device)."""
-    docs = starts.cumsum(1)
-    B, T = docs.shape
-    if kernel == "flex" or (kernel == "auto" and docs.is_cuda):
+def make_attention(kernel: str, starts: Tensor, doc: bool):
+    """One forward's attention, built once for all layers: causal, with `doc` only within each document (`starts`: a
+    row's first position and every BOS). sdpa: a dense mask for documents; flex: a block mask that skips blocks
+    across documents (fused when compiled: CUDA); fa3: FlashAttention-3, varlen, cu_seqlens of a fixed length."""
+    B, T = starts.shape
+    if kernel == "fa3":
+        import flash_attn_interface as fa3  # installed: validate and ATTN_KERNEL=auto check
+        first = lambda out: out[0] if isinstance(out, tuple) else out  # some FA3 versions also return the LSE
+        if not doc:
+            return lambda q, k, v: first(fa3.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
+                                         ).transpose(1, 2)
+        cap = B * (1 + -(-T // 128))  # room for documents of 128 tokens on average (checked on the device);
+        torch._assert_async(starts.sum() <= cap, "ATTN_KERNEL=fa3: more documents in a batch than cu_seqlens holds")
+        cu = F.pad(torch.nonzero_static(starts.flatten(), size=cap, fill_value=B * T).flatten(), (0, 1), value=B * T)
+        cu, flat = cu.int(), lambda t: t.transpose(1, 2).reshape(B * T, t.size(1), t.size(3))  # the rest: empty
+        return lambda q, k, v: first(fa3.flash_attn_varlen_func(
+            flat(q), flat(k), flat(v), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T,
+            causal=True)).view(B, T, q.size(1), -1).transpose(1, 2)
+    if kernel == "sdpa" and not doc:
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+    docs = starts.cumsum(1) * doc
+    if kernel == "flex":
         block = create_block_mask(lambda b, h, q, kv: (docs[b, q] == docs[b, kv]) & (q >= kv), B, None, T, T,
                                   device=docs.device)
         return lambda q, k, v: flex_attention(q, k, v, block_mask=block, enable_gqa=k.size(1) != q.size(1))
@@ -727,7 +731,7 @@ class AttnContext:
     cos: Tensor
     sin: Tensor
     ve: Tensor | None
-    attend: object = causal_attention
+    attend: object
     v0: Tensor | None = None
 
 
@@ -929,10 +933,11 @@ class GPT(nn.Module):
         self.xsa = [p >= last_block if h.xsa_by == "physical" else i >= n_logical - h.xsa_last_n
                     for i, (p, _) in enumerate(self.slots)]
         self.rotary = Rotary(h.rope_dims or dim // h.num_heads, h.rope_base, h.train_seq_len, h.eval_len)
-        self.final_norm = RMSNorm()
-        self.softcap = h.logit_softcap
-        self.doc_kernel = h.doc_attention and h.doc_attention_kernel
+        self.softcap, self.doc_attention = h.logit_softcap, h.doc_attention
         self.head_lora = None  # LoRA TTT's adapter of the tied output head
+        cuda, fa3 = torch.cuda.is_available(), importlib.util.find_spec("flash_attn_interface")  # ATTN_KERNEL=auto:
+        self.attn_kernel = h.attn_kernel if h.attn_kernel != "auto" else "fa3" if cuda and fa3 else "flex" if (
+            cuda and h.doc_attention) else "sdpa"  # FA3 where installed, FlexAttention for documents on CUDA, SDPA
         self.set_stage(0)
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         for m in self.modules():
@@ -963,9 +968,8 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, starts)
         x0 = x
-        ctx = AttnContext(*self.rotary(ids.size(1)), self.value_embed(ids) if self.value_embed is not None else None)
-        if self.doc_kernel:
-            ctx.attend = document_attention(starts, self.doc_kernel)
+        ctx = AttnContext(*self.rotary(ids.size(1)), self.value_embed(ids) if self.value_embed is not None else None,
+                          make_attention(self.attn_kernel, starts, self.doc_attention))
         n_enc = len(self.active) // 2
         skips = []
         for pos, i in enumerate(self.active):
@@ -982,7 +986,7 @@ class GPT(nn.Module):
             x = self.blocks[self.slots[i][0]](x, x0, c, ctx, self.ln_factors[i], self.xsa[i])
             if pos < n_enc:
                 skips.append((x[0] + x[1]) * 0.5 if isinstance(x, tuple) else x)
-        return self.final_norm((x[0] + x[1]) * 0.5 if isinstance(x, tuple) else x)
+        return rms_norm((x[0] + x[1]) * 0.5 if isinstance(x, tuple) else x)  # the final norm
 
     def logits(self, ids: Tensor) -> Tensor:
         z = lora_linear(self.hidden(ids), self.tok_emb.weight, self.head_lora).float()
@@ -1525,25 +1529,21 @@ def collect_hessians(model: GPT, loader: TrainLoader, h: Hyperparameters, rt: Ru
     hessians: dict[str, Tensor] = {}
     products: dict[int, tuple[Tensor, Tensor]] = {}  # id(input) -> (input, X^T X), one forward's worth
 
-    def hook_for(name: str, use_output: bool):
-        def hook(module, inputs, output):
-            x = output if use_output else inputs[0]
-            if id(x) not in products:
-                flat = x.detach().float().reshape(-1, x.size(-1))
-                products[id(x)] = (x, flat.T @ flat)
-            xtx = products[id(x)][1]
-            hessians[name] = hessians[name].add_(xtx) if name in hessians else xtx.clone()
-        return hook
+    def accumulate(name: str, x: Tensor) -> None:
+        if id(x) not in products:
+            flat = x.detach().float().reshape(-1, x.size(-1))
+            products[id(x)] = (x, flat.T @ flat)
+        xtx = products[id(x)][1]
+        hessians[name] = hessians[name].add_(xtx) if name in hessians else xtx.clone()
 
-    hooks = [m.register_forward_hook(hook_for(f"blocks.{n}.weight", False))
+    hooks = [m.register_forward_hook(lambda _, inputs, out, name=f"blocks.{n}.weight": accumulate(name, inputs[0]))
              for n, m in model.blocks.named_modules() if isinstance(m, CastedLinear)]
-    hooks.append(model.final_norm.register_forward_hook(hook_for("tok_emb.weight", True)))
     for _ in range(h.gptq_calib_batches):
         if not may_read():
             break
         x, _ = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
         with rt.autocast():
-            model.hidden(x)
+            accumulate("tok_emb.weight", model.hidden(x))  # the tied head reads the final hidden state
         products.clear()
     for hook in hooks:
         hook.remove()
@@ -2414,7 +2414,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, on in enumerate(model.xsa) if on]}")
         log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
         log(f"attention_mode:{'gqa' if h.num_kv_heads < h.num_heads else 'mha'} num_heads:{h.num_heads} "
-            f"num_kv_heads:{h.num_kv_heads}")
+            f"num_kv_heads:{h.num_kv_heads} kernel:{model.attn_kernel} (ATTN_KERNEL={h.attn_kernel})")
         log(f"tie_embeddings:True embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} scalar_lr:{h.scalar_lr}")
         log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
             f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}")

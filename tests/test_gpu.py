@@ -2,6 +2,7 @@
 record configuration. Run them on a GPU machine with: python -m pytest -q tests/test_gpu.py
 (the whole-pipeline test is the slow one: it runs last, so that a time limit cuts it, not the others)"""
 
+import importlib.util
 import re
 
 import pytest
@@ -30,8 +31,8 @@ def test_bf16_compiled_forward_matches_fp32_eager():
 
 
 def test_compiled_flex_document_attention_matches_the_mask():
-    """DOC_ATTENTION's two kernels at the record's shapes: FlexAttention's block mask, compiled, against
-    SDPA with a dense mask, forward and gradients, under bf16 autocast."""
+    """DOC_ATTENTION's kernels at the record's shapes: FlexAttention's block mask, compiled, and FA3's varlen
+    kernel where flash_attn_interface is installed, against SDPA with a dense mask, forward and gradients, bf16."""
     torch.manual_seed(0)
     h = tg.Hyperparameters.from_env({"DOC_ATTENTION": "1"})
     model = tg.GPT(h).cuda()
@@ -41,15 +42,16 @@ def test_compiled_flex_document_attention_matches_the_mask():
     ids = torch.randint(2, h.vocab_size, (4, 2048), device="cuda")
     ids[:, [0, 300, 301, 1500]] = tg.BOS_ID
     out = {}
-    for kernel in ("mask", "flex"):
-        model.doc_kernel = kernel
+    for kernel in ("sdpa", "flex") + (("fa3",) if importlib.util.find_spec("flash_attn_interface") else ()):
+        model.attn_kernel = kernel
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = torch.compile(model, dynamic=False, fullgraph=True)(ids, ids.roll(-1, 1))
         loss.backward()
         out[kernel] = loss.item(), model.blocks[0].attn.c_q.weight.grad.clone()
-    assert abs(out["mask"][0] - out["flex"][0]) < 1e-2 * out["mask"][0]
-    assert torch.allclose(out["mask"][1], out["flex"][1], rtol=5e-2, atol=1e-4 * out["mask"][1].abs().max().item())
+    for kernel in out:
+        assert abs(out["sdpa"][0] - out[kernel][0]) < 1e-2 * out["sdpa"][0], kernel
+        assert torch.allclose(out["sdpa"][1], out[kernel][1], rtol=5e-2, atol=1e-4 * out["sdpa"][1].abs().max().item())
 
 
 def test_record_config_pipeline(embedded_data, tmp_path):
