@@ -30,11 +30,12 @@ def test_bf16_compiled_forward_matches_fp32_eager():
     assert abs(fast.mean().item() - reference.mean().item()) < 5e-3 * reference.mean().item()
 
 
-def test_compiled_flex_document_attention_matches_the_mask():
-    """DOC_ATTENTION's kernels at the record's shapes: FlexAttention's block mask, compiled, and FA3's varlen
-    kernel where flash_attn_interface is installed, against SDPA with a dense mask, forward and gradients, bf16."""
+@pytest.mark.parametrize("doc", [1, 0])
+def test_compiled_flex_document_attention_matches_the_mask(doc):
+    """The attention kernels at the record's shapes, compiled, forward and gradients in bf16, against SDPA (a dense
+    mask with DOC_ATTENTION): FlexAttention's block mask, and FA3 (varlen with documents) where installed."""
     torch.manual_seed(0)
-    h = tg.Hyperparameters.from_env({"DOC_ATTENTION": "1"})
+    h = tg.Hyperparameters.from_env({"DOC_ATTENTION": str(doc)})
     model = tg.GPT(h).cuda()
     with torch.no_grad():  # no zero-initialized projection: every gradient is non-trivial
         for p in model.parameters():

@@ -169,6 +169,9 @@ def test_gpu_report_runs_end_to_end_on_cpu(small_data, tmp_path):
     b = r["bench"]
     assert b["rc"] == 0 and b["config"] == "tiny" and b["train_tokens_per_s"] > 0 and b["micro_step_ms"] > 0
     assert b["sliding_tokens_per_s"] > 0 and b["ttt3_tokens_per_s"] > 0 and b["artifact_bytes"] > 0
+    attn = {row["attn"]: row for row in b["attention"]}  # every kernel: timed, or why it cannot run on a CPU
+    assert attn["sdpa"]["fwd_bwd_ms"] > 0 and attn["sdpa-flash"]["fwd_bwd_ms"] > 0
+    assert "not installed" in attn["fa3"]["error"] and "backward on CPU" in attn["flex"]["error"]
     prof = r["profile"]
     assert prof["rc"] == 0 and len(prof["top"]) == 25 and prof["top"][0]["ms_per_step"] >= prof["top"][-1]["ms_per_step"]
     assert "Self CPU" in (out / "profile.txt").read_text()
@@ -180,10 +183,11 @@ def test_gpu_report_runs_end_to_end_on_cpu(small_data, tmp_path):
     assert t["recompiles"]["total"] == 0  # eager on a CPU: nothing compiles
     assert t["phases"]["overhead"] > 0 and not (out / "report_train.ptz").exists()  # the artifact is not kept
     assert (out / "logs" / "report_train.txt").exists() and (out / "report_train.log").read_text().startswith("[+")
-    assert "3 skipped" in r["tests"]["result"] and set(r["tests"]["tests"].values()) == {"SKIPPED"}
+    assert "4 skipped" in r["tests"]["result"] and set(r["tests"]["tests"].values()) == {"SKIPPED"}
+    assert len(r["tests"]["tests"]) == 4 and "test_compiled_flex_document_attention_matches_the_mask[0]" in r["tests"]["tests"]
     assert list(r["tests"]["tests"])[-1] == "test_record_config_pipeline"  # the slow one last: a deadline cuts it alone
     md = (out / "report.md").read_text()
-    for heading in ("## Device", "## Throughput", "## Top kernels", "### Phases", "### Recompiles: 0", "### Timeline",
+    for heading in ("## Device", "## Throughput", "### Attention kernels", "## Top kernels", "### Phases", "### Recompiles: 0", "### Timeline",
                     "## GPU tests"):
         assert heading in md, heading
 

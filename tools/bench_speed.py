@@ -3,16 +3,24 @@
 
   python3 tools/bench_speed.py                  # record + naive-baseline configs (meant for one H100)
   python3 tools/bench_speed.py --tiny           # a small config that runs on a CPU in a minute
+  python3 tools/bench_speed.py --configs record --attn sdpa,sdpa-flash,sdpa-cudnn,flex,fa3   # + attention kernels
 
 Per config: compile time; training micro-batch tokens/s and step time at the record's per-GPU
 micro-batch (48 x 2048 tokens; the baseline's 64 x 1024), model FLOPs utilization, peak memory;
 sliding-window (stride 64) and 3-epoch TTT scored tokens/s with projections to the full 62,021,632-
 token FineWeb val on 8 GPUs; export (quantize + zstd-22) time. Tokens are random: throughput does
 not depend on them. CPU numbers are for keeping the tool working, never a speed claim.
+
+--attn adds, per config, one layer's attention (forward + backward, compiled, at the training shapes) under each
+kernel: ATTN_KERNEL=sdpa (torch picks the backend), sdpa-flash / sdpa-cudnn (SDPA held to one backend), flex,
+fa3 (FlashAttention-3, if installed); times the config's layer count is its cost per micro-step. A kernel that
+cannot run here is listed with its error. `--doc` times them with DOC_ATTENTION=1 (documents of ~1,000 tokens).
 """
 
 import argparse
+import contextlib
 import datetime
+import importlib.util
 import json
 import platform
 import sys
@@ -20,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchlib import REPO, markdown_table
 
@@ -52,6 +61,45 @@ def flops_per_token(model: tg.GPT, h: tg.Hyperparameters) -> float:
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed." not in n)
     attention = 6 * h.train_seq_len * h.model_dim * len(model.active)
     return 6 * matmul + attention
+
+
+ATTN = {"sdpa": ("sdpa", None), "sdpa-flash": ("sdpa", SDPBackend.FLASH_ATTENTION),
+        "sdpa-cudnn": ("sdpa", SDPBackend.CUDNN_ATTENTION), "flex": ("flex", None), "fa3": ("fa3", None)}
+
+
+def attention_row(name: str, over: dict, variant: str, rt: tg.Runtime, steps: int) -> dict:
+    """One layer's attention at the config's training shapes (micro-batch, heads, GQA, head dim; bf16 on a GPU),
+    forward + backward, compiled, under one kernel: what a kernel change saves per layer and micro-step."""
+    over = dict(over)
+    micro_seqs = over.pop("micro_seqs")
+    h = tg.Hyperparameters.from_env({k: str(v) for k, v in over.items()})
+    kernel, backend = ATTN[variant]
+    row = dict(config=name, attn=variant, doc_attention=int(h.doc_attention), layers=len(tg.layer_slots(h)))
+    T, D = h.train_seq_len, h.model_dim // h.num_heads
+    dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(micro_seqs, n, T, D, device=rt.device, dtype=dtype, requires_grad=True)
+               for n in (h.num_heads, h.num_kv_heads, h.num_kv_heads))
+    ids = torch.randint(2, h.vocab_size, (micro_seqs, T), device=rt.device)
+    ids[:, ::997] = tg.BOS_ID  # documents of ~1,000 tokens, as FineWeb's (they matter with DOC_ATTENTION)
+    starts = (ids == tg.BOS_ID) | (torch.arange(T, device=rt.device) == 0)
+
+    def layer(q, k, v):
+        return tg.make_attention(kernel, starts, h.doc_attention)(q, k, v)
+
+    attend = torch.compile(layer, fullgraph=True, dynamic=False, backend=rt.backend) if rt.compile else layer
+
+    def fwd_bwd():
+        with sdpa_kernel(backend) if backend else contextlib.nullcontext():
+            attend(q, k, v).float().square().mean().backward()
+
+    try:
+        if kernel == "fa3" and not importlib.util.find_spec("flash_attn_interface"):
+            raise RuntimeError("flash_attn_interface (FlashAttention-3) is not installed")
+        row["compile_s"] = round(timed(fwd_bwd, rt, 1), 1)
+        ms = timed(fwd_bwd, rt, steps) * 1000
+    except Exception as e:  # this kernel cannot run here: say why, go on with the others
+        return dict(row, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}")
+    return dict(row, fwd_bwd_ms=round(ms, 3), per_micro_step_ms=round(ms * row["layers"], 2))
 
 
 def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -> dict:
@@ -113,6 +161,9 @@ def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -
     return row
 
 
+ATTN_COLUMNS = ["config", "attn", "doc_attention", "layers", "compile_s", "fwd_bwd_ms", "per_micro_step_ms", "error"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="only the small CPU-sized config")
@@ -120,7 +171,12 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=0, help="val tokens to score (default 4 TTT chunks)")
     p.add_argument("--configs", default="", help=f"comma-separated subset of {','.join(CONFIGS)} (default: by --tiny)")
     p.add_argument("--json", type=Path, default=REPO / "logs" / "bench_speed.json")
+    p.add_argument("--attn", default="", help=f"comma-separated attention kernels to time too: {','.join(ATTN)}")
+    p.add_argument("--doc", action="store_true", help="--attn rows with DOC_ATTENTION=1")
     args = p.parse_args()
+    variants = [v for v in args.attn.split(",") if v]
+    if set(variants) - set(ATTN):
+        p.error(f"--attn: unknown {sorted(set(variants) - set(ATTN))}; kernels: {','.join(ATTN)}")
     cuda = torch.cuda.is_available()
     rt = tg.Runtime(0, 1, 0, torch.device("cuda" if cuda else "cpu"), cuda)
     if cuda:
@@ -132,12 +188,20 @@ def main() -> None:
         chunk = int(CONFIGS[name].get("TTT_CHUNK_TOKENS", 32768))
         rows.append(bench(name, CONFIGS[name], rt, args.steps if not args.tiny else 3, args.eval_tokens or 4 * chunk))
         print(json.dumps(rows[-1]), flush=True)
+    attn_rows = []
+    for name in names:
+        for variant in variants:
+            over = dict(CONFIGS[name], **({"DOC_ATTENTION": 1} if args.doc else {}))
+            attn_rows.append(attention_row(name, over, variant, rt, args.steps))
+            print(json.dumps(attn_rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
     meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, date=datetime.date.today().isoformat())
     args.json.parent.mkdir(exist_ok=True)
-    args.json.write_text(json.dumps(dict(meta, rows=rows), indent=1))
+    args.json.write_text(json.dumps(dict(meta, rows=rows, attention=attn_rows), indent=1))
     print(f"device {device}, torch {torch.__version__}, cuda {torch.version.cuda}, {meta['date']}")
     print(markdown_table(rows, [c for c in rows[0] if c not in ("params",)]))
+    if attn_rows:
+        print(markdown_table(attn_rows, ATTN_COLUMNS))
 
 
 if __name__ == "__main__":

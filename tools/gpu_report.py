@@ -114,12 +114,13 @@ def env_info(out: Path) -> dict:
 
 
 def bench(out: Path, tiny: bool) -> dict:
-    cmd = [PY, str(REPO / "tools" / "bench_speed.py"), "--configs", "tiny" if tiny else "record",
-           "--json", str(out / "bench_speed.json")] + (["--tiny"] if tiny else [])
+    cmd = [PY, str(REPO / "tools" / "bench_speed.py"), "--configs", "tiny" if tiny else "record", "--attn",
+           "sdpa,sdpa-flash,sdpa-cudnn,flex,fa3", "--json", str(out / "bench_speed.json")] + (["--tiny"] if tiny else [])
     rc, _ = run_logged(cmd, out / "bench_speed.txt")
     if rc:
         return dict(rc=rc)
-    return dict(rc=0, **json.loads((out / "bench_speed.json").read_text())["rows"][0])
+    result = json.loads((out / "bench_speed.json").read_text())
+    return dict(rc=0, **result["rows"][0], attention=result["attention"])
 
 
 def profile_steps(config: str, steps: int, out: Path) -> None:
@@ -280,7 +281,7 @@ def train_run(out: Path, tiny: bool, seconds: float, nproc: int, run_id: str, ca
 def gpu_tests(out: Path) -> dict:
     rc, lines = run_logged([PY, "-m", "pytest", "-v", "-rs", str(REPO / "tests" / "test_gpu.py")], out / "tests.txt")
     tail = [text for _, text in lines if re.search(r"\d+ (passed|failed|skipped|error)", text)]
-    each = {m.group(1): m.group(2) for _, text in lines if (m := re.match(r"\S+::(\w+) (PASSED|FAILED|SKIPPED|ERROR)", text))}
+    each = {m.group(1): m.group(2) for _, text in lines if (m := re.match(r"\S+::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", text))}
     return dict(rc=rc, result=tail[-1].strip("= ") if tail else "no result line (killed?)", tests=each)
 
 
@@ -300,6 +301,10 @@ def write_report(out: Path, r: dict) -> None:
         cols = [c for c in ("config", "micro_batch", "compile_s", "micro_step_ms", "optimizer_ms", "train_tokens_per_s",
                             "mfu", "peak_mem_gib", "sliding_tokens_per_s", "ttt3_tokens_per_s", "export_s") if c in b]
         md += ["## Throughput (tools/bench_speed.py)", "", markdown_table([b], cols) if b["rc"] == 0 else f"failed: rc {b['rc']}", ""]
+        if b.get("attention"):
+            md += ["### Attention kernels: one layer's forward + backward at the training shapes", "",
+                   markdown_table(b["attention"], ["attn", "doc_attention", "compile_s", "fwd_bwd_ms", "per_micro_step_ms",
+                                                   "error"]), ""]
     if "profile" in r:
         p = r["profile"]
         md += [f"## Top kernels ({p.get('steps')} micro-steps of {p.get('micro_batch')}, {p.get('timed')} time "
