@@ -2482,8 +2482,7 @@ def read_source(path: str) -> str:
     return Path(path).read_bytes().decode("utf-8")
 
 
-def main() -> None:
-    env = os.environ
+def main(env=os.environ) -> None:
     h = Hyperparameters.from_env(env)
     rt = setup_runtime(h, env)
     try:

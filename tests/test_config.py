@@ -108,7 +108,7 @@ def test_import_starts_nothing():
 
 def test_script_fails_fast_on_a_bad_value(tmp_path):
     t = time.time()
-    proc = run_script(make_env({}, NUM_LAYERS="abc", DATA_PATH=str(tmp_path)), tmp_path)
+    proc = run_script(make_env({}, NUM_LAYERS="abc", DATA_PATH=str(tmp_path)), tmp_path, process=True)  # the program
     assert proc.returncode != 0 and "NUM_LAYERS='abc'" in proc.stderr
     assert time.time() - t < 30 and not (tmp_path / "logs").exists()
 
