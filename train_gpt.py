@@ -717,8 +717,7 @@ def make_attention(kernel: str, starts: Tensor, doc: bool):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
     docs = starts.cumsum(1) * doc
     if kernel == "flex":
-        block = create_block_mask(lambda b, h, q, kv: (docs[b, q] == docs[b, kv]) & (q >= kv), B, None, T, T,
-                                  device=docs.device)
+        block = create_block_mask(lambda b, _, q, k: (docs[b, q] == docs[b, k]) & (q >= k), B, None, T, T, device=docs.device)
         return lambda q, k, v: flex_attention(q, k, v, block_mask=block, enable_gqa=k.size(1) != q.size(1))
     mask = (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
@@ -848,11 +847,9 @@ class BigramHash(nn.Module):
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
-        self.buckets = buckets
-        self.embed = nn.Embedding(buckets, dim)
+        self.buckets, self.embed = buckets, nn.Embedding(buckets, dim)
         nn.init.zeros_(self.embed.weight)
-        self.proj = CastedLinear(dim, model_dim)
-        self.scale = nn.Parameter(torch.tensor(0.05))
+        self.proj, self.scale = CastedLinear(dim, model_dim), nn.Parameter(torch.tensor(0.05))
 
     def forward(self, ids: Tensor, starts: Tensor) -> Tensor:
         prev = F.pad(ids[:, :-1], (1, 0))
@@ -890,8 +887,7 @@ class ValueEmbedding(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         nn.init.normal_(self.embed.weight, std=0.01)
-        self.proj = CastedLinear(dim, kv_dim)
-        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.proj, self.scale = CastedLinear(dim, kv_dim), nn.Parameter(torch.tensor(0.1))
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.proj(self.embed(ids)) * self.scale
@@ -1003,9 +999,10 @@ class GPT(nn.Module):
 # =====================================================================================================
 # OPTIMIZERS
 # Muon for the block matrices: Nesterov momentum, Newton-Schulz orthogonalization (classic quintic or Polar
-# Express), decoupled weight decay, sqrt(rows/cols) scale. Each rank orthogonalizes a contiguous share of every
-# same-shape stack and all-gathers: the one-process update. AdamW for embeddings and the small control tensors.
-# Gradients are averaged over ranks in flat buckets (no DDP), then clipped by their global norm.
+# Express), decoupled weight decay, sqrt(rows/cols) scale. Each rank owns a contiguous share of every same-shape
+# stack: a reduce-scatter averages the stack's gradients into the shares (started before the rest is reduced), the
+# rank keeps that share's momentum, orthogonalizes it and all-gathers: the one-process update. AdamW for embeddings
+# and the small control tensors, their gradients averaged in flat buckets (no DDP); all clipped by the global norm.
 # =====================================================================================================
 
 NS_CLASSIC = ((3.4445, -4.7750, 2.0315),)
@@ -1038,34 +1035,43 @@ class Muon(torch.optim.Optimizer):
         self.stacks: dict[tuple, list[Tensor]] = {}
         for p in self.param_groups[0]["params"]:
             self.stacks.setdefault(tuple(p.shape), []).append(p)
-            self.state[p]["momentum_buffer"] = torch.zeros_like(p)  # once: a step allocates nothing
+        for shape, params in self.stacks.items():  # the share's momentum (kept at the stack's first param)
+            self.state[params[0]]["momentum_buffer"] = params[0].new_zeros(-(-len(params) // rt.world_size), *shape)
         self.orthogonalize = torch.compile(newton_schulz, backend=rt.backend) if rt.compile else newton_schulz
+        self.shares, self.grad_scale = {}, 1.0  # per stack: this rank's averaged gradients; the clip's factor
+
+    @torch.no_grad()
+    def reduce_grads(self, meanwhile=lambda: None) -> Tensor:
+        """Average each stack's gradients over the ranks into the shares (reduce-scatters, in flight while
+        meanwhile() runs); return the squared norm of this rank's shares, for the global clip."""
+        world, pending = self.rt.world_size, []
+        for shape, params in self.stacks.items():
+            share = -(-len(params) // world)
+            G = F.pad(torch.stack([p.grad for p in params]), (0, 0, 0, 0, 0, share * world - len(params)))
+            self.shares[shape] = G if world == 1 else G.new_empty(share, *shape)
+            if world > 1:
+                pending.append(dist.reduce_scatter_tensor(self.shares[shape], G, op=dist.ReduceOp.AVG, async_op=True))
+        meanwhile()
+        for work in pending:
+            work.wait()
+        return sum(G.square().sum() for G in self.shares.values())
 
     @torch.no_grad()
     def step(self):
-        group = self.param_groups[0]
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        rank, world = self.rt.rank, self.rt.world_size
+        lr, mu, wd = (self.param_groups[0][k] for k in ("lr", "momentum", "weight_decay"))
+        if not self.shares:  # not reduced by the training step (a single process, a test)
+            self.reduce_grads()
         for (rows, cols), params in self.stacks.items():
-            live = [p for p in params if p.grad is not None]  # slots not yet in the schedule get no grad
-            if not live:
-                continue
-            grads = [p.grad for p in live]
-            bufs = [self.state[p]["momentum_buffer"] for p in live]
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, grads)
-            U = torch.stack(torch._foreach_add(grads, bufs, alpha=mu))  # Nesterov
+            G, buf = self.shares.pop((rows, cols)) * self.grad_scale, self.state[params[0]]["momentum_buffer"]
+            U = G.add(buf.mul_(mu).add_(G), alpha=mu)  # Nesterov
             if self.row_normalize:
                 U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
-            share = -(-len(live) // world)
-            U = F.pad(U, (0, 0, 0, 0, 0, share * world - len(live)))
-            mine = self.orthogonalize(U[rank * share: (rank + 1) * share], self.steps, self.polar)
-            if world > 1:
-                gathered = torch.empty((share * world, rows, cols), dtype=mine.dtype, device=mine.device)
-                dist.all_gather(list(gathered.chunk(world)), mine.contiguous())
-                mine = gathered
-            torch._foreach_mul_(live, 1 - lr * wd)
-            torch._foreach_add_(live, list(mine[: len(live)].to(live[0].dtype).unbind(0)),
+            mine = self.orthogonalize(U, self.steps, self.polar)
+            if self.rt.world_size > 1:  # every rank's share, in rank order
+                mine, share = mine.new_empty(len(mine) * self.rt.world_size, rows, cols), mine
+                dist.all_gather_into_tensor(mine, share.contiguous())
+            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_add_(params, list(mine[: len(params)].to(params[0].dtype).unbind(0)),
                                 alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
 
@@ -1088,20 +1094,11 @@ def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.
 
 
 def all_reduce_grads(params: list[Tensor], rt: Runtime, divide_by: float) -> None:
-    """Sum gradients over ranks in ~64 MB flat buckets (one collective each), then divide."""
-    if rt.world_size == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket, size = [], 0
-    for i, g in enumerate(grads):
-        bucket.append(g)
-        size += g.numel()
-        if size >= 1 << 24 or i == len(grads) - 1:
-            flat = torch.cat([t.reshape(-1) for t in bucket])
-            dist.all_reduce(flat)
-            flat /= divide_by
-            torch._foreach_copy_(bucket, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in bucket]), bucket)])
-            bucket, size = [], 0
+    """Sum gradients over ranks in one flat buffer (one collective), then divide."""
+    if rt.world_size > 1:
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = rt.all_reduce(torch.cat([g.reshape(-1) for g in grads])).div_(divide_by)
+        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 def lr_multiplier(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters) -> float:
@@ -1153,8 +1150,8 @@ class WeightAverager:
     @torch.no_grad()
     def apply_final(self, log: Log) -> str:
         if self.swa_count:
-            label, weights = f"swa({self.swa_count} snapshots{' of ema' if self.ema else ''})", \
-                [t / self.swa_count for t in self.swa]
+            n = self.swa_count
+            label, weights = f"swa({n} snapshots{' of ema' if self.ema else ''})", [t / n for t in self.swa]
         elif self.ema is not None:
             label, weights = f"ema(decay={self.h.ema_decay})", self.ema
         else:
@@ -1579,7 +1576,8 @@ def compiled_graphs(rt: Runtime) -> int:
 def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader, val_tokens: Tensor, luts,
                 log: Log) -> dict:
     compiled, score_fn = compile_model(model, rt), compile_model(model.token_nll, rt)
-    optimizers, params = build_optimizers(model, h, rt), list(model.parameters())
+    optimizers = build_optimizers(model, h, rt)
+    adam_params = [p for g in optimizers[1].param_groups for p in g["params"]]  # Muon reduces its own
     reserve = h.gptq_reserve_seconds if h.quant_method == "full" else 0.0
     cap_ms = max(h.max_wallclock_seconds - reserve, 0.0) * 1000 if h.max_wallclock_seconds else 0.0
     enable_at = [h.loop_enable_at[min(r, len(h.loop_enable_at) - 1)] for r in range(h.loop_repeats)]
@@ -1600,9 +1598,12 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             (loss / rt.grad_accum).backward()
             total += loss.detach()
         last_batch[:] = x, y  # the export's calibration tokens: data read inside the cap, never re-read
-        all_reduce_grads(params, rt, rt.world_size)
-        if h.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
+        muon_sq = optimizers[0].reduce_grads(lambda: all_reduce_grads(adam_params, rt, rt.world_size))
+        if h.grad_clip_norm:  # the global norm of the rank-averaged gradients: Muon's shares and the rest
+            adam_grads = [p.grad for p in adam_params if p.grad is not None]
+            norm = (rt.all_reduce(muon_sq) + sum(g.square().sum() for g in adam_grads)).sqrt()
+            optimizers[0].grad_scale = (h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(adam_grads, optimizers[0].grad_scale)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -40,14 +40,17 @@ def muon_run(rank, world, row_normalize):
     opt = tg.Muon(params, lr=0.05, momentum=0.9, weight_decay=0.1, steps=5, polar=False,
                   row_normalize=row_normalize, rt=rt)
     for _ in range(3):
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
+        for p in params:  # each rank its own gradient; their mean is `base`, one process's
+            base, noise = torch.randn(p.shape, generator=gen), torch.randn(p.shape, generator=gen)
+            p.grad = base + (rank - (world - 1) / 2) * noise
         opt.step()
     return [p.detach().clone() for p in params]
 
 
 @pytest.mark.parametrize("row_normalize", [False, True])
 def test_muon_two_ranks_equal_one(tmp_path, row_normalize):
+    """Gradients reduce-scattered into each rank's share of a stack (3 matrices over 2 ranks: one padded),
+    momentum on the share, the orthogonalized shares all-gathered: the one-process update."""
     single = muon_run(0, 1, row_normalize)
     for result in run_distributed(muon_run, 2, tmp_path, row_normalize):
         for a, b in zip(result, single):
