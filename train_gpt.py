@@ -706,7 +706,7 @@ def make_attention(kernel: str, starts: Tensor, doc: bool):
         if not doc:
             return lambda q, k, v: first(fa3.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
                                          ).transpose(1, 2)
-        cap = B * (1 + -(-T // 128))  # room for documents of 128 tokens on average (checked on the device);
+        cap = B * (1 + -(-T // 128))  # room for documents of 128 tokens on average (checked on the device)
         torch._assert_async(starts.sum() <= cap, "ATTN_KERNEL=fa3: more documents in a batch than cu_seqlens holds")
         cu = F.pad(torch.nonzero_static(starts.flatten(), size=cap, fill_value=B * T).flatten(), (0, 1), value=B * T)
         cu, flat = cu.int(), lambda t: t.transpose(1, 2).reshape(B * T, t.size(1), t.size(3))  # the rest: empty
@@ -1002,7 +1002,7 @@ class GPT(nn.Module):
 # Express), decoupled weight decay, sqrt(rows/cols) scale. Each rank owns a contiguous share of every same-shape
 # stack: a reduce-scatter averages the stack's gradients into the shares (started before the rest is reduced), the
 # rank keeps that share's momentum, orthogonalizes it and all-gathers: the one-process update. AdamW for embeddings
-# and the small control tensors, their gradients averaged in flat buckets (no DDP); all clipped by the global norm.
+# and the small control tensors, their gradients averaged in one flat buffer (no DDP); all clipped by the global norm.
 # =====================================================================================================
 
 NS_CLASSIC = ((3.4445, -4.7750, 2.0315),)
