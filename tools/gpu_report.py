@@ -326,7 +326,7 @@ def write_report(out: Path, r: dict) -> None:
                               ["steps", "step_avg_ms", "final_val_bpb", "bytes_total", "wall_s"]), ""]
         if t["eval_ms"]:
             md += [f"### Timed eval (TTT {t['ttt_mode']}): {t['eval_targets']} targets, "
-                   f"{t['eval_s_per_m_targets']} s per million targets on this GPU", "",
+                   f"{t['eval_s_per_m_targets']} s per million targets on this device", "",
                    markdown_table([{k: round(v / 1000, 2) for k, v in t["eval_ms"].items()}], list(t["eval_ms"])), "",
                    f"TTT: `{json.dumps(t['ttt'])}`", ""]
         md += ["### Phases (seconds)", "", markdown_table([dict(phase=k, seconds=v) for k, v in t["phases"].items()],
