@@ -273,9 +273,9 @@ class Hyperparameters:
         need(C % self.eval_stride == 0 and (C < L or C % L == 0), f"TTT_CHUNK_TOKENS={C} must be a multiple of "
              f"EVAL_STRIDE={self.eval_stride} and, if longer, of the eval length {L}")
         need(self.attn_kernel != "flex" or torch.cuda.is_available(), "ATTN_KERNEL=flex needs CUDA (FlexAttention has no "
-             "CPU backward); ATTN_KERNEL=auto picks it for DOC_ATTENTION on CUDA, SDPA elsewhere")
+             "backward on CPU); ATTN_KERNEL=auto picks it for DOC_ATTENTION on CUDA, SDPA elsewhere")
         need(self.attn_kernel != "fa3" or importlib.util.find_spec("flash_attn_interface"), "ATTN_KERNEL=fa3 needs "
-             "FlashAttention-3 (the flash_attn_interface package, Hopper GPUs); auto falls back to flex or sdpa")
+             "FlashAttention-3 (flash_attn_interface, not installed; Hopper GPUs); auto falls back to flex or sdpa")
         need(self.ttt_mode == "chunk" or self.ttt_lora_chunk <= L,
              f"TTT_LORA_CHUNK={self.ttt_lora_chunk} exceeds the eval length {L} (TTT_MODE={self.ttt_mode})")
         need(self.quant_bits_attn != 1 and self.quant_bits_mlp != 1, "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8")
@@ -1046,8 +1046,8 @@ class Muon(torch.optim.Optimizer):
         meanwhile() runs); return the squared norm of this rank's shares, for the global clip."""
         world, pending = self.rt.world_size, []
         for shape, params in self.stacks.items():
-            share = -(-len(params) // world)
-            G = F.pad(torch.stack([p.grad for p in params]), (0, 0, 0, 0, 0, share * world - len(params)))
+            share = -(-len(params) // world)  # one copy of the gradients, padded with zero matrices to whole shares
+            G = torch.stack([p.grad for p in params] + [params[0].new_zeros(shape)] * (share * world - len(params)))
             self.shares[shape] = G if world == 1 else G.new_empty(share, *shape)
             if world > 1:
                 pending.append(dist.reduce_scatter_tensor(self.shares[shape], G, op=dist.ReduceOp.AVG, async_op=True))
@@ -1062,7 +1062,7 @@ class Muon(torch.optim.Optimizer):
         if not self.shares:  # not reduced by the training step (a single process, a test)
             self.reduce_grads()
         for (rows, cols), params in self.stacks.items():
-            G, buf = self.shares.pop((rows, cols)) * self.grad_scale, self.state[params[0]]["momentum_buffer"]
+            G, buf = self.shares.pop((rows, cols)).mul_(self.grad_scale), self.state[params[0]]["momentum_buffer"]
             U = G.add(buf.mul_(mu).add_(G), alpha=mu)  # Nesterov
             if self.row_normalize:
                 U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)

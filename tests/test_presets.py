@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from benchlib import read_env_file
 from conftest import REPO, run_script, tg
 
 # preset -> (logged model_params, ours - logged, what the difference is; seed-fidelity.md section 1)
@@ -21,12 +22,7 @@ PRESETS = {
 
 
 def read_preset(name: str) -> dict:
-    env = {}
-    for line in (REPO / "configs" / f"{name}.env").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            env[key] = value
-    return env
+    return read_env_file(REPO / "configs" / f"{name}.env")
 
 
 def test_every_preset_file_is_listed():
@@ -49,8 +45,7 @@ def test_preset_builds_the_logged_model(name):
 def shrunk(name: str, data: dict, **over) -> dict:
     """A preset as `PRESET=configs/<name>.env bash tools/main_job.sh` composes it: tools/preset_cpu.env over
     the preset, the test's settings over both."""
-    cpu = {k: v for k, v in (line.split("=", 1) for line in (REPO / "tools" / "preset_cpu.env").read_text().splitlines()
-                             if line.strip() and not line.startswith("#"))}
+    cpu = read_env_file(REPO / "tools" / "preset_cpu.env")
     return {k: str(v) for k, v in {**read_preset(name), **cpu, **data, **over}.items()}
 
 

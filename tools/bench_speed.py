@@ -20,7 +20,6 @@ cannot run here is listed with its error. `--doc` times them with DOC_ATTENTION=
 import argparse
 import contextlib
 import datetime
-import importlib.util
 import json
 import platform
 import sys
@@ -69,32 +68,31 @@ ATTN = {"sdpa": ("sdpa", None), "sdpa-flash": ("sdpa", SDPBackend.FLASH_ATTENTIO
 
 def attention_row(name: str, over: dict, variant: str, rt: tg.Runtime, steps: int) -> dict:
     """One layer's attention at the config's training shapes (micro-batch, heads, GQA, head dim; bf16 on a GPU),
-    forward + backward, compiled, under one kernel: what a kernel change saves per layer and micro-step."""
-    over = dict(over)
-    micro_seqs = over.pop("micro_seqs")
-    h = tg.Hyperparameters.from_env({k: str(v) for k, v in over.items()})
-    kernel, backend = ATTN[variant]
-    row = dict(config=name, attn=variant, doc_attention=int(h.doc_attention), layers=len(tg.layer_slots(h)))
-    T, D = h.train_seq_len, h.model_dim // h.num_heads
-    dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-    q, k, v = (torch.randn(micro_seqs, n, T, D, device=rt.device, dtype=dtype, requires_grad=True)
-               for n in (h.num_heads, h.num_kv_heads, h.num_kv_heads))
-    ids = torch.randint(2, h.vocab_size, (micro_seqs, T), device=rt.device)
-    ids[:, ::997] = tg.BOS_ID  # documents of ~1,000 tokens, as FineWeb's (they matter with DOC_ATTENTION)
-    starts = (ids == tg.BOS_ID) | (torch.arange(T, device=rt.device) == 0)
-
-    def layer(q, k, v):
-        return tg.make_attention(kernel, starts, h.doc_attention)(q, k, v)
-
-    attend = torch.compile(layer, fullgraph=True, dynamic=False, backend=rt.backend) if rt.compile else layer
-
-    def fwd_bwd():
-        with sdpa_kernel(backend) if backend else contextlib.nullcontext():
-            attend(q, k, v).float().square().mean().backward()
-
+    forward + backward, compiled, under one kernel: what a kernel change saves per layer and micro-step. A kernel
+    train_gpt.py refuses here (validate: FA3 not installed, FlexAttention off CUDA) or that fails gives its error."""
+    over = dict(over, ATTN_KERNEL=ATTN[variant][0])
+    micro_seqs, backend = over.pop("micro_seqs"), ATTN[variant][1]
+    row = dict(config=name, attn=variant)
     try:
-        if kernel == "fa3" and not importlib.util.find_spec("flash_attn_interface"):
-            raise RuntimeError("flash_attn_interface (FlashAttention-3) is not installed")
+        h = tg.Hyperparameters.from_env({k: str(v) for k, v in over.items()})
+        row.update(doc_attention=int(h.doc_attention), layers=h.logical_layers)
+        T, D = h.train_seq_len, h.model_dim // h.num_heads
+        dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+        q, k, v = (torch.randn(micro_seqs, n, T, D, device=rt.device, dtype=dtype, requires_grad=True)
+                   for n in (h.num_heads, h.num_kv_heads, h.num_kv_heads))
+        ids = torch.randint(2, h.vocab_size, (micro_seqs, T), device=rt.device)
+        ids[:, ::997] = tg.BOS_ID  # documents of ~1,000 tokens, as FineWeb's (they matter with DOC_ATTENTION)
+        starts = (ids == tg.BOS_ID) | (torch.arange(T, device=rt.device) == 0)
+
+        def layer(q, k, v):
+            return tg.make_attention(h.attn_kernel, starts, h.doc_attention)(q, k, v)
+
+        attend = torch.compile(layer, fullgraph=True, dynamic=False, backend=rt.backend) if rt.compile else layer
+
+        def fwd_bwd():
+            with sdpa_kernel(backend) if backend else contextlib.nullcontext():
+                attend(q, k, v).float().square().mean().backward()
+
         row["compile_s"] = round(timed(fwd_bwd, rt, 1), 1)
         ms = timed(fwd_bwd, rt, steps) * 1000
     except Exception as e:  # this kernel cannot run here: say why, go on with the others

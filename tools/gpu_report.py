@@ -92,7 +92,7 @@ def run_logged(cmd: list, path: Path, env: dict | None = None) -> tuple[int, lis
         rc = proc.wait()
         if timer:
             timer.cancel()
-        if left is not None and seconds_left() <= 0:
+        if rc == -signal.SIGKILL and left is not None and seconds_left() <= 0:
             lines.append((time.perf_counter() - t0, "gpu_report: killed at the --deadline"))
             f.write(f"[+{lines[-1][0]:8.2f}s] {lines[-1][1]}\n")
     return rc, lines
