@@ -76,6 +76,7 @@ def knob(default, lo=None, hi=None, choices=None):
 
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
+    # fmt: off
     # data and run
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin shards
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model of the shards
@@ -208,6 +209,7 @@ class Hyperparameters:
     ttt_phase_docs: int = knob(2500, 1)  # phased: after this many documents (the longest) ...
     ttt_phases: int = knob(3, 1)  # ... in this many equal steps, base weights take one SGD epoch on all scored docs
 
+    # fmt: on
     @classmethod
     def from_env(cls, env) -> Hyperparameters:
         values = {}
@@ -247,55 +249,110 @@ class Hyperparameters:
         return len(layer_slots(self))
 
     def validate(self) -> None:
-        dim, heads, kv, head_dim = self.model_dim, self.num_heads, self.num_kv_heads, self.model_dim // self.num_heads
+        dim, heads, kv, head_dim = (
+            self.model_dim,
+            self.num_heads,
+            self.num_kv_heads,
+            self.model_dim // self.num_heads,
+        )
         need(dim % heads == 0, f"MODEL_DIM={dim} must be divisible by NUM_HEADS={heads}")
         need(heads % kv == 0, f"NUM_HEADS={heads} must be a multiple of NUM_KV_HEADS={kv}")
         need(head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
-        need(4 <= (self.rope_dims or head_dim) <= head_dim and self.rope_dims % 2 == 0,
-             f"ROPE_DIMS={self.rope_dims}: the rotated dims per head ({self.rope_dims or head_dim}) must be even and in "
-             f"[4, head dim MODEL_DIM/NUM_HEADS={head_dim}] (0 = all; the NTK stretch needs more than 2)")
-        need(self.unique_layers <= self.num_layers, f"UNIQUE_LAYERS={self.unique_layers} exceeds NUM_LAYERS={self.num_layers}")
+        need(
+            4 <= (self.rope_dims or head_dim) <= head_dim and self.rope_dims % 2 == 0,
+            f"ROPE_DIMS={self.rope_dims}: the rotated dims per head ({self.rope_dims or head_dim}) must be even and in "
+            f"[4, head dim MODEL_DIM/NUM_HEADS={head_dim}] (0 = all; the NTK stretch needs more than 2)",
+        )
+        need(
+            self.unique_layers <= self.num_layers,
+            f"UNIQUE_LAYERS={self.unique_layers} exceeds NUM_LAYERS={self.num_layers}",
+        )
         if self.loop_repeats:
-            need(0 <= self.loop_start <= self.loop_end < self.num_layers,
-                 f"LOOP_START={self.loop_start}, LOOP_END={self.loop_end}: need 0 <= start <= end < "
-                 f"NUM_LAYERS={self.num_layers} when LOOP_REPEATS={self.loop_repeats}")
-            need(len(self.loop_enable_at) in (1, self.loop_repeats) and all(0 <= f <= 1 for f in self.loop_enable_at),
-                 f"LOOP_ENABLE_AT={self.loop_enable_at}: one fraction in [0, 1], or one per repeat")
+            need(
+                0 <= self.loop_start <= self.loop_end < self.num_layers,
+                f"LOOP_START={self.loop_start}, LOOP_END={self.loop_end}: need 0 <= start <= end < "
+                f"NUM_LAYERS={self.num_layers} when LOOP_REPEATS={self.loop_repeats}",
+            )
+            need(
+                len(self.loop_enable_at) in (1, self.loop_repeats)
+                and all(0 <= f <= 1 for f in self.loop_enable_at),
+                f"LOOP_ENABLE_AT={self.loop_enable_at}: one fraction in [0, 1], or one per repeat",
+            )
         control_plan(self)
         n = self.logical_layers
-        need(all(0 <= i < n for i in self.ve_layers), f"VE_LAYERS={self.ve_layers}: logical layers are 0..{n - 1}")
+        need(
+            all(0 <= i < n for i in self.ve_layers),
+            f"VE_LAYERS={self.ve_layers}: logical layers are 0..{n - 1}",
+        )
         need(self.xsa_last_n <= n, f"XSA_LAST_N={self.xsa_last_n} exceeds the {n} logical layers")
         need(self.parallel_start < n, f"PARALLEL_START={self.parallel_start} exceeds the {n} logical layers")
         need(self.ttt_freeze_blocks <= n, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds {n} layers")
         self.check_world(1)
         C, L = self.ttt_chunk_tokens, self.eval_len
         need(self.eval_stride <= L, f"EVAL_STRIDE={self.eval_stride} exceeds the eval length {L}")
-        need(C % self.eval_stride == 0 and (C < L or C % L == 0), f"TTT_CHUNK_TOKENS={C} must be a multiple of "
-             f"EVAL_STRIDE={self.eval_stride} and, if longer, of the eval length {L}")
-        need(self.attn_kernel != "flex" or torch.cuda.is_available(), "ATTN_KERNEL=flex needs CUDA (FlexAttention has no "
-             "backward on CPU); ATTN_KERNEL=auto picks it for DOC_ATTENTION on CUDA, SDPA elsewhere")
-        need(self.attn_kernel != "fa3" or importlib.util.find_spec("flash_attn_interface"), "ATTN_KERNEL=fa3 needs "
-             "FlashAttention-3 (flash_attn_interface, not installed; Hopper GPUs); auto falls back to flex or sdpa")
-        need(self.ttt_mode == "chunk" or self.ttt_lora_chunk <= L,
-             f"TTT_LORA_CHUNK={self.ttt_lora_chunk} exceeds the eval length {L} (TTT_MODE={self.ttt_mode})")
-        need(self.quant_bits_attn != 1 and self.quant_bits_mlp != 1, "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8")
-        need(not (self.export_from and self.eval_only_artifact), "set EXPORT_FROM or EVAL_ONLY_ARTIFACT, not both")
-        need(self.smear_input_dims <= self.model_dim and (self.attn_gate != "sparse" or self.model_dim >= 12),
-             f"SMEAR_INPUT_DIMS={self.smear_input_dims} and ATTN_GATE=sparse (12) read channels of MODEL_DIM={self.model_dim}")
-        need(self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE=1: 0 (off) or >= 2 buckets (one is for sequence starts)")
-        need(int(self.mlp_mult * self.model_dim) >= 1, f"MLP_MULT={self.mlp_mult} gives no MLP hidden unit at "
-             f"MODEL_DIM={self.model_dim}")
-        need(self.logit_softcap == 0 or self.logit_softcap >= 1, f"LOGIT_SOFTCAP={self.logit_softcap}: 0 (off) or >= 1")
-        need(not self.val_max_tokens or self.val_max_tokens >= max(L, self.train_seq_len),
-             f"VAL_MAX_TOKENS={self.val_max_tokens} is shorter than one window of max(TRAIN_SEQ_LEN, eval length) = "
-             f"{max(L, self.train_seq_len)} tokens")
-        need(self.quant_method != "full" or self.gptq_reserve_seconds < (self.max_wallclock_seconds or math.inf),
-             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under MAX_WALLCLOCK_SECONDS="
-             f"{self.max_wallclock_seconds} (QUANT_METHOD=full)")
-        need(self.beta1 ** 2 < self.beta2 < 1, f"BETA1={self.beta1}, BETA2={self.beta2}: need BETA1^2 < BETA2 < 1 "
-             "(else Adam's step, momentum over the root second moment, is unbounded)")
-        need(self.muon_ns == "classic" or self.muon_backend_steps <= len(NS_POLAR),
-             f"MUON_NS=polar has {len(NS_POLAR)} tuned steps: MUON_BACKEND_STEPS=1..5 runs the first N (#1539: 4)")
+        need(
+            C % self.eval_stride == 0 and (C < L or C % L == 0),
+            f"TTT_CHUNK_TOKENS={C} must be a multiple of "
+            f"EVAL_STRIDE={self.eval_stride} and, if longer, of the eval length {L}",
+        )
+        need(
+            self.attn_kernel != "flex" or torch.cuda.is_available(),
+            "ATTN_KERNEL=flex needs CUDA (FlexAttention has no "
+            "backward on CPU); ATTN_KERNEL=auto picks it for DOC_ATTENTION on CUDA, SDPA elsewhere",
+        )
+        need(
+            self.attn_kernel != "fa3" or importlib.util.find_spec("flash_attn_interface"),
+            "ATTN_KERNEL=fa3 needs "
+            "FlashAttention-3 (flash_attn_interface, not installed; Hopper GPUs); auto falls back to flex or sdpa",
+        )
+        need(
+            self.ttt_mode == "chunk" or self.ttt_lora_chunk <= L,
+            f"TTT_LORA_CHUNK={self.ttt_lora_chunk} exceeds the eval length {L} (TTT_MODE={self.ttt_mode})",
+        )
+        need(
+            self.quant_bits_attn != 1 and self.quant_bits_mlp != 1,
+            "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8",
+        )
+        need(
+            not (self.export_from and self.eval_only_artifact),
+            "set EXPORT_FROM or EVAL_ONLY_ARTIFACT, not both",
+        )
+        need(
+            self.smear_input_dims <= self.model_dim and (self.attn_gate != "sparse" or self.model_dim >= 12),
+            f"SMEAR_INPUT_DIMS={self.smear_input_dims} and ATTN_GATE=sparse (12) read channels of MODEL_DIM={self.model_dim}",
+        )
+        need(
+            self.bigram_vocab_size != 1,
+            "BIGRAM_VOCAB_SIZE=1: 0 (off) or >= 2 buckets (one is for sequence starts)",
+        )
+        need(
+            int(self.mlp_mult * self.model_dim) >= 1,
+            f"MLP_MULT={self.mlp_mult} gives no MLP hidden unit at MODEL_DIM={self.model_dim}",
+        )
+        need(
+            self.logit_softcap == 0 or self.logit_softcap >= 1,
+            f"LOGIT_SOFTCAP={self.logit_softcap}: 0 (off) or >= 1",
+        )
+        need(
+            not self.val_max_tokens or self.val_max_tokens >= max(L, self.train_seq_len),
+            f"VAL_MAX_TOKENS={self.val_max_tokens} is shorter than one window of max(TRAIN_SEQ_LEN, eval length) = "
+            f"{max(L, self.train_seq_len)} tokens",
+        )
+        need(
+            self.quant_method != "full"
+            or self.gptq_reserve_seconds < (self.max_wallclock_seconds or math.inf),
+            f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under MAX_WALLCLOCK_SECONDS="
+            f"{self.max_wallclock_seconds} (QUANT_METHOD=full)",
+        )
+        need(
+            self.beta1**2 < self.beta2 < 1,
+            f"BETA1={self.beta1}, BETA2={self.beta2}: need BETA1^2 < BETA2 < 1 "
+            "(else Adam's step, momentum over the root second moment, is unbounded)",
+        )
+        need(
+            self.muon_ns == "classic" or self.muon_backend_steps <= len(NS_POLAR),
+            f"MUON_NS=polar has {len(NS_POLAR)} tuned steps: MUON_BACKEND_STEPS=1..5 runs the first N (#1539: 4)",
+        )
 
     def micro_batches(self, world: int) -> int:
         return self.train_micro_batches or max(8, world)
@@ -303,10 +360,16 @@ class Hyperparameters:
     def check_world(self, world: int) -> None:
         """A step is micro_batches(world) micro-batches of whole sequences, split evenly over the ranks."""
         m = self.micro_batches(world)
-        need(m % world == 0, f"WORLD_SIZE={world} must divide the {m} micro-batches of a step (TRAIN_MICRO_BATCHES; "
-             "0 = 8, or WORLD_SIZE above 8)")
-        need(self.train_batch_tokens % (m * self.train_seq_len) == 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} "
-             f"must be a multiple of {m}*TRAIN_SEQ_LEN={m * self.train_seq_len} ({m} micro-batches of whole sequences)")
+        need(
+            m % world == 0,
+            f"WORLD_SIZE={world} must divide the {m} micro-batches of a step (TRAIN_MICRO_BATCHES; "
+            "0 = 8, or WORLD_SIZE above 8)",
+        )
+        need(
+            self.train_batch_tokens % (m * self.train_seq_len) == 0,
+            f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} "
+            f"must be a multiple of {m}*TRAIN_SEQ_LEN={m * self.train_seq_len} ({m} micro-batches of whole sequences)",
+        )
 
     def model_config(self) -> dict:
         """The fields that shape the network: stored in the artifact so a verifier rebuilds it."""
@@ -322,18 +385,67 @@ def misspelt_knobs(env) -> list[tuple[str, str]]:
     """Environment variables that are no knob but look like one: (name, the closest knob). A typo such
     as MATRIX_LRR=0.1 is otherwise ignored and the run silently uses the default."""
     knobs = knob_names() + ["RANK", "WORLD_SIZE", "LOCAL_RANK"]
-    unknown = [name for name in sorted(env) if name not in knobs and not name.startswith(FOREIGN_ENV_PREFIXES)]
-    return [(name, close[0]) for name in unknown if (close := difflib.get_close_matches(name, knobs, n=1, cutoff=0.8))]
+    unknown = [
+        name for name in sorted(env) if name not in knobs and not name.startswith(FOREIGN_ENV_PREFIXES)
+    ]
+    return [
+        (name, close[0])
+        for name in unknown
+        if (close := difflib.get_close_matches(name, knobs, n=1, cutoff=0.8))
+    ]
 
 
-FOREIGN_ENV_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL_", "PYTHON", "MASTER_", "LOCAL_", "GROUP_",
-                        "ROLE_", "TRITON", "HF_", "LC_", "XDG_", "SLURM_")
-MODEL_FIELDS = ("vocab_size", "num_layers", "unique_layers", "loop_start", "loop_end", "loop_repeats",
-                "loop_enable_at", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "mlp_neg_slope",
-                "logit_softcap", "rope_base", "rope_dims", "qk_gain_init", "ln_scale", "xsa_last_n",
-                "bigram_vocab_size", "bigram_dim", "smear_gate", "ve_layers", "ve_dim", "parallel_start",
-                "controls_per", "skip_gates", "value_residual", "attn_gate", "doc_attention", "smear_input_dims",
-                "train_seq_len")
+FOREIGN_ENV_PREFIXES = (
+    "CUDA",
+    "NCCL",
+    "TORCH",
+    "PYTORCH",
+    "OMP_",
+    "MKL_",
+    "PYTHON",
+    "MASTER_",
+    "LOCAL_",
+    "GROUP_",
+    "ROLE_",
+    "TRITON",
+    "HF_",
+    "LC_",
+    "XDG_",
+    "SLURM_",
+)
+MODEL_FIELDS = (
+    "vocab_size",
+    "num_layers",
+    "unique_layers",
+    "loop_start",
+    "loop_end",
+    "loop_repeats",
+    "loop_enable_at",
+    "model_dim",
+    "num_heads",
+    "num_kv_heads",
+    "mlp_mult",
+    "mlp_neg_slope",
+    "logit_softcap",
+    "rope_base",
+    "rope_dims",
+    "qk_gain_init",
+    "ln_scale",
+    "xsa_last_n",
+    "bigram_vocab_size",
+    "bigram_dim",
+    "smear_gate",
+    "ve_layers",
+    "ve_dim",
+    "parallel_start",
+    "controls_per",
+    "skip_gates",
+    "value_residual",
+    "attn_gate",
+    "doc_attention",
+    "smear_input_dims",
+    "train_seq_len",
+)
 
 
 # =====================================================================================================
@@ -368,7 +480,11 @@ class Runtime:
         return now()
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        return (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
 
     def all_reduce(self, t: Tensor, op=None) -> Tensor:
         if self.world_size > 1:
@@ -382,7 +498,9 @@ class Runtime:
 
 def parse_dist_env(env, h: Hyperparameters) -> tuple[int, int, int]:
     try:
-        rank, world, local = (int(env.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+        rank, world, local = (
+            int(env.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
+        )
     except ValueError:
         raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
     need(world >= 1, f"WORLD_SIZE={world} must be at least 1")
@@ -399,12 +517,18 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
-        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                **({"device_id": device} if cuda else {}))
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            **({"device_id": device} if cuda else {}),
+        )
     use_compile = cuda if h.compile == "auto" else h.compile == "1"
     if use_compile:
         torch._dynamo.config.cache_size_limit = 32  # train/eval shapes x recurrence stages x QAT
-        if h.compile_cache_dir:  # inductor's FX-graph, AOT-autograd, autotune and Triton caches all live under it
+        if (
+            h.compile_cache_dir
+        ):  # inductor's FX-graph, AOT-autograd, autotune and Triton caches all live under it
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(h.compile_cache_dir)
     return Runtime(rank, world, local, device, use_compile, h.micro_batches(world), h.compile_backend)
 
@@ -434,16 +558,20 @@ class Log:
 def compile_cache_line(h: Hyperparameters) -> str:
     """torch.compile's disk-cache hits this run (a warm COMPILE_CACHE_DIR: misses 0)."""
     fx, aot = dynamo_counters()["inductor"], dynamo_counters()["aot_autograd"]
-    return (f"compile_cache:{h.compile_cache_dir or 'default'} fx_graph_hits:{fx['fxgraph_cache_hit']} "
-            f"fx_graph_misses:{fx['fxgraph_cache_miss']} aot_autograd_hits:{aot['autograd_cache_hit']} "
-            f"aot_autograd_misses:{aot['autograd_cache_miss']}")
+    return (
+        f"compile_cache:{h.compile_cache_dir or 'default'} fx_graph_hits:{fx['fxgraph_cache_hit']} "
+        f"fx_graph_misses:{fx['fxgraph_cache_miss']} aot_autograd_hits:{aot['autograd_cache_hit']} "
+        f"aot_autograd_misses:{aot['autograd_cache_miss']}"
+    )
 
 
 def log_header(log: Log, h: Hyperparameters, rt: Runtime, code: str) -> None:
     log(code, console=False)
     log("=" * 100, console=False)
-    log(f"Running Python {sys.version.split()[0]} PyTorch {torch.__version__} numpy {np.__version__} "
-        f"on {platform.platform()}")
+    log(
+        f"Running Python {sys.version.split()[0]} PyTorch {torch.__version__} numpy {np.__version__} "
+        f"on {platform.platform()}"
+    )
     if rt.device.type == "cuda":
         smi = shutil.which("nvidia-smi")
         info = subprocess.run([smi], capture_output=True, text=True).stdout if smi else ""
@@ -470,11 +598,17 @@ def shard_token_count(path: str, magics: tuple[int, ...] = (SHARD_MAGIC,)) -> in
     size = os.path.getsize(path)
     need(size >= HEADER_BYTES, f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=256)
-    need(header[0] in magics and header[1] == SHARD_VERSION, f"{path}: magic/version {header[0]}/{header[1]}, "
-         f"expected {'|'.join(map(str, magics))}/{SHARD_VERSION} (not a Parameter Golf shard)")
+    need(
+        header[0] in magics and header[1] == SHARD_VERSION,
+        f"{path}: magic/version {header[0]}/{header[1]}, "
+        f"expected {'|'.join(map(str, magics))}/{SHARD_VERSION} (not a Parameter Golf shard)",
+    )
     n = int(header[2])
-    need(size == HEADER_BYTES + 2 * n, f"{path}: header says {n} tokens, so {HEADER_BYTES + 2 * n} bytes, but the file "
-         f"has {size} (truncated or corrupted)")
+    need(
+        size == HEADER_BYTES + 2 * n,
+        f"{path}: header says {n} tokens, so {HEADER_BYTES + 2 * n} bytes, but the file "
+        f"has {size} (truncated or corrupted)",
+    )
     return n
 
 
@@ -484,9 +618,14 @@ def load_shard(path: str, magics: tuple[int, ...] = (SHARD_MAGIC,)) -> np.ndarra
 
 def find_shards(h: Hyperparameters, split: str) -> tuple[list[str], int]:
     pattern = os.path.join(h.data_path, f"fineweb_{split}_*.bin")
-    files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))  # not CaseOps sidecars
-    need(files, f"no {split} shards match {pattern}: set DATA_PATH (build data with "
-         "`python3 data/prepare_data.py`, or download FineWeb, see README)")
+    files = sorted(
+        f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f)
+    )  # not CaseOps sidecars
+    need(
+        files,
+        f"no {split} shards match {pattern}: set DATA_PATH (build data with "
+        "`python3 data/prepare_data.py`, or download FineWeb, see README)",
+    )
     total = sum(shard_token_count(f) for f in files)
     need(total > 0, f"the {split} shards under {pattern} hold no tokens")
     return files, total
@@ -513,7 +652,7 @@ class TrainLoader:
             if self.pos == len(self.tokens):
                 self.file_idx = (self.file_idx + 1) % len(self.files)
                 self.tokens, self.pos = load_shard(self.files[self.file_idx]), 0
-            piece = self.tokens[self.pos: self.pos + n]
+            piece = self.tokens[self.pos : self.pos + n]
             parts.append(piece)
             self.pos += len(piece)
             n -= len(piece)
@@ -522,7 +661,7 @@ class TrainLoader:
     def next_batch(self, global_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
         local = global_tokens // (self.rt.world_size * self.rt.grad_accum)
         span = self.take((local + 1) * self.rt.world_size)
-        mine = span[self.rt.rank * (local + 1): (self.rt.rank + 1) * (local + 1)]
+        mine = span[self.rt.rank * (local + 1) : (self.rt.rank + 1) * (local + 1)]
         t = torch.from_numpy(mine.astype(np.int64)).to(self.rt.device, non_blocking=True)
         return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
 
@@ -530,10 +669,15 @@ class TrainLoader:
 def load_val_tokens(h: Hyperparameters, rt: Runtime) -> Tensor:
     """Every evaluator scores whole windows: of the eval length, and of TRAIN_SEQ_LEN while training."""
     files, _ = find_shards(h, "val")
-    tokens = np.concatenate([load_shard(f) for f in files])[: h.val_max_tokens + 1 if h.val_max_tokens else None]
+    tokens = np.concatenate([load_shard(f) for f in files])[
+        : h.val_max_tokens + 1 if h.val_max_tokens else None
+    ]
     window = max(h.eval_len, h.train_seq_len) + 1
-    need(len(tokens) >= window, f"the val split ({', '.join(files)}) has {len(tokens)} tokens, fewer than one window "
-         f"+ 1 ({window}); lower TRAIN_SEQ_LEN/EVAL_SEQ_LEN")
+    need(
+        len(tokens) >= window,
+        f"the val split ({', '.join(files)}) has {len(tokens)} tokens, fewer than one window "
+        f"+ 1 ({window}); lower TRAIN_SEQ_LEN/EVAL_SEQ_LEN",
+    )
     return torch.from_numpy(tokens.astype(np.int32)).to(rt.device)
 
 
@@ -549,9 +693,13 @@ def load_val_tokens(h: Hyperparameters, rt: Runtime) -> Tensor:
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     need(os.path.isfile(h.tokenizer_path), f"tokenizer file not found: TOKENIZER_PATH={h.tokenizer_path}")
     sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
-    need(sp.vocab_size() == h.vocab_size,
-         f"{h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}")
-    need(sp.bos_id() == BOS_ID, f"{h.tokenizer_path}: bos_id is {sp.bos_id()}, the shard format needs {BOS_ID}")
+    need(
+        sp.vocab_size() == h.vocab_size,
+        f"{h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}",
+    )
+    need(
+        sp.bos_id() == BOS_ID, f"{h.tokenizer_path}: bos_id is {sp.bos_id()}, the shard format needs {BOS_ID}"
+    )
     return sp
 
 
@@ -563,15 +711,22 @@ def read_manifest(h: Hyperparameters, tokenizer_sha: str) -> dict:
         return {}
     manifest = json.loads(Path(path).read_text(encoding="utf-8"))
     made_with = manifest.get("tokenizer", {})
-    need(made_with.get("sha256", tokenizer_sha) == tokenizer_sha, f"{path}: the shards were tokenized with "
-         f"{made_with.get('path')} (sha256 {made_with.get('sha256')}), but TOKENIZER_PATH={h.tokenizer_path} has "
-         f"sha256 {tokenizer_sha}")
+    need(
+        made_with.get("sha256", tokenizer_sha) == tokenizer_sha,
+        f"{path}: the shards were tokenized with "
+        f"{made_with.get('path')} (sha256 {made_with.get('sha256')}), but TOKENIZER_PATH={h.tokenizer_path} has "
+        f"sha256 {tokenizer_sha}",
+    )
     return manifest
 
 
 def build_byte_luts(sp: spm.SentencePieceProcessor, device) -> tuple[Tensor, Tensor, Tensor]:
     n = sp.vocab_size()
-    base, leading_space, is_control = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=bool), np.ones(n, dtype=bool)
+    base, leading_space, is_control = (
+        np.zeros(n, dtype=np.int32),
+        np.zeros(n, dtype=bool),
+        np.ones(n, dtype=bool),
+    )
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
@@ -593,16 +748,31 @@ def byte_counter(h: Hyperparameters, sp: spm.SentencePieceProcessor, tokens: Ten
     files = sorted(glob.glob(os.path.join(h.data_path, "fineweb_val_bytes_*.bin")))
     caseops = sp.piece_to_id("\ue000") != sp.unk_id()
     if not files:
-        need(not caseops, f"{h.tokenizer_path} is a CaseOps tokenizer, but {h.data_path} has no fineweb_val_bytes_*.bin "
-             "sidecar: its bytes of original text are the bpb denominator (data/prepare_data.py --caseops writes them)")
+        need(
+            not caseops,
+            f"{h.tokenizer_path} is a CaseOps tokenizer, but {h.data_path} has no fineweb_val_bytes_*.bin "
+            "sidecar: its bytes of original text are the bpb denominator (data/prepare_data.py --caseops writes them)",
+        )
         return build_byte_luts(sp, rt.device)
     shards = find_shards(h, "val")[0]
-    paired = all(shard_token_count(f, (SIDECAR_MAGIC, SHARD_MAGIC)) == shard_token_count(t) for f, t in zip(files, shards))
-    need(caseops and [f.replace("_bytes_", "_") for f in files] == shards and paired, f"{h.data_path}: the byte "
-         f"sidecars {files} do not pair with the val shards {shards} of a CaseOps tokenizer (rebuild with data/prepare_data.py --caseops)")
-    counts = torch.from_numpy(np.concatenate([load_shard(f, (SIDECAR_MAGIC, SHARD_MAGIC)) for f in files])
-                              [: tokens.numel()].astype(np.int32)).to(rt.device)
-    need(not counts[tokens == BOS_ID].any(), f"{files}: a BOS owns bytes in the sidecar (not this tokenization's)")
+    paired = all(
+        shard_token_count(f, (SIDECAR_MAGIC, SHARD_MAGIC)) == shard_token_count(t)
+        for f, t in zip(files, shards)
+    )
+    need(
+        caseops and [f.replace("_bytes_", "_") for f in files] == shards and paired,
+        f"{h.data_path}: the byte "
+        f"sidecars {files} do not pair with the val shards {shards} of a CaseOps tokenizer (rebuild with data/prepare_data.py --caseops)",
+    )
+    counts = torch.from_numpy(
+        np.concatenate([load_shard(f, (SIDECAR_MAGIC, SHARD_MAGIC)) for f in files])[: tokens.numel()].astype(
+            np.int32
+        )
+    ).to(rt.device)
+    need(
+        not counts[tokens == BOS_ID].any(),
+        f"{files}: a BOS owns bytes in the sidecar (not this tokenization's)",
+    )
     return (counts,)
 
 
@@ -664,8 +834,10 @@ def layer_slots(h) -> list[tuple[int, int]]:
     base = [(i % physical, 0) for i in range(h.num_layers)]
     if not h.loop_repeats:
         return base
-    passes = [(base[i][0], r) for r in range(1, h.loop_repeats + 1) for i in range(h.loop_start, h.loop_end + 1)]
-    return base[: h.loop_end + 1] + passes + base[h.loop_end + 1:]
+    passes = [
+        (base[i][0], r) for r in range(1, h.loop_repeats + 1) for i in range(h.loop_start, h.loop_end + 1)
+    ]
+    return base[: h.loop_end + 1] + passes + base[h.loop_end + 1 :]
 
 
 class Rotary(nn.Module):
@@ -684,13 +856,15 @@ class Rotary(nn.Module):
             self.register_buffer(f"sin_{name}", angles.sin().float(), persistent=False)
 
     def forward(self, seq_len: int) -> tuple[Tensor, Tensor]:
-        cos, sin = (self.cos_train, self.sin_train) if seq_len <= self.train_len else (self.cos_long, self.sin_long)
+        cos, sin = (
+            (self.cos_train, self.sin_train) if seq_len <= self.train_len else (self.cos_long, self.sin_long)
+        )
         return cos[:seq_len], sin[:seq_len]
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = cos.size(-1)
-    x1, x2, rest = x[..., :half], x[..., half: 2 * half], x[..., 2 * half:]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
 
@@ -702,31 +876,60 @@ def make_attention(kernel: str, starts: Tensor, doc: bool):
     B, T = starts.shape
     if kernel == "fa3":
         import flash_attn_interface as fa3  # installed: validate and ATTN_KERNEL=auto check
+
         first = lambda out: out[0] if isinstance(out, tuple) else out  # some FA3 versions also return the LSE
         if not doc:
-            return lambda q, k, v: first(fa3.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
-                                         ).transpose(1, 2)
+            return lambda q, k, v: first(
+                fa3.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
+            ).transpose(1, 2)
         cap = B * (1 + -(-T // 128))  # room for documents of 128 tokens on average (checked on the device)
-        torch._assert_async(starts.sum() <= cap, "ATTN_KERNEL=fa3: more documents in a batch than cu_seqlens holds")
-        cu = F.pad(torch.nonzero_static(starts.flatten(), size=cap, fill_value=B * T).flatten(), (0, 1), value=B * T)
-        cu, flat = cu.int(), lambda t: t.transpose(1, 2).reshape(B * T, t.size(1), t.size(3))  # the rest: empty
-        return lambda q, k, v: first(fa3.flash_attn_varlen_func(
-            flat(q), flat(k), flat(v), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T,
-            causal=True)).view(B, T, q.size(1), -1).transpose(1, 2)
+        torch._assert_async(
+            starts.sum() <= cap, "ATTN_KERNEL=fa3: more documents in a batch than cu_seqlens holds"
+        )
+        cu = F.pad(
+            torch.nonzero_static(starts.flatten(), size=cap, fill_value=B * T).flatten(), (0, 1), value=B * T
+        )
+        cu, flat = (
+            cu.int(),
+            lambda t: t.transpose(1, 2).reshape(B * T, t.size(1), t.size(3)),
+        )  # the rest: empty
+        return lambda q, k, v: (
+            first(
+                fa3.flash_attn_varlen_func(
+                    flat(q),
+                    flat(k),
+                    flat(v),
+                    cu_seqlens_q=cu,
+                    cu_seqlens_k=cu,
+                    max_seqlen_q=T,
+                    max_seqlen_k=T,
+                    causal=True,
+                )
+            )
+            .view(B, T, q.size(1), -1)
+            .transpose(1, 2)
+        )
     if kernel == "sdpa" and not doc:
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+        return lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1)
+        )
     docs = starts.cumsum(1) * doc
     if kernel == "flex":
-        block = create_block_mask(lambda b, _, q, k: (docs[b, q] == docs[b, k]) & (q >= k), B, None, T, T, device=docs.device)
+        block = create_block_mask(
+            lambda b, _, q, k: (docs[b, q] == docs[b, k]) & (q >= k), B, None, T, T, device=docs.device
+        )
         return lambda q, k, v: flex_attention(q, k, v, block_mask=block, enable_gqa=k.size(1) != q.size(1))
     mask = (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
-    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
+    return lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1)
+    )
 
 
 @dataclasses.dataclass
 class AttnContext:
     """What every layer's attention reads in one forward: the rotary tables, the value embeddings, the attention
     kernel (causal, or within documents) and layer 0's values for Value Residual (layer 0 fills them in)."""
+
     cos: Tensor
     sin: Tensor
     ve: Tensor | None
@@ -740,7 +943,11 @@ class Attention(nn.Module):
         dim, self.n_heads, self.n_kv = h.model_dim, h.num_heads, h.num_kv_heads
         self.head_dim = dim // h.num_heads
         kv_dim = self.n_kv * self.head_dim
-        self.c_q, self.c_k, self.c_v = CastedLinear(dim, dim), CastedLinear(dim, kv_dim), CastedLinear(dim, kv_dim)
+        self.c_q, self.c_k, self.c_v = (
+            CastedLinear(dim, dim),
+            CastedLinear(dim, kv_dim),
+            CastedLinear(dim, kv_dim),
+        )
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
 
@@ -773,7 +980,10 @@ class MLP(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
         hidden = int(h.mlp_mult * h.model_dim)
-        self.fc, self.proj = CastedLinear(h.model_dim, hidden), CastedLinear(hidden, h.model_dim, zero_init=True)
+        self.fc, self.proj = (
+            CastedLinear(h.model_dim, hidden),
+            CastedLinear(hidden, h.model_dim, zero_init=True),
+        )
         self.neg_slope = h.mlp_neg_slope
 
     def forward(self, x: Tensor) -> Tensor:
@@ -837,8 +1047,10 @@ class Block(nn.Module):
         a_in = c.resid_mix[0] * x[0] + c.resid_mix[1] * x0
         att = c.attn_scale * self.attn(rms_norm(a_in) * ln, c, ctx, xsa)
         mlp = c.mlp_scale * self.mlp(rms_norm(x[1]) * ln)
-        return (c.lane_resid[0] * a_in + c.lane_mix[0, 0] * att + c.lane_mix[0, 1] * mlp,
-                c.lane_resid[1] * x[1] + c.lane_mix[1, 0] * att + c.lane_mix[1, 1] * mlp)
+        return (
+            c.lane_resid[0] * a_in + c.lane_mix[0, 0] * att + c.lane_mix[0, 1] * mlp,
+            c.lane_resid[1] * x[1] + c.lane_mix[1, 0] * att + c.lane_mix[1, 1] * mlp,
+        )
 
 
 class BigramHash(nn.Module):
@@ -902,9 +1114,16 @@ def control_plan(h) -> tuple[list[int], list[tuple[bool, str, bool]]]:
     control_of = [p if h.controls_per == "block" else i for i, (p, _) in enumerate(slots)]
     features: dict[int, tuple[bool, str, bool]] = {}
     for i, k in enumerate(control_of):
-        f = (i in h.ve_layers, h.parallel_form if i >= parallel_from else "sequential", h.value_residual and i > 0)
-        need(features.setdefault(k, f) == f, f"CONTROLS_PER=block: block {k} runs logical layers that differ in "
-             "VE_LAYERS, PARALLEL_START or VALUE_RESIDUAL (layer 0); align them or use CONTROLS_PER=layer")
+        f = (
+            i in h.ve_layers,
+            h.parallel_form if i >= parallel_from else "sequential",
+            h.value_residual and i > 0,
+        )
+        need(
+            features.setdefault(k, f) == f,
+            f"CONTROLS_PER=block: block {k} runs logical layers that differ in "
+            "VE_LAYERS, PARALLEL_START or VALUE_RESIDUAL (layer 0); align them or use CONTROLS_PER=layer",
+        )
     return control_of, [features[k] for k in range(len(features))]
 
 
@@ -922,18 +1141,33 @@ class GPT(nn.Module):
         self.control_of, features = control_plan(h)
         self.controls = nn.ModuleList(LayerControl(dim, *f, h.attn_gate, h.num_heads) for f in features)
         self.skip_weights = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(n_logical // 2))
-        self.skip_gates = (nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_logical // 2))
-                           if h.skip_gates else None)
+        self.skip_gates = (
+            nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_logical // 2))
+            if h.skip_gates
+            else None
+        )
         self.ln_factors = [1 / math.sqrt(k + 1) if h.ln_scale else 1.0 for k in self.control_of]
         last_block = len(self.blocks) - h.xsa_last_n
-        self.xsa = [p >= last_block if h.xsa_by == "physical" else i >= n_logical - h.xsa_last_n
-                    for i, (p, _) in enumerate(self.slots)]
+        self.xsa = [
+            p >= last_block if h.xsa_by == "physical" else i >= n_logical - h.xsa_last_n
+            for i, (p, _) in enumerate(self.slots)
+        ]
         self.rotary = Rotary(h.rope_dims or dim // h.num_heads, h.rope_base, h.train_seq_len, h.eval_len)
         self.softcap, self.doc_attention = h.logit_softcap, h.doc_attention
         self.head_lora = None  # LoRA TTT's adapter of the tied output head
-        cuda, fa3 = torch.cuda.is_available(), importlib.util.find_spec("flash_attn_interface")  # ATTN_KERNEL=auto:
-        self.attn_kernel = h.attn_kernel if h.attn_kernel != "auto" else "fa3" if cuda and fa3 else "flex" if (
-            cuda and h.doc_attention) else "sdpa"  # FA3 where installed, FlexAttention for documents on CUDA, SDPA
+        cuda, fa3 = (
+            torch.cuda.is_available(),
+            importlib.util.find_spec("flash_attn_interface"),
+        )  # ATTN_KERNEL=auto:
+        self.attn_kernel = (
+            h.attn_kernel
+            if h.attn_kernel != "auto"
+            else "fa3"
+            if cuda and fa3
+            else "flex"
+            if (cuda and h.doc_attention)
+            else "sdpa"
+        )  # FA3 where installed, FlexAttention for documents on CUDA, SDPA
         self.set_stage(0)
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         for m in self.modules():
@@ -964,8 +1198,11 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x, starts)
         x0 = x
-        ctx = AttnContext(*self.rotary(ids.size(1)), self.value_embed(ids) if self.value_embed is not None else None,
-                          make_attention(self.attn_kernel, starts, self.doc_attention))
+        ctx = AttnContext(
+            *self.rotary(ids.size(1)),
+            self.value_embed(ids) if self.value_embed is not None else None,
+            make_attention(self.attn_kernel, starts, self.doc_attention),
+        )
         n_enc = len(self.active) // 2
         skips = []
         for pos, i in enumerate(self.active):
@@ -1006,11 +1243,13 @@ class GPT(nn.Module):
 # =====================================================================================================
 
 NS_CLASSIC = ((3.4445, -4.7750, 2.0315),)
-NS_POLAR = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
-            (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-            (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-            (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-            (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+NS_POLAR = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
 
 def newton_schulz(G: Tensor, steps: int, polar: bool) -> Tensor:
@@ -1028,15 +1267,26 @@ def newton_schulz(G: Tensor, steps: int, polar: bool) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float, weight_decay: float, steps: int, polar: bool,
-                 row_normalize: bool, rt: Runtime):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        steps: int,
+        polar: bool,
+        row_normalize: bool,
+        rt: Runtime,
+    ):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.steps, self.polar, self.row_normalize, self.rt = steps, polar, row_normalize, rt
         self.stacks: dict[tuple, list[Tensor]] = {}
         for p in self.param_groups[0]["params"]:
             self.stacks.setdefault(tuple(p.shape), []).append(p)
         for shape, params in self.stacks.items():  # the share's momentum (kept at the stack's first param)
-            self.state[params[0]]["momentum_buffer"] = params[0].new_zeros(-(-len(params) // rt.world_size), *shape)
+            self.state[params[0]]["momentum_buffer"] = params[0].new_zeros(
+                -(-len(params) // rt.world_size), *shape
+            )
         self.orthogonalize = torch.compile(newton_schulz, backend=rt.backend) if rt.compile else newton_schulz
         self.shares, self.grad_scale = {}, 1.0  # per stack: this rank's averaged gradients; the clip's factor
 
@@ -1046,11 +1296,17 @@ class Muon(torch.optim.Optimizer):
         meanwhile() runs); return the squared norm of this rank's shares, for the global clip."""
         world, pending = self.rt.world_size, []
         for shape, params in self.stacks.items():
-            share = -(-len(params) // world)  # one copy of the gradients, padded with zero matrices to whole shares
-            G = torch.stack([p.grad for p in params] + [params[0].new_zeros(shape)] * (share * world - len(params)))
+            share = -(
+                -len(params) // world
+            )  # one copy of the gradients, padded with zero matrices to whole shares
+            G = torch.stack(
+                [p.grad for p in params] + [params[0].new_zeros(shape)] * (share * world - len(params))
+            )
             self.shares[shape] = G if world == 1 else G.new_empty(share, *shape)
             if world > 1:
-                pending.append(dist.reduce_scatter_tensor(self.shares[shape], G, op=dist.ReduceOp.AVG, async_op=True))
+                pending.append(
+                    dist.reduce_scatter_tensor(self.shares[shape], G, op=dist.ReduceOp.AVG, async_op=True)
+                )
         meanwhile()
         for work in pending:
             work.wait()
@@ -1062,7 +1318,10 @@ class Muon(torch.optim.Optimizer):
         if not self.shares:  # not reduced by the training step (a single process, a test)
             self.reduce_grads()
         for (rows, cols), params in self.stacks.items():
-            G, buf = self.shares.pop((rows, cols)).mul_(self.grad_scale), self.state[params[0]]["momentum_buffer"]
+            G, buf = (
+                self.shares.pop((rows, cols)).mul_(self.grad_scale),
+                self.state[params[0]]["momentum_buffer"],
+            )
             U = G.add(buf.mul_(mu).add_(G), alpha=mu)  # Nesterov
             if self.row_normalize:
                 U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
@@ -1071,22 +1330,41 @@ class Muon(torch.optim.Optimizer):
                 mine, share = mine.new_empty(len(mine) * self.rt.world_size, rows, cols), mine
                 dist.all_gather_into_tensor(mine, share.contiguous())
             torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_add_(params, list(mine[: len(params)].to(params[0].dtype).unbind(0)),
-                                alpha=-lr * max(1.0, rows / cols) ** 0.5)
+            torch._foreach_add_(
+                params,
+                list(mine[: len(params)].to(params[0].dtype).unbind(0)),
+                alpha=-lr * max(1.0, rows / cols) ** 0.5,
+            )
 
 
 def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-    embeds = [model.tok_emb.weight] + [m.embed.weight for m in (model.bigram, model.value_embed) if m is not None]
+    embeds = [model.tok_emb.weight] + [
+        m.embed.weight for m in (model.bigram, model.value_embed) if m is not None
+    ]
     taken = {id(p) for p in matrices + embeds}
     scalars = [p for p in model.parameters() if id(p) not in taken]
-    muon = Muon(matrices, h.matrix_lr, h.muon_momentum, h.muon_wd, h.muon_backend_steps, h.muon_ns == "polar",
-                h.muon_eq_r, rt)
+    muon = Muon(
+        matrices,
+        h.matrix_lr,
+        h.muon_momentum,
+        h.muon_wd,
+        h.muon_backend_steps,
+        h.muon_ns == "polar",
+        h.muon_eq_r,
+        rt,
+    )
     embed_wd = h.adam_wd if h.embed_wd < 0 else h.embed_wd
-    adam = torch.optim.AdamW([dict(params=embeds, lr=h.tied_embed_lr, weight_decay=embed_wd),
-                              dict(params=scalars, lr=h.scalar_lr)],
-                             betas=(h.beta1, h.beta2), eps=h.adam_eps, weight_decay=h.adam_wd,
-                             fused=rt.device.type == "cuda")
+    adam = torch.optim.AdamW(
+        [
+            dict(params=embeds, lr=h.tied_embed_lr, weight_decay=embed_wd),
+            dict(params=scalars, lr=h.scalar_lr),
+        ],
+        betas=(h.beta1, h.beta2),
+        eps=h.adam_eps,
+        weight_decay=h.adam_wd,
+        fused=rt.device.type == "cuda",
+    )
     for opt in (muon, adam):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
@@ -1098,7 +1376,9 @@ def all_reduce_grads(params: list[Tensor], rt: Runtime, divide_by: float) -> Non
     if rt.world_size > 1:
         grads = [p.grad for p in params if p.grad is not None]
         flat = rt.all_reduce(torch.cat([g.reshape(-1) for g in grads])).div_(divide_by)
-        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
+        torch._foreach_copy_(
+            grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        )
 
 
 def lr_multiplier(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters) -> float:
@@ -1122,7 +1402,11 @@ def lr_multiplier(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameter
 def muon_wd_multiplier(progress: float, h: Hyperparameters) -> float:
     """1 until MUON_WD_TAPER_AT of the run, then linear to MUON_WD_TAPER_TO at its end."""
     at = h.muon_wd_taper_at
-    return 1.0 if progress <= at or at >= 1 else 1 + (h.muon_wd_taper_to - 1) * min((progress - at) / (1 - at), 1.0)
+    return (
+        1.0
+        if progress <= at or at >= 1
+        else 1 + (h.muon_wd_taper_to - 1) * min((progress - at) / (1 - at), 1.0)
+    )
 
 
 class WeightAverager:
@@ -1194,8 +1478,10 @@ def row_scales(w: Tensor, bits: int, k: float) -> Tensor:
     the row's max |w| that minimizes its squared rounding error."""
     qmax = 2 ** (bits - 1) - 1
     if k:
-        return fp16_grid((k * w.std(dim=1, correction=0) / qmax).clamp_min(2 ** -14))
-    scales = torch.stack([fp16_grid((w.abs().amax(dim=1) * f / qmax).clamp_min(2 ** -14)) for f in CLIP_FRACTIONS])
+        return fp16_grid((k * w.std(dim=1, correction=0) / qmax).clamp_min(2**-14))
+    scales = torch.stack(
+        [fp16_grid((w.abs().amax(dim=1) * f / qmax).clamp_min(2**-14)) for f in CLIP_FRACTIONS]
+    )
     errors = torch.stack([(round_to_grid(w, s, qmax) * s[:, None] - w).square().sum(dim=1) for s in scales])
     return scales.gather(0, errors.argmin(0, keepdim=True))[0]  # per row, the first fraction of least error
 
@@ -1215,14 +1501,16 @@ def gptq_round(w: Tensor, H: Tensor, scale: Tensor, qmax: int, damp: float, bloc
     order = torch.argsort(H.diagonal(), descending=True)
     W, H = W[:, order], H[order][:, order] / H.diagonal().mean()  # scale-free; damping cannot underflow
     for attempt in range(6):
-        L, info = torch.linalg.cholesky_ex(H + torch.eye(len(H), device=H.device) * damp * 10 ** attempt)
+        L, info = torch.linalg.cholesky_ex(H + torch.eye(len(H), device=H.device) * damp * 10**attempt)
         if info == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if info == 0:
             break
     else:
-        raise ConfigError(f"GPTQ: a Hessian is not positive definite with GPTQ_DAMP={damp} x 1e5 (nan weights? else "
-                          "raise GPTQ_DAMP)")
+        raise ConfigError(
+            f"GPTQ: a Hessian is not positive definite with GPTQ_DAMP={damp} x 1e5 (nan weights? else "
+            "raise GPTQ_DAMP)"
+        )
     Q = torch.zeros_like(W)
     for i1 in range(0, W.size(1), block):
         i2 = min(i1 + block, W.size(1))
@@ -1260,13 +1548,20 @@ def quant_group(name: str, t: Tensor) -> str:
 def quant_plan(h: Hyperparameters) -> dict[str, tuple[int, float]]:
     """Group -> (bits, SDClip k); k = 0 is the MSE clip search."""
     sd = h.quant_clip == "sd"
-    return {"attn": (h.quant_bits_attn or h.quant_bits, (h.quant_clip_k_attn or h.quant_clip_k) * sd),
-            "mlp": (h.quant_bits_mlp or h.quant_bits, (h.quant_clip_k_mlp or h.quant_clip_k) * sd),
-            "embed": (h.embed_bits, h.embed_clip_k * sd)}
+    return {
+        "attn": (h.quant_bits_attn or h.quant_bits, (h.quant_clip_k_attn or h.quant_clip_k) * sd),
+        "mlp": (h.quant_bits_mlp or h.quant_bits, (h.quant_clip_k_mlp or h.quant_clip_k) * sd),
+        "embed": (h.embed_bits, h.embed_clip_k * sd),
+    }
 
 
-def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Tensor] | None = None,
-                   damp: float = 0.01, prune: float = 0.0) -> dict[str, QTensor]:
+def quantize_state(
+    state: dict[str, Tensor],
+    plan: dict,
+    hessians: dict[str, Tensor] | None = None,
+    damp: float = 0.01,
+    prune: float = 0.0,
+) -> dict[str, QTensor]:
     """Every tensor on its group's grid (scales from the unpruned weights, so QAT's grid is kept), after
     zeroing the `prune` fraction of smallest |w|; rounded by GPTQ where a Hessian is given. Computed on
     the tensors' device; the results are on the CPU."""
@@ -1288,15 +1583,20 @@ def quantize_state(state: dict[str, Tensor], plan: dict, hessians: dict[str, Ten
     return out
 
 
-def add_lqer(state: dict[str, Tensor], qstate: dict[str, QTensor], rank: int, count: int) -> dict[str, QTensor]:
+def add_lqer(
+    state: dict[str, Tensor], qstate: dict[str, QTensor], rank: int, count: int
+) -> dict[str, QTensor]:
     """LQER (#1797): for the `count` int tensors with the largest quantization error E = W - Q(W), the rank-r SVD
     E ~ A B as artifact entries added to a copy of qstate, folded back by dequantized(): '<name>.lqA' = A^T int2 (a scale per rank component;
     k = 1.224: a Gaussian's Lloyd-Max 3-level grid), '<name>.lqB' = B int4 in groups of 64 (else rows of B)."""
     if not rank:
         return qstate
     qstate = dict(qstate)
-    err = {n: state[n].detach().float().cpu().reshape(q.values.shape) - q.dequantize().reshape(q.values.shape)
-           for n, q in qstate.items() if q.bits}
+    err = {
+        n: state[n].detach().float().cpu().reshape(q.values.shape) - q.dequantize().reshape(q.values.shape)
+        for n, q in qstate.items()
+        if q.bits
+    }
     for n in sorted(err, key=lambda n: -err[n].norm().item())[:count]:
         U, S, Vh = torch.linalg.svd(err[n], full_matrices=False)
         B = Vh[:rank].reshape(-1, 64) if Vh.size(1) % 64 == 0 else Vh[:rank]
@@ -1309,12 +1609,17 @@ def add_lqer(state: dict[str, Tensor], qstate: dict[str, QTensor], rank: int, co
 
 def dequantized(qstate: dict[str, QTensor]) -> dict[str, Tensor]:
     """The model's weights from an artifact's tensors (float ones pass through), each plus its LQER correction A @ B."""
-    w = {k: q.dequantize() if isinstance(q, QTensor) else q for k, q in qstate.items()
-         if not k.endswith((".lqA", ".lqB"))}
+    w = {
+        k: q.dequantize() if isinstance(q, QTensor) else q
+        for k, q in qstate.items()
+        if not k.endswith((".lqA", ".lqB"))
+    }
     for k in w:
         if f"{k}.lqA" in qstate:
             a_t = qstate[f"{k}.lqA"].dequantize()
-            w[k] = w[k] + (a_t.T @ qstate[f"{k}.lqB"].dequantize().reshape(a_t.size(0), -1)).reshape(w[k].shape)
+            w[k] = w[k] + (a_t.T @ qstate[f"{k}.lqB"].dequantize().reshape(a_t.size(0), -1)).reshape(
+                w[k].shape
+            )
     return w
 
 
@@ -1343,27 +1648,34 @@ def encode_payload(qstate: dict[str, QTensor], meta: dict) -> bytes:
 def decode_payload(payload: bytes, where: str) -> tuple[dict[str, QTensor], dict]:
     try:
         (n,) = struct.unpack_from("<I", payload)
-        head = json.loads(payload[4: 4 + n])
+        head = json.loads(payload[4 : 4 + n])
         entries, pos = head["tensors"], 4 + n
         n_ints = sum(math.prod(s) for _, s, b in entries if b)
         rows = sum(s[0] if b else math.prod(s) for _, s, b in entries)
         if len(payload) != pos + n_ints + 2 * rows:
             raise ValueError(f"payload is {len(payload)} bytes, its header implies {pos + n_ints + 2 * rows}")
         ints = np.frombuffer(payload, dtype=np.int8, count=n_ints, offset=pos)
-        halves = np.frombuffer(payload, dtype=np.uint8, offset=pos + n_ints).reshape(2, -1).T.copy().view(np.float16)
+        halves = (
+            np.frombuffer(payload, dtype=np.uint8, offset=pos + n_ints)
+            .reshape(2, -1)
+            .T.copy()
+            .view(np.float16)
+        )
     except (struct.error, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{where}: malformed artifact payload ({e})") from None
     out, i_pos, h_pos = {}, 0, 0
     for name, shape, bits in entries:
         if bits:
             r, c = shape[0], math.prod(shape) // shape[0]
-            values = torch.from_numpy(ints[i_pos: i_pos + r * c].reshape(r, c).copy())
-            scale = torch.from_numpy(halves[h_pos: h_pos + r].reshape(-1).copy())
+            values = torch.from_numpy(ints[i_pos : i_pos + r * c].reshape(r, c).copy())
+            scale = torch.from_numpy(halves[h_pos : h_pos + r].reshape(-1).copy())
             out[name] = QTensor(tuple(shape), bits, values, scale)
             i_pos, h_pos = i_pos + r * c, h_pos + r
         else:
             k = math.prod(shape)
-            out[name] = QTensor(tuple(shape), 0, torch.from_numpy(halves[h_pos: h_pos + k].reshape(shape).copy()))
+            out[name] = QTensor(
+                tuple(shape), 0, torch.from_numpy(halves[h_pos : h_pos + k].reshape(shape).copy())
+            )
             h_pos += k
     return out, head["meta"]
 
@@ -1382,7 +1694,11 @@ def compress(data: bytes, codec: str) -> bytes:
     mod = _codec_module(codec)
     if codec == "zstd":
         return mod.ZstdCompressor(level=22).compress(data)
-    return mod.compress(data, quality=11) if codec == "brotli" else mod.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    return (
+        mod.compress(data, quality=11)
+        if codec == "brotli"
+        else mod.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    )
 
 
 def decompress(data: bytes, codec: str) -> bytes:
@@ -1399,12 +1715,20 @@ def read_artifact(path: str) -> tuple[dict[str, QTensor], dict]:
     need(os.path.isfile(path), f"artifact not found: {path}")
     blob, m = Path(path).read_bytes(), len(ARTIFACT_MAGIC)
     head = m + 1 + 32  # magic, codec id, sha256 of the body
-    need(len(blob) >= head and blob[: m - 1] == ARTIFACT_MAGIC[:-1],
-         f"{path}: not a Parameter Golf artifact (bad magic; expected {ARTIFACT_MAGIC!r})")
-    need(blob[:m] == ARTIFACT_MAGIC, f"{path}: artifact format {blob[:m]!r}, this script reads {ARTIFACT_MAGIC!r}")
-    codec_id, digest, body = blob[m], blob[m + 1: head], blob[head:]
+    need(
+        len(blob) >= head and blob[: m - 1] == ARTIFACT_MAGIC[:-1],
+        f"{path}: not a Parameter Golf artifact (bad magic; expected {ARTIFACT_MAGIC!r})",
+    )
+    need(
+        blob[:m] == ARTIFACT_MAGIC,
+        f"{path}: artifact format {blob[:m]!r}, this script reads {ARTIFACT_MAGIC!r}",
+    )
+    codec_id, digest, body = blob[m], blob[m + 1 : head], blob[head:]
     need(codec_id < len(CODECS), f"{path}: unknown codec id {codec_id}")
-    need(hashlib.sha256(body).digest() == digest, f"{path}: sha256 mismatch, the artifact is truncated or corrupted")
+    need(
+        hashlib.sha256(body).digest() == digest,
+        f"{path}: sha256 mismatch, the artifact is truncated or corrupted",
+    )
     try:
         payload = decompress(body, CODECS[codec_id])
     except Exception as e:  # a decoder error on checksummed bytes means a foreign or broken writer
@@ -1437,8 +1761,10 @@ def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log, 
         blob = pack(q) if real else None
         size = len(blob) if real else ratio * entropy_bytes(q)
         steps[0] += 1
-        log(f"auto_fit:step {steps[0]} {what} plan:{fmt_plan(p)} {'bytes' if real else 'est_bytes'}:{size:.0f} "
-            f"limit:{limit} elapsed:{now() - t0:.1f}s")
+        log(
+            f"auto_fit:step {steps[0]} {what} plan:{fmt_plan(p)} {'bytes' if real else 'est_bytes'}:{size:.0f} "
+            f"limit:{limit} elapsed:{now() - t0:.1f}s"
+        )
         return q, size, blob
 
     def smallest_fit(lo: float, hi: float, q_hi):  # the estimate fits at s = hi, not at lo: bisect
@@ -1459,8 +1785,10 @@ def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log, 
         options = [(scaled(plan, s), q)] * (s < 1) + [(mse, q_mse)] * (est_mse <= limit)
         for p, q in [(plan, qstate)] * bool(options) + options:
             loss = calib_loss(q)
-            log(f"auto_fit:candidate {fmt_plan(p)} est_bytes:{ratio * entropy_bytes(q):.0f} calib_loss:{loss:.5f} "
-                f"elapsed:{now() - t0:.1f}s")
+            log(
+                f"auto_fit:candidate {fmt_plan(p)} est_bytes:{ratio * entropy_bytes(q):.0f} calib_loss:{loss:.5f} "
+                f"elapsed:{now() - t0:.1f}s"
+            )
             best = (loss, p, q) if p is plan or loss < best[0] else best
         if not options or best[1] is plan:
             break
@@ -1469,7 +1797,10 @@ def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log, 
             return best[1], q, b
         ratio *= real / (ratio * entropy_bytes(q)) * 1.002  # the estimate was low: correct, search again
     while size > limit:
-        if any(k for _, k in plan.values()) and (top := step(scaled(plan, 2.0), False, "k x2.000"))[1] <= limit:
+        if (
+            any(k for _, k in plan.values())
+            and (top := step(scaled(plan, 2.0), False, "k x2.000"))[1] <= limit
+        ):
             s, q = smallest_fit(1.0, 2.0, top[0])
             qstate, size, blob = step(scaled(plan, s), True, f"k x{s:.3f}", q)
             if size <= limit:
@@ -1483,11 +1814,16 @@ def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log, 
                 trial = {**plan, g: (b - 1, k)}
                 q = quantize(trial)
                 saved, cost = base_bytes - entropy_bytes(q), calib_loss(q) - base_loss
-                log(f"auto_fit:candidate {g} int{b}->int{b - 1} saves ~{ratio * saved:.0f} bytes, calib loss {cost:+.5f}")
+                log(
+                    f"auto_fit:candidate {g} int{b}->int{b - 1} saves ~{ratio * saved:.0f} bytes, calib loss {cost:+.5f}"
+                )
                 if saved > 0 and (best is None or cost / saved < best[0]):
                     best = (cost / saved, trial, q)
-        need(best is not None, f"AUTO_FIT: nothing fits {limit} bytes: even {fmt_plan(plan)} with k x2 is over "
-             f"(last packed {size} bytes); raise BYTE_BUDGET or shrink the model")
+        need(
+            best is not None,
+            f"AUTO_FIT: nothing fits {limit} bytes: even {fmt_plan(plan)} with k x2 is over "
+            f"(last packed {size} bytes); raise BYTE_BUDGET or shrink the model",
+        )
         plan, base_q = best[1], best[2]
         qstate, size, blob = step(plan, True, "bits", base_q)
     return plan, qstate, blob
@@ -1500,8 +1836,10 @@ def fmt_plan(plan: dict) -> str:
 def without_docstrings(tree: ast.Module) -> ast.Module:
     """The tree with every module/class/function docstring dropped (a body left empty gets `pass`)."""
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and \
-                ast.get_docstring(node, clean=False) is not None:
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and ast.get_docstring(node, clean=False) is not None
+        ):
             node.body = node.body[1:] or [ast.Pass()]
     return tree
 
@@ -1512,14 +1850,20 @@ def packed_code(code: str) -> str:
     docstrings, which nothing here reads at run time): the same program in fewer bytes."""
     minified = ast.unparse(without_docstrings(ast.parse(code))) + "\n"
     filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-    data = base64.b85encode(lzma.compress(minified.encode(), format=lzma.FORMAT_RAW, filters=filters)).decode()
-    return ('import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("' + data +
-            '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n')
+    data = base64.b85encode(
+        lzma.compress(minified.encode(), format=lzma.FORMAT_RAW, filters=filters)
+    ).decode()
+    return (
+        'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
+        + data
+        + '"),format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]))\n'
+    )
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, loader: TrainLoader, h: Hyperparameters, rt: Runtime,
-                     may_read=lambda: True) -> dict[str, Tensor]:
+def collect_hessians(
+    model: GPT, loader: TrainLoader, h: Hyperparameters, rt: Runtime, may_read=lambda: True
+) -> dict[str, Tensor]:
     """X^T X of the input of every block matrix, and of the final hidden state for the tied embedding (the output
     head), summed over ranks and up to GPTQ_CALIB_BATCHES training micro-batches per rank (fewer once may_read() says
     the training cap has come). c_q, c_k and c_v read one input and share one product per forward."""
@@ -1533,8 +1877,11 @@ def collect_hessians(model: GPT, loader: TrainLoader, h: Hyperparameters, rt: Ru
         xtx = products[id(x)][1]
         hessians[name] = hessians[name].add_(xtx) if name in hessians else xtx.clone()
 
-    hooks = [m.register_forward_hook(lambda _, inputs, out, name=f"blocks.{n}.weight": accumulate(name, inputs[0]))
-             for n, m in model.blocks.named_modules() if isinstance(m, CastedLinear)]
+    hooks = [
+        m.register_forward_hook(lambda _, inputs, out, name=f"blocks.{n}.weight": accumulate(name, inputs[0]))
+        for n, m in model.blocks.named_modules()
+        if isinstance(m, CastedLinear)
+    ]
     for _ in range(h.gptq_calib_batches):
         if not may_read():
             break
@@ -1565,6 +1912,7 @@ def compile_model(fn, rt: Runtime):
 def dynamo_counters():
     """torch.compile's counters (graphs built, cache hits); torch._dynamo is slow to import, so only when compiling."""
     from torch._dynamo.utils import counters
+
     return counters
 
 
@@ -1573,8 +1921,9 @@ def compiled_graphs(rt: Runtime) -> int:
     return dynamo_counters()["stats"]["unique_graphs"] if rt.compile else 0
 
 
-def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader, val_tokens: Tensor, luts,
-                log: Log) -> dict:
+def train_model(
+    model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader, val_tokens: Tensor, luts, log: Log
+) -> dict:
     compiled, score_fn = compile_model(model, rt), compile_model(model.token_nll, rt)
     optimizers = build_optimizers(model, h, rt)
     adam_params = [p for g in optimizers[1].param_groups for p in g["params"]]  # Muon reduces its own
@@ -1589,7 +1938,9 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
                 g["lr"] = g["base_lr"] * lr_mul
         optimizers[0].param_groups[0]["weight_decay"] = h.muon_wd * wd_mul
         warm = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
-        optimizers[0].param_groups[0]["momentum"] = (1 - warm) * h.muon_momentum_warmup_start + warm * h.muon_momentum
+        optimizers[0].param_groups[0]["momentum"] = (
+            1 - warm
+        ) * h.muon_momentum_warmup_start + warm * h.muon_momentum
         total = torch.zeros((), device=rt.device)
         for _ in range(rt.grad_accum):
             x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
@@ -1614,9 +1965,15 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
         return loss_and_bpb(evaluate(score_fn, val_tokens, h.train_seq_len, h.train_seq_len, batch, luts, rt))
 
     # Compile warm-up on every variant of the graph, then restore weights, optimizer state and data.
-    variants = [(s, None) for s in range(model.n_stages)] + ([(model.n_stages - 1, quant_plan(h))] if h.late_qat_threshold else [])
+    variants = [(s, None) for s in range(model.n_stages)] + (
+        [(model.n_stages - 1, quant_plan(h))] if h.late_qat_threshold else []
+    )
     if h.warmup_steps:
-        snapshot = (copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers], loader.state())
+        snapshot = (
+            copy.deepcopy(model.state_dict()),
+            [copy.deepcopy(o.state_dict()) for o in optimizers],
+            loader.state(),
+        )
         for i in range(h.warmup_steps):
             stage, bits = variants[max(0, i - (h.warmup_steps - len(variants)))]
             model.set_stage(stage)
@@ -1634,7 +1991,14 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             log(f"warmup: {len(variants) - h.warmup_steps} graph variants will compile inside the timed run")
 
     averager = WeightAverager(model, h)
-    train_ms, step, stop_after, qat_on, warned_schedule, graphs = 0.0, 0, None, False, False, compiled_graphs(rt)
+    train_ms, step, stop_after, qat_on, warned_schedule, graphs = (
+        0.0,
+        0,
+        None,
+        False,
+        False,
+        compiled_graphs(rt),
+    )
     t0 = rt.clock()
     while True:
         last = step == h.iterations or (stop_after is not None and step >= stop_after)
@@ -1642,8 +2006,10 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
             train_ms += (rt.clock() - t0) * 1000
             if h.val_loss_every:  # VAL_LOSS_EVERY=0: no validation while training, not even at the end
                 loss, bpb = val_score()
-                log(f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
-                    f"step_avg:{train_ms / max(step, 1):.2f}ms")
+                log(
+                    f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
+                    f"step_avg:{train_ms / max(step, 1):.2f}ms"
+                )
             t0 = rt.clock()
         if last:
             if stop_after is not None and step < h.iterations:
@@ -1658,9 +2024,12 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
         lr_mul = lr_multiplier(step, elapsed, cap_ms, h)
         if lr_mul < 1 and progress < 0.1 and not (warned_schedule or h.warmdown_frac):
             warned_schedule = True
-            log(f"warning: the LR warmdown starts at step {step}, {progress:.0%} into the run (lr_mul {lr_mul:.3f}"
-                + (", late QAT on at once" if lr_mul < h.late_qat_threshold else "") + "): WARMDOWN_ITERS="
-                f"{h.warmdown_iters} is about as long as the whole run; set WARMDOWN_FRAC (e.g. 0.5) for short runs")
+            log(
+                f"warning: the LR warmdown starts at step {step}, {progress:.0%} into the run (lr_mul {lr_mul:.3f}"
+                + (", late QAT on at once" if lr_mul < h.late_qat_threshold else "")
+                + "): WARMDOWN_ITERS="
+                f"{h.warmdown_iters} is about as long as the whole run; set WARMDOWN_FRAC (e.g. 0.5) for short runs"
+            )
         if h.late_qat_threshold and not qat_on and lr_mul < h.late_qat_threshold:
             model.set_qat(quant_plan(h))
             qat_on = True
@@ -1670,19 +2039,29 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
         averager.update(step, lr_mul, log)
         before, elapsed = elapsed, train_ms + (rt.clock() - t0) * 1000
         next_step_ms = max(elapsed / step, elapsed - before)  # stop if the next step may cross the cap
-        if rt.reduce([cap_ms > 0 and elapsed + next_step_ms >= cap_ms], dist.ReduceOp.MAX)[0] and stop_after is None:
+        if (
+            rt.reduce([cap_ms > 0 and elapsed + next_step_ms >= cap_ms], dist.ReduceOp.MAX)[0]
+            and stop_after is None
+        ):
             stop_after = step
-        if step <= 10 or step % h.train_log_every == 0 or stop_after is not None:  # global mean, any world size
+        if (
+            step <= 10 or step % h.train_log_every == 0 or stop_after is not None
+        ):  # global mean, any world size
             loss = rt.all_reduce(loss) / rt.world_size
-            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
-                f"step_avg:{elapsed / step:.2f}ms")
+            log(
+                f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
+                f"step_avg:{elapsed / step:.2f}ms"
+            )
 
     graphs = compiled_graphs(rt) - graphs
     if rt.compile:
         log(f"train_compiles: {graphs} graphs compiled after warm-up")
-    log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2 ** 20} MiB reserved: "
-        f"{torch.cuda.max_memory_reserved() // 2 ** 20} MiB" if rt.device.type == "cuda" else
-        f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
+    log(
+        f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB reserved: "
+        f"{torch.cuda.max_memory_reserved() // 2**20} MiB"
+        if rt.device.type == "cuda"
+        else f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB"
+    )
     model.set_qat(None)
     weights, hessians = averager.apply_final(log), None
     if h.quant_method == "full":  # calibration reads training data, so it is training time: inside the cap
@@ -1692,24 +2071,40 @@ def train_model(model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader
         def may_read() -> bool:  # room for twice the last batch (the first: a training micro-step, fwd+bwd)
             t_now = rt.clock()
             batch_ms = (t_now - reads[-1]) * 1000 if reads else train_ms / max(step * rt.grad_accum, 1)
-            granted = rt.reduce([train_ms + (t_now - t) * 1000 + 2 * batch_ms <= limit_ms], dist.ReduceOp.MIN)[0] > 0
+            granted = (
+                rt.reduce([train_ms + (t_now - t) * 1000 + 2 * batch_ms <= limit_ms], dist.ReduceOp.MIN)[0]
+                > 0
+            )
             if granted:
                 reads.append(t_now)
             return granted
 
         hessians = collect_hessians(model, loader, h, rt, may_read)
         train_ms += (rt.clock() - t) * 1000
-        log(f"gptq:calibrated {len(hessians)} matrices on {len(reads)}/{h.gptq_calib_batches} batches/rank, "
-            f"last training-data read at train_time:{train_ms:.0f}ms")
+        log(
+            f"gptq:calibrated {len(hessians)} matrices on {len(reads)}/{h.gptq_calib_batches} batches/rank, "
+            f"last training-data read at train_time:{train_ms:.0f}ms"
+        )
         if len(reads) < h.gptq_calib_batches:
-            log(f"gptq:calibration stopped at the {h.max_wallclock_seconds:.0f}s training cap"
-                + ("; no batch fit, exporting with GPTQ-lite rounding" if not reads else ""))
+            log(
+                f"gptq:calibration stopped at the {h.max_wallclock_seconds:.0f}s training cap"
+                + ("; no batch fit, exporting with GPTQ-lite rounding" if not reads else "")
+            )
     t = now()
     loss, bpb = val_score()
-    log(f"DIAGNOSTIC post_{weights.split('(')[0]} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{(now() - t) * 1000:.0f}ms")
-    return dict(steps=step, train_ms=train_ms, weights=weights, hessians=hessians, calib=last_batch,
-                compiled_after_warmup=graphs,
-                stopped_early=stop_after is not None and step < h.iterations, pre_quant=dict(val_loss=loss, val_bpb=bpb))
+    log(
+        f"DIAGNOSTIC post_{weights.split('(')[0]} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{(now() - t) * 1000:.0f}ms"
+    )
+    return dict(
+        steps=step,
+        train_ms=train_ms,
+        weights=weights,
+        hessians=hessians,
+        calib=last_batch,
+        compiled_after_warmup=graphs,
+        stopped_early=stop_after is not None and step < h.iterations,
+        pre_quant=dict(val_loss=loss, val_bpb=bpb),
+    )
 
 
 # =====================================================================================================
@@ -1742,7 +2137,7 @@ def eval_batch(h: Hyperparameters, world_size: int, seq_len: int) -> int:
 
 def rank_share(windows: np.ndarray, rt: Runtime) -> np.ndarray:
     n = len(windows)
-    return windows[rt.rank * n // rt.world_size: (rt.rank + 1) * n // rt.world_size]
+    return windows[rt.rank * n // rt.world_size : (rt.rank + 1) * n // rt.world_size]
 
 
 def score_batch(n_windows: int, batch: int) -> int:
@@ -1751,8 +2146,9 @@ def score_batch(n_windows: int, batch: int) -> int:
     return min(batch, 1 << max(n_windows - 1, 0).bit_length())
 
 
-def score_windows(score_fn, tokens: Tensor, windows: np.ndarray, seq_len: int, batch: int, luts, rt: Runtime,
-                  observer=None) -> Tensor:
+def score_windows(
+    score_fn, tokens: Tensor, windows: np.ndarray, seq_len: int, batch: int, luts, rt: Runtime, observer=None
+) -> Tensor:
     """(NLL sum, byte sum, target count) in float64 over the windows' scored targets, this rank only,
     under inference_mode. Batches are padded to a few shapes (padding rows score nothing), so compiled
     graphs are reused; observer(kind, target_indices, nll) sees exactly what was scored."""
@@ -1761,15 +2157,20 @@ def score_windows(score_fn, tokens: Tensor, windows: np.ndarray, seq_len: int, b
     offsets = torch.arange(seq_len, device=rt.device)
     with torch.inference_mode():
         for i in range(0, len(windows), batch):
-            w = torch.as_tensor(windows[i: i + batch], device=rt.device)
+            w = torch.as_tensor(windows[i : i + batch], device=rt.device)
             w = F.pad(w, (0, 0, 0, batch - len(w)))  # padding rows (0, 0, 0) score nothing
             idx = w[:, :1] + offsets
             mask = (idx >= w[:, 1:2]) & (idx < w[:, 2:3])
             x, y = tokens[idx].long(), tokens[idx + 1].long()
             with rt.autocast():
                 nll = score_fn(x, y).float()
-            totals += torch.stack(((nll.double() * mask).sum(), (target_bytes(x, y, luts, idx) * mask).sum().double(),
-                                   mask.sum().double()))
+            totals += torch.stack(
+                (
+                    (nll.double() * mask).sum(),
+                    (target_bytes(x, y, luts, idx) * mask).sum().double(),
+                    mask.sum().double(),
+                )
+            )
             if observer is not None:
                 observer("score", idx[mask], nll[mask])
     return totals
@@ -1789,7 +2190,9 @@ def ttt_params(model: GPT, freeze: int) -> tuple[list[Tensor], int]:
         frozen |= {id(p) for p in model.controls[model.control_of[i]].parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
-    return [p for p in model.parameters() if p.requires_grad], sum(p.numel() for p in model.parameters() if id(p) in frozen)
+    return [p for p in model.parameters() if p.requires_grad], sum(
+        p.numel() for p in model.parameters() if id(p) in frozen
+    )
 
 
 def ttt_plan(n_targets: int, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1811,17 +2214,26 @@ def ttt_backward(train_fn, tokens: Tensor, idx: Tensor, weight: float, rt: Runti
 def ttt_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Optimizer:
     if h.ttt_optimizer == "sgd":
         return torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-    return torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2),
-                             weight_decay=0.0)
+    return torch.optim.AdamW(
+        params, lr=h.ttt_lr, betas=(h.beta1, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2), weight_decay=0.0
+    )
 
 
-def train_rows(train_fn, tokens: Tensor, rows: np.ndarray, params: list[Tensor], opt, h: Hyperparameters,
-               rt: Runtime, observer=None) -> None:
+def train_rows(
+    train_fn,
+    tokens: Tensor,
+    rows: np.ndarray,
+    params: list[Tensor],
+    opt,
+    h: Hyperparameters,
+    rt: Runtime,
+    observer=None,
+) -> None:
     """One pass of full-weight TTT steps over `rows` (each a sequence of input positions), TTT_BATCH_SEQS
     rows per step shared out over the ranks, the loss a mean over the step's rows."""
     for b in range(0, len(rows), h.ttt_batch_seqs):
-        group = rows[b: b + h.ttt_batch_seqs]
-        mine = torch.as_tensor(group[rt.rank:: rt.world_size], device=rt.device)
+        group = rows[b : b + h.ttt_batch_seqs]
+        mine = torch.as_tensor(group[rt.rank :: rt.world_size], device=rt.device)
         if len(mine):
             ttt_backward(train_fn, tokens, mine, len(mine) / len(group), rt)
             if observer is not None:
@@ -1870,18 +2282,32 @@ class TTTBudgetGuard:
         else:
             left = self.budget_s * (1 - self.MARGIN) - elapsed_s - rest * self.estimate(self.score_s)
             if not any(c > 0 for c, _ in self.epoch_s):  # only chunk 1's epochs timed: this chunk must fit
-                epochs = min(self.max_epochs, int(left // self.epoch_s[0][1])) if left > 0 and self.epoch_s else 0
+                epochs = (
+                    min(self.max_epochs, int(left // self.epoch_s[0][1])) if left > 0 and self.epoch_s else 0
+                )
             else:
                 fit = int(left // max(self.estimate(self.epoch_s), 1e-9)) if left > 0 else 0
                 epochs = min(self.max_epochs, -(-fit // rest))
-                if not epochs and chunk - self.last_sample > self.PROBE_EVERY and min(s for _, s in self.epoch_s) <= left:
+                if (
+                    not epochs
+                    and chunk - self.last_sample > self.PROBE_EVERY
+                    and min(s for _, s in self.epoch_s) <= left
+                ):
                     epochs, self.probes = 1, self.probes + 1
         self.trained += epochs
         return epochs
 
 
-def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, log: Log, budget_s: float,
-             observer=None) -> tuple[Tensor, dict]:
+def eval_ttt(
+    model: GPT,
+    tokens: Tensor,
+    h: Hyperparameters,
+    rt: Runtime,
+    luts,
+    log: Log,
+    budget_s: float,
+    observer=None,
+) -> tuple[Tensor, dict]:
     C, n, L = h.ttt_chunk_tokens, tokens.numel() - 1, h.eval_len
     windows, bounds, chunk_rows = ttt_plan(n, h)
     n_chunks = len(bounds) - 1
@@ -1889,8 +2315,10 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
     opt = ttt_optimizer(params, h)
     score_fn, train_fn = compile_model(model.token_nll, rt), compile_model(model, rt)
     batch = eval_batch(h, rt.world_size, L)
-    log(f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(windows)} stride={h.eval_stride} "
-        f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} optimizer={h.ttt_optimizer}")
+    log(
+        f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(windows)} stride={h.eval_stride} "
+        f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} optimizer={h.ttt_optimizer}"
+    )
     log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in params)} frozen={n_frozen}")
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
     guard, epochs, changes, epoch_s = TTTBudgetGuard(h.ttt_epochs, n_chunks, budget_s), h.ttt_epochs, [], -1.0
@@ -1898,8 +2326,18 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
     model.eval()
     for c in range(n_chunks):
         t0 = now()
-        chunk = rt.all_reduce(score_windows(score_fn, tokens, rank_share(windows[bounds[c]: bounds[c + 1]], rt), L,
-                                            batch, luts, rt, observer))
+        chunk = rt.all_reduce(
+            score_windows(
+                score_fn,
+                tokens,
+                rank_share(windows[bounds[c] : bounds[c + 1]], rt),
+                L,
+                batch,
+                luts,
+                rt,
+                observer,
+            )
+        )
         totals += chunk
         if int(chunk[2].item()) != min((c + 1) * C, n) - c * C:  # rules, not asserts: they survive python -O
             raise RuntimeError(f"TTT chunk {c}: {int(chunk[2].item())} targets scored, not the whole chunk")
@@ -1911,7 +2349,9 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
         if chosen != epochs and c < n_chunks - 1:
             changes.append((c + 1, epochs, chosen))
             if len(changes) <= 20:
-                log(f"ttt_budget: chunk {c + 1}/{n_chunks} epochs {epochs}->{chosen} at {elapsed:.1f}s of {budget_s:.1f}s")
+                log(
+                    f"ttt_budget: chunk {c + 1}/{n_chunks} epochs {epochs}->{chosen} at {elapsed:.1f}s of {budget_s:.1f}s"
+                )
             epochs = chosen
         epoch_s = -1.0
         if chosen:
@@ -1919,19 +2359,31 @@ def eval_ttt(model: GPT, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts, 
                 g["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
             rows = c * C + chunk_rows
             if rows[-1, -1] + 1 > scored_upto:
-                raise RuntimeError(f"TTT chunk {c} would train on targets up to {rows[-1, -1] + 1}, scored: {scored_upto}")
+                raise RuntimeError(
+                    f"TTT chunk {c} would train on targets up to {rows[-1, -1] + 1}, scored: {scored_upto}"
+                )
             model.train()
             for _ in range(chosen):
                 train_rows(train_fn, tokens, rows, params, opt, h, rt, observer)
             model.eval()
             epoch_s = (rt.clock() - t1) / chosen
         if (c + 1) % 10 == 0 or c == 0 or c == n_chunks - 1:
-            log(f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={loss_and_bpb(totals)[1]:.6f} time={now() - t_start:.1f}s")
+            log(
+                f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={loss_and_bpb(totals)[1]:.6f} time={now() - t_start:.1f}s"
+            )
     model.requires_grad_(True)
-    log(f"ttt_budget: trained {guard.trained}/{guard.planned} chunk-epochs ({len(changes)} changes, "
-        f"{guard.probes} probes; budget {budget_s:.1f}s)")
-    return totals, dict(chunks=n_chunks, epoch_changes=changes, trained=guard.trained, planned=guard.planned,
-                        probes=guard.probes, legal=True)  # legality is checked per chunk, above
+    log(
+        f"ttt_budget: trained {guard.trained}/{guard.planned} chunk-epochs ({len(changes)} changes, "
+        f"{guard.probes} probes; budget {budget_s:.1f}s)"
+    )
+    return totals, dict(
+        chunks=n_chunks,
+        epoch_changes=changes,
+        trained=guard.trained,
+        planned=guard.planned,
+        probes=guard.probes,
+        legal=True,
+    )  # legality is checked per chunk, above
 
 
 def documents(tokens: Tensor, n_targets: int) -> np.ndarray:
@@ -1963,8 +2415,13 @@ class LoRAAdapters:
         self.linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
         dev = model.tok_emb.weight.device
         shapes = [(m.in_features, m.out_features) for m in self.linears] + [model.tok_emb.weight.shape[::-1]]
-        self.pairs = [(torch.zeros(rows, i, rank, device=dev, requires_grad=True),
-                       torch.zeros(rows, rank, o, device=dev, requires_grad=True)) for i, o in shapes]
+        self.pairs = [
+            (
+                torch.zeros(rows, i, rank, device=dev, requires_grad=True),
+                torch.zeros(rows, rank, o, device=dev, requires_grad=True),
+            )
+            for i, o in shapes
+        ]
         self.params = [t for pair in self.pairs for t in pair]
         self.gen = torch.Generator(dev)
 
@@ -1995,22 +2452,35 @@ class LoRABudget:
         self.budget_s, self.rates, self.sgd_rate = budget_s, [], None
 
     def rate(self) -> float:
-        return statistics.median(self.rates[-self.WINDOW:]) if self.rates else 0.0
+        return statistics.median(self.rates[-self.WINDOW :]) if self.rates else 0.0
 
     def fits(self, projected_s: float, sgd_tokens: int = 0) -> bool:
         sgd_s = sgd_tokens * (self.rate() if self.sgd_rate is None else self.sgd_rate)
         return projected_s + sgd_s <= self.budget_s * (1 - self.MARGIN)
 
 
-def lora_batch(score_fn, adapters: LoRAAdapters, opt, tokens: Tensor, batch: np.ndarray, index: int,
-               h: Hyperparameters, rt: Runtime, luts, adapt: bool, observer=None) -> Tensor:
+def lora_batch(
+    score_fn,
+    adapters: LoRAAdapters,
+    opt,
+    tokens: Tensor,
+    batch: np.ndarray,
+    index: int,
+    h: Hyperparameters,
+    rt: Runtime,
+    luts,
+    adapt: bool,
+    observer=None,
+) -> Tensor:
     """Score one batch of documents (a row each), TTT_LORA_CHUNK tokens per document per step, each chunk
     under the adapters as they are, the window its document's last EVAL_SEQ_LEN tokens up to the chunk's
     end; then (adapt) one Adam step on the chunks just scored, except a document's last. Unadapted, a
     step scores a whole window. The scores come from the forward the step differentiates, fixed before
     its backward. Returns (NLL sum, byte sum, target count) and the targets scored per document."""
     R, L, K = h.ttt_docs_per_batch, h.eval_len, h.ttt_lora_chunk if adapt else h.eval_len
-    start, length = np.pad(batch, ((0, R - len(batch)), (0, 0))).T  # one row per document; padding rows: length 0
+    start, length = np.pad(
+        batch, ((0, R - len(batch)), (0, 0))
+    ).T  # one row per document; padding rows: length 0
     adapters.reset(index)
     opt.state.clear()  # Adam starts afresh with each document
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
@@ -2030,14 +2500,21 @@ def lora_batch(score_fn, adapters: LoRAAdapters, opt, tokens: Tensor, batch: np.
         with torch.enable_grad(), rt.autocast():
             nll = score_fn(x, y).float()
         scored = nll.detach()
-        totals += torch.stack(((scored.double() * score_t).sum(), (target_bytes(x, y, luts, pos) * score_t).sum().double(),
-                               score_t.sum().double()))
+        totals += torch.stack(
+            (
+                (scored.double() * score_t).sum(),
+                (target_bytes(x, y, luts, pos) * score_t).sum().double(),
+                score_t.sum().double(),
+            )
+        )
         done += score.sum(1)
         if observer is not None:
             observer("score", pos[score_t], scored[score_t])
         if learn.any():  # rules, not asserts: only targets scored, never a document's last chunk
             if (learn & (at >= done[:, None])).any() or (learn.any(1) & (done >= length)).any():
-                raise RuntimeError(f"LoRA TTT batch {index}: a step would learn from unscored targets or a last chunk")
+                raise RuntimeError(
+                    f"LoRA TTT batch {index}: a step would learn from unscored targets or a last chunk"
+                )
             ((nll * learn_t).sum(1) / learn_t.sum(1).clamp(min=1)).sum().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -2060,26 +2537,52 @@ def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Adam
     """Adam (beta1 0) on the adapters [A, B, A, B, ...]. x A B scaled by s = alpha/rank (B from 0) is exactly B's LR
     times s, its decay over s: Adam's step ignores a gradient's scale, so A steps alike, B's move x A B s times as far."""
     lr, wd, s = h.ttt_lora_lr, h.ttt_lora_wd, (h.ttt_lora_alpha or h.ttt_lora_rank) / h.ttt_lora_rank
-    return torch.optim.AdamW([dict(params=params[0::2]), dict(params=params[1::2], lr=lr * s, weight_decay=wd / s)],
-                             lr=lr, betas=(0.0, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2), weight_decay=wd)
+    return torch.optim.AdamW(
+        [dict(params=params[0::2]), dict(params=params[1::2], lr=lr * s, weight_decay=wd / s)],
+        lr=lr,
+        betas=(0.0, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2),
+        weight_decay=wd,
+    )
 
 
-def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperparameters, rt: Runtime, luts,
-                  log: Log, budget_s: float, observer=None) -> tuple[Tensor, dict]:
+def eval_ttt_lora(
+    model: GPT,
+    adapters: LoRAAdapters,
+    tokens: Tensor,
+    h: Hyperparameters,
+    rt: Runtime,
+    luts,
+    log: Log,
+    budget_s: float,
+    observer=None,
+) -> tuple[Tensor, dict]:
     """Document-independent LoRA TTT, longest documents first, batches shared out round-robin over the
     ranks. Phased: before the batch that brings the scored count to TTT_PHASE_DOCS*k/TTT_PHASES, every
     rank stops and the base weights take one epoch of full-weight TTT steps on all documents scored."""
     n, R = tokens.numel() - 1, h.ttt_docs_per_batch
     docs = documents(tokens, n)
-    batches = [docs[i: i + R] for i in range(0, len(docs), R)]
-    phase_at = [] if h.ttt_mode != "phased" else sorted(
-        {b for k in range(1, h.ttt_phases + 1) if (b := -(-min(h.ttt_phase_docs, len(docs)) * k // h.ttt_phases // R)) < len(batches)})
+    batches = [docs[i : i + R] for i in range(0, len(docs), R)]
+    phase_at = (
+        []
+        if h.ttt_mode != "phased"
+        else sorted(
+            {
+                b
+                for k in range(1, h.ttt_phases + 1)
+                if (b := -(-min(h.ttt_phase_docs, len(docs)) * k // h.ttt_phases // R)) < len(batches)
+            }
+        )
+    )
     mine = [b for b in range(len(batches)) if b % rt.world_size == rt.rank]
-    rest = np.cumsum([batches[b][:, 1].sum() * (b in mine) for b in range(len(batches))][::-1])[::-1]  # my tokens from b
+    rest = np.cumsum([batches[b][:, 1].sum() * (b in mine) for b in range(len(batches))][::-1])[
+        ::-1
+    ]  # my tokens from b
     opt = lora_optimizer(adapters.params, h)
     score_fn, train_fn = compile_model(model.token_nll, rt), compile_model(model, rt)
-    log(f"ttt_lora:start docs={len(docs)} batches={len(batches)} docs_per_batch={R} chunk={h.ttt_lora_chunk} "
-        f"rank={h.ttt_lora_rank} lr={h.ttt_lora_lr} phases_before_batches={phase_at}")
+    log(
+        f"ttt_lora:start docs={len(docs)} batches={len(batches)} docs_per_batch={R} chunk={h.ttt_lora_chunk} "
+        f"rank={h.ttt_lora_rank} lr={h.ttt_lora_lr} phases_before_batches={phase_at}"
+    )
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
     scored_docs = torch.zeros(len(docs), dtype=torch.float64, device=rt.device)  # targets scored, this rank
     guard, adapted, phases = LoRABudget(budget_s), 0, 0
@@ -2102,27 +2605,39 @@ def eval_ttt_lora(model: GPT, adapters: LoRAAdapters, tokens: Tensor, h: Hyperpa
                 model.eval().requires_grad_(False)
                 adapters.attach(True)
                 guard.sgd_rate, phases = (rt.clock() - t0) / rows.size, phases + 1
-            log(f"ttt_phase: before batch {b}/{len(batches)} docs={b * R} rows={len(rows)} "
-                f"{'trained' if run_phase else 'skipped (budget)'} at {now() - t_start:.1f}s")
+            log(
+                f"ttt_phase: before batch {b}/{len(batches)} docs={b * R} rows={len(rows)} "
+                f"{'trained' if run_phase else 'skipped (budget)'} at {now() - t_start:.1f}s"
+            )
         if b % rt.world_size != rt.rank:
             continue
         t0 = now()
         adapt = guard.fits(t0 - t_start + rest[b] * guard.rate())
         part, done = lora_batch(score_fn, adapters, opt, tokens, batch, b, h, rt, luts, adapt, observer)
         totals += part
-        scored_docs[b * R: b * R + len(batch)] = torch.as_tensor(done[: len(batch)], dtype=torch.float64)
+        scored_docs[b * R : b * R + len(batch)] = torch.as_tensor(done[: len(batch)], dtype=torch.float64)
         if adapt:
             guard.rates.append((rt.clock() - t0) / batch[:, 1].sum())
             adapted += 1
         if b == mine[0] or b == mine[-1] or len(mine) > 10 and b % (len(batches) // 10) == 0:
-            log(f"  ttt_lora [{b + 1}/{len(batches)}] rank0_bpb={loss_and_bpb(totals)[1]:.6f} time={now() - t_start:.1f}s")
+            log(
+                f"  ttt_lora [{b + 1}/{len(batches)}] rank0_bpb={loss_and_bpb(totals)[1]:.6f} time={now() - t_start:.1f}s"
+            )
     adapters.attach(False)
     model.requires_grad_(True)
     adapted = int(rt.reduce([adapted])[0])
-    log(f"ttt_budget: adapted {adapted}/{len(batches)} batches, global SGD phases {phases}/{len(phase_at)} "
-        f"(budget {budget_s:.1f}s)")
-    return rt.all_reduce(totals), dict(docs=len(docs), batches=len(batches), adapted=adapted, phases=phases,
-                                       planned_phases=len(phase_at), legal=True)  # rules checked per step, above
+    log(
+        f"ttt_budget: adapted {adapted}/{len(batches)} batches, global SGD phases {phases}/{len(phase_at)} "
+        f"(budget {budget_s:.1f}s)"
+    )
+    return rt.all_reduce(totals), dict(
+        docs=len(docs),
+        batches=len(batches),
+        adapted=adapted,
+        phases=phases,
+        planned_phases=len(phase_at),
+        legal=True,
+    )  # rules checked per step, above
 
 
 def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, luts, adapters=None) -> int:
@@ -2130,7 +2645,11 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
     partial batch included), each TTT training shape and each LoRA TTT width, called through the same code with the
     same modes (eval/train, inference mode, frozen params, adapters on or off, distinct ids and targets), on random
     tokens. Weights are untouched (no optimizer step); returns the number of shapes."""
-    L, batch, rows = h.eval_len, eval_batch(h, rt.world_size, h.eval_len), np.zeros((0, h.eval_len))  # TTT rows: none
+    L, batch, rows = (
+        h.eval_len,
+        eval_batch(h, rt.world_size, h.eval_len),
+        np.zeros((0, h.eval_len)),
+    )  # TTT rows: none
     shares = [rank_share(plan_windows(n_targets, L, L), rt)]
     if h.eval_sliding and h.eval_stride < L:
         shares.append(rank_share(plan_windows(n_targets, L, h.eval_stride), rt))
@@ -2141,9 +2660,14 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
     elif h.ttt_enabled and h.ttt_mode == "phased":  # phase_rows: whole steps of TTT_BATCH_SEQS rows
         rows = np.zeros((h.ttt_batch_seqs, L))
     B, seq, widths = h.ttt_batch_seqs, rows.shape[1], lora_widths(h) if adapters else []
-    train_shapes = {len(rows[b: b + B][rt.rank:: rt.world_size]) for b in range(0, len(rows), B)} - {0}  # as train_rows
+    train_shapes = {len(rows[b : b + B][rt.rank :: rt.world_size]) for b in range(0, len(rows), B)} - {
+        0
+    }  # as train_rows
     noise = torch.randint(0, h.vocab_size, (L + 1,), device=rt.device).to(torch.int32)
-    score_fn, score_shapes = compile_model(model.token_nll, rt), {score_batch(len(s), batch) for s in shares if len(s)}
+    score_fn, score_shapes = (
+        compile_model(model.token_nll, rt),
+        {score_batch(len(s), batch) for s in shares if len(s)},
+    )
     model.eval()
     for b in score_shapes:
         score_windows(score_fn, noise, np.array([[0, 0, L]] * b), L, b, luts, rt)
@@ -2175,7 +2699,7 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
     L, bits, n_targets, adapters = h.eval_len, h.quant_bits, val_tokens.numel() - 1, None
     batch = eval_batch(h, rt.world_size, L)
     if h.ttt_enabled and h.ttt_mode == "chunk":  # the whole eval runs with TTT's frozen set: no graph sees
-        ttt_params(model, h.ttt_freeze_blocks)   # a requires_grad change
+        ttt_params(model, h.ttt_freeze_blocks)  # a requires_grad change
     elif h.ttt_enabled:  # LoRA TTT: the model's weights are fixed (but in global-SGD phases)
         model.requires_grad_(False)
         adapters = LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a)
@@ -2196,17 +2720,27 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
 
     t0 = now()
-    record("roundtrip", f"final_int{bits}_roundtrip", evaluate(score_fn, val_tokens, L, L, batch, luts, rt), t0)
+    record(
+        "roundtrip", f"final_int{bits}_roundtrip", evaluate(score_fn, val_tokens, L, L, batch, luts, rt), t0
+    )
     if h.eval_sliding and h.eval_stride < L:
         t0 = now()
-        record("sliding", f"final_int{bits}_sliding_window",
-               evaluate(score_fn, val_tokens, L, h.eval_stride, batch, luts, rt), t0, f" stride:{h.eval_stride}")
+        record(
+            "sliding",
+            f"final_int{bits}_sliding_window",
+            evaluate(score_fn, val_tokens, L, h.eval_stride, batch, luts, rt),
+            t0,
+            f" stride:{h.eval_stride}",
+        )
     ttt_info = None
     if h.ttt_enabled:
         t0 = now()
         left = h.eval_budget_seconds - (t0 - t_eval)
-        totals, ttt_info = (eval_ttt(model, val_tokens, h, rt, luts, log, left) if adapters is None else
-                            eval_ttt_lora(model, adapters, val_tokens, h, rt, luts, log, left))
+        totals, ttt_info = (
+            eval_ttt(model, val_tokens, h, rt, luts, log, left)
+            if adapters is None
+            else eval_ttt_lora(model, adapters, val_tokens, h, rt, luts, log, left)
+        )
         loss, bpb = loss_and_bpb(totals)
         log(f"ttt_sliding:done val_loss={loss:.6f} val_bpb={bpb:.6f} elapsed={now() - t0:.1f}s")
         record("ttt", "legal_ttt", totals, t0)
@@ -2216,8 +2750,14 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         log(f"eval_compiles: {compiled_inside} graphs compiled inside the timed eval")
     final_key = "ttt" if "ttt" in results else "sliding" if "sliding" in results else "roundtrip"
     log("eval_time: " + " ".join(f"{k}:{v:.0f}ms" for k, v in times.items()))
-    return dict(results=results, times_ms=times, final=final_key, ttt=ttt_info, n_targets=n_targets,
-                compiled_inside=compiled_inside)
+    return dict(
+        results=results,
+        times_ms=times,
+        final=final_key,
+        ttt=ttt_info,
+        n_targets=n_targets,
+        compiled_inside=compiled_inside,
+    )
 
 
 # =====================================================================================================
@@ -2246,8 +2786,17 @@ def model_from_qstate(qstate: dict[str, QTensor], h: Hyperparameters, rt: Runtim
     return model
 
 
-def export_artifact(state: dict[str, Tensor], stage: int, h: Hyperparameters, rt: Runtime, log: Log, code: str,
-                    meta: dict, hessians, calib: list[Tensor]) -> dict:
+def export_artifact(
+    state: dict[str, Tensor],
+    stage: int,
+    h: Hyperparameters,
+    rt: Runtime,
+    log: Log,
+    code: str,
+    meta: dict,
+    hessians,
+    calib: list[Tensor],
+) -> dict:
     """Quantize the float weights on QUANT_PLAN's grids, pack, fit the budget (AUTO_FIT), write."""
     t = now()
     code_bytes, packed_bytes = len(code.encode()), len(packed_code(code).encode())
@@ -2263,37 +2812,66 @@ def export_artifact(state: dict[str, Tensor], stage: int, h: Hyperparameters, rt
 
     pack = lambda qstate: pack_artifact(qstate, meta, h.compressor)
     fit_limit = limit - code_bytes if h.auto_fit != "0" else math.inf
-    fits, rounded = [], {}  # AUTO_FIT=1 keeps LQER when, fitted to the same limit, its calibration loss is lower
+    fits, rounded = (
+        [],
+        {},
+    )  # AUTO_FIT=1 keeps LQER when, fitted to the same limit, its calibration loss is lower
     for lqer in [(h.lqer_rank, h.lqer_tensors)] + [(0, 0)] * (h.lqer_rank > 0 and h.auto_fit == "1"):
-        def quantize(plan: dict, lqer=lqer) -> dict[str, QTensor]:  # the two fits share each plan's rounding (GPTQ)
+
+        def quantize(
+            plan: dict, lqer=lqer
+        ) -> dict[str, QTensor]:  # the two fits share each plan's rounding (GPTQ)
             key = repr(sorted(plan.items()))
-            rounded[key] = rounded.get(key) or quantize_state(state, plan, hessians, h.gptq_damp, h.prune_frac)
+            rounded[key] = rounded.get(key) or quantize_state(
+                state, plan, hessians, h.gptq_damp, h.prune_frac
+            )
             return add_lqer(state, rounded[key], *lqer)
+
         fit = fit_to_budget(quantize, pack, quant_plan(h), fit_limit, calib_loss, log, fill=h.auto_fit == "1")
         fits.append((calib_loss(fit[1]), *fit))
     if len(fits) > 1:
-        log(f"lqer:{'kept' if fits[0][0] <= fits[1][0] else 'dropped'} calib_loss with:{fits[0][0]:.5f} "
-            f"without:{fits[1][0]:.5f} (each fitted to {fit_limit} bytes)")
+        log(
+            f"lqer:{'kept' if fits[0][0] <= fits[1][0] else 'dropped'} calib_loss with:{fits[0][0]:.5f} "
+            f"without:{fits[1][0]:.5f} (each fitted to {fit_limit} bytes)"
+        )
     q_loss, plan, qstate, blob = min(fits, key=lambda f: f[0])
     write_atomic(h.artifact_path, blob)
     export_s = now() - t
     n_params, total = sum(t.numel() for t in state.values()), len(blob) + code_bytes
     base_loss = calib_loss(state)
     tag = f"int{export_bits(qstate)}+{h.compressor}"
-    log(f"quant:plan {fmt_plan(plan)} method:{h.quant_method} prune_frac:{h.prune_frac} "
+    log(
+        f"quant:plan {fmt_plan(plan)} method:{h.quant_method} prune_frac:{h.prune_frac} "
         f"bytes_per_param:{len(blob) / n_params:.4f} calib_loss float:{base_loss:.5f} quantized:{q_loss:.5f} "
-        f"({q_loss - base_loss:+.5f})")
+        f"({q_loss - base_loss:+.5f})"
+    )
     log(f"Serialized model: {sum(t.numel() * t.element_size() for t in state.values())} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Code size packed: {packed_bytes} bytes (self-extracting lzma+base85; tools/pack_script.py)")
-    log(f"Serialized model {tag}: {len(blob)} bytes (export: calibrate+search+compress+write {export_s:.1f}s)")
+    log(
+        f"Serialized model {tag}: {len(blob)} bytes (export: calibrate+search+compress+write {export_s:.1f}s)"
+    )
     log(f"Total submission size {tag}: {total} bytes")
     verdict = "PASS" if total <= limit else "FAIL"
-    log(f"budget:{verdict} total {total} {'<=' if verdict == 'PASS' else '>'} {limit} bytes "
+    log(
+        f"budget:{verdict} total {total} {'<=' if verdict == 'PASS' else '>'} {limit} bytes "
         f"(headroom {limit - total}; {len(blob) + packed_bytes} with packed code)"
-        + ("" if verdict == "PASS" else " -- OVER THE CAP: set AUTO_FIT=1, shrink the model, or pack the code"))
-    return dict(model=len(blob), code=code_bytes, code_packed=packed_bytes, total=total, limit=limit,
-                plan=fmt_plan(plan), calib_loss_cost=q_loss - base_loss, export_s=export_s)
+        + (
+            ""
+            if verdict == "PASS"
+            else " -- OVER THE CAP: set AUTO_FIT=1, shrink the model, or pack the code"
+        )
+    )
+    return dict(
+        model=len(blob),
+        code=code_bytes,
+        code_packed=packed_bytes,
+        total=total,
+        limit=limit,
+        plan=fmt_plan(plan),
+        calib_loss_cost=q_loss - base_loss,
+        export_s=export_s,
+    )
 
 
 def export_bits(qstate: dict[str, QTensor]) -> int:
@@ -2308,8 +2886,15 @@ def save_checkpoint(path: str, state: dict[str, Tensor], h: Hyperparameters, ext
     """The exported float weights with what re-exporting needs: torch.save of plain tensors, lists and
     dicts (no code objects), read back with weights_only=True."""
     buf = io.BytesIO()
-    torch.save(dict(format=CHECKPOINT_FORMAT, model=h.model_config(), state={k: v.detach().float().cpu()
-               for k, v in state.items()}, **extra), buf)
+    torch.save(
+        dict(
+            format=CHECKPOINT_FORMAT,
+            model=h.model_config(),
+            state={k: v.detach().float().cpu() for k, v in state.items()},
+            **extra,
+        ),
+        buf,
+    )
     write_atomic(path, buf.getvalue())
 
 
@@ -2320,15 +2905,26 @@ def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
         if ck.get("format") != CHECKPOINT_FORMAT:  # a rule, not an assert: it must survive python -O
             raise ValueError(f"format {ck.get('format')!r}")
     except Exception as e:
-        raise ConfigError(f"EXPORT_FROM={path}: not a {CHECKPOINT_FORMAT} checkpoint written by FINAL_MODEL_PATH "
-                          f"({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"EXPORT_FROM={path}: not a {CHECKPOINT_FORMAT} checkpoint written by FINAL_MODEL_PATH "
+            f"({type(e).__name__}: {e})"
+        ) from None
     for key, value in h.model_config().items():
-        need(ck["model"].get(key) == value, f"EXPORT_FROM={path}: the checkpoint has {key.upper()}="
-             f"{ck['model'].get(key)!r}, this run {key.upper()}={value!r}; run with the training configuration")
-    need(ck["tokenizer_sha256"] == tokenizer_sha, f"EXPORT_FROM={path}: trained with tokenizer sha256 "
-         f"{ck['tokenizer_sha256']}, but TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}")
-    need(h.quant_method != "full" or ck["hessians"], f"EXPORT_FROM={path}: QUANT_METHOD=full needs Hessians, and this "
-         "checkpoint has none (its run used QUANT_METHOD=lite): use QUANT_METHOD=lite")
+        need(
+            ck["model"].get(key) == value,
+            f"EXPORT_FROM={path}: the checkpoint has {key.upper()}="
+            f"{ck['model'].get(key)!r}, this run {key.upper()}={value!r}; run with the training configuration",
+        )
+    need(
+        ck["tokenizer_sha256"] == tokenizer_sha,
+        f"EXPORT_FROM={path}: trained with tokenizer sha256 "
+        f"{ck['tokenizer_sha256']}, but TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}",
+    )
+    need(
+        h.quant_method != "full" or ck["hessians"],
+        f"EXPORT_FROM={path}: QUANT_METHOD=full needs Hessians, and this "
+        "checkpoint has none (its run used QUANT_METHOD=lite): use QUANT_METHOD=lite",
+    )
     return ck
 
 
@@ -2339,36 +2935,74 @@ def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
 # =====================================================================================================
 
 
-def compliance_checks(h: Hyperparameters, train: dict | None, ev: dict, sizes: dict | None, manifest: dict) -> list:
+def compliance_checks(
+    h: Hyperparameters, train: dict | None, ev: dict, sizes: dict | None, manifest: dict
+) -> list:
     verdict = {True: "PASS", False: "FAIL", None: "SKIP"}  # None: nothing to check
     eval_ms, eval_limit = ev["times_ms"]["total"], min(h.eval_budget_seconds, RULE_EVAL_S)
-    checks = [("train_time", "SKIP", "no training in this run") if train is None else
-              ("train_time", verdict[train["train_ms"] <= RULE_TRAIN_S * 1000],
-               f"{train['train_ms'] / 1000:.3f}s incl. every training-data read, limit {RULE_TRAIN_S:.0f}s"),
-              ("eval_time", verdict[eval_ms <= eval_limit * 1000], f"{eval_ms / 1000:.3f}s, limit {eval_limit:.0f}s")]
+    checks = [
+        ("train_time", "SKIP", "no training in this run")
+        if train is None
+        else (
+            "train_time",
+            verdict[train["train_ms"] <= RULE_TRAIN_S * 1000],
+            f"{train['train_ms'] / 1000:.3f}s incl. every training-data read, limit {RULE_TRAIN_S:.0f}s",
+        ),
+        (
+            "eval_time",
+            verdict[eval_ms <= eval_limit * 1000],
+            f"{eval_ms / 1000:.3f}s, limit {eval_limit:.0f}s",
+        ),
+    ]
     if sizes is not None:
-        checks.append(("artifact_bytes", verdict[sizes["total"] <= RULE_BYTES],
-                       f"{sizes['total']} bytes, limit {RULE_BYTES}"))
-    rule = ("each chunk scored whole before training on exactly its targets; last chunk never trained" if h.ttt_mode ==
-            "chunk" else f"chunks scored before the step on them, B{'' if h.ttt_lora_warm_a else ' and A'} reset per "
-            "document, no document's last chunk trained, phases only on documents scored to the end")
-    checks.append(("ttt_legal", "SKIP", "TTT off") if ev["ttt"] is None else
-                  ("ttt_legal", verdict[ev["ttt"]["legal"]], f"score-first: {rule}; single pass"))
+        checks.append(
+            (
+                "artifact_bytes",
+                verdict[sizes["total"] <= RULE_BYTES],
+                f"{sizes['total']} bytes, limit {RULE_BYTES}",
+            )
+        )
+    rule = (
+        "each chunk scored whole before training on exactly its targets; last chunk never trained"
+        if h.ttt_mode == "chunk"
+        else f"chunks scored before the step on them, B{'' if h.ttt_lora_warm_a else ' and A'} reset per "
+        "document, no document's last chunk trained, phases only on documents scored to the end"
+    )
+    checks.append(
+        ("ttt_legal", "SKIP", "TTT off")
+        if ev["ttt"] is None
+        else ("ttt_legal", verdict[ev["ttt"]["legal"]], f"score-first: {rule}; single pass")
+    )
     scored = {k: r["scored"] for k, r in ev["results"].items()}
     full = h.val_max_tokens == 0 and all(v == ev["n_targets"] for v in scored.values())
-    checks.append(("full_val", verdict[full], f"scored {scored} of {ev['n_targets']} val targets"
-                   + (f", VAL_MAX_TOKENS={h.val_max_tokens}" if h.val_max_tokens else "")))
+    checks.append(
+        (
+            "full_val",
+            verdict[full],
+            f"scored {scored} of {ev['n_targets']} val targets"
+            + (f", VAL_MAX_TOKENS={h.val_max_tokens}" if h.val_max_tokens else ""),
+        )
+    )
     disjoint = manifest.get("train_val_disjoint")
-    checks.append(("train_val_disjoint", verdict[disjoint],
-                   f"{os.path.join(h.data_path, 'manifest.json')}: train_val_disjoint={disjoint}" if disjoint is not None
-                   else "no data/prepare_data.py manifest to check"))
+    checks.append(
+        (
+            "train_val_disjoint",
+            verdict[disjoint],
+            f"{os.path.join(h.data_path, 'manifest.json')}: train_val_disjoint={disjoint}"
+            if disjoint is not None
+            else "no data/prepare_data.py manifest to check",
+        )
+    )
     return checks
 
 
 def config_hash(h: Hyperparameters) -> str:
     """What must match across the seeds of one submission: everything but seed, run id and paths."""
-    cfg = {k: v for k, v in dataclasses.asdict(h).items()
-           if k not in ("seed", "run_id", "artifact_path", "eval_only_artifact", "data_path", "tokenizer_path")}
+    cfg = {
+        k: v
+        for k, v in dataclasses.asdict(h).items()
+        if k not in ("seed", "run_id", "artifact_path", "eval_only_artifact", "data_path", "tokenizer_path")
+    }
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -2391,17 +3025,29 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     luts = byte_counter(h, load_tokenizer(h), val_tokens, rt)
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
     if train_files:
-        log(f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{len(train_files[0])} "
-            f"tokens:{train_files[1]}")
-    log(f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} tokens:{val_tokens.numel() - 1}")
+        log(
+            f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{len(train_files[0])} "
+            f"tokens:{train_files[1]}"
+        )
+    log(
+        f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} tokens:{val_tokens.numel() - 1}"
+    )
     train_info, sizes = None, None
-    summary = dict(run_id=run_id, seed=h.seed, config=dataclasses.asdict(h), config_hash=config_hash(h),
-                   code_sha256=hashlib.sha256(code.encode()).hexdigest(), torch=torch.__version__,
-                   device=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}")
+    summary = dict(
+        run_id=run_id,
+        seed=h.seed,
+        config=dataclasses.asdict(h),
+        config_hash=config_hash(h),
+        code_sha256=hashlib.sha256(code.encode()).hexdigest(),
+        torch=torch.__version__,
+        device=f"{torch.cuda.get_device_name(rt.device) if rt.device.type == 'cuda' else 'cpu'} x{rt.world_size}",
+    )
     if h.export_from:
         ck = load_checkpoint(h.export_from, h, tokenizer_sha)
         ck["state"] = {k: v.to(rt.device) for k, v in ck["state"].items()}  # quantize where training would
-        log(f"export_from: {h.export_from} (run {ck['run_id']}, weights {ck['weights']}, stage {ck['stage']})")
+        log(
+            f"export_from: {h.export_from} (run {ck['run_id']}, weights {ck['weights']}, stage {ck['stage']})"
+        )
     elif not h.eval_only_artifact:
         log.phase("model")
         torch.manual_seed(h.seed)
@@ -2410,49 +3056,85 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         summary["model_params"] = sum(p.numel() for p in model.parameters())
         log(f"model_params:{summary['model_params']}")
         schedule = " ".join(f"{i}:{p}" + (f"@s{s}" if s else "") for i, (p, s) in enumerate(model.slots))
-        log(f"layer_schedule:{len(model.slots)} logical on {len(model.blocks)} physical "
-            f"(logical:physical[@stage]) {schedule}")
+        log(
+            f"layer_schedule:{len(model.slots)} logical on {len(model.blocks)} physical "
+            f"(logical:physical[@stage]) {schedule}"
+        )
         log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, on in enumerate(model.xsa) if on]}")
         log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
-        log(f"attention_mode:{'gqa' if h.num_kv_heads < h.num_heads else 'mha'} num_heads:{h.num_heads} "
-            f"num_kv_heads:{h.num_kv_heads} kernel:{model.attn_kernel} (ATTN_KERNEL={h.attn_kernel})")
-        log(f"tie_embeddings:True embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} scalar_lr:{h.scalar_lr}")
-        log(f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
-            f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}")
+        log(
+            f"attention_mode:{'gqa' if h.num_kv_heads < h.num_heads else 'mha'} num_heads:{h.num_heads} "
+            f"num_kv_heads:{h.num_kv_heads} kernel:{model.attn_kernel} (ATTN_KERNEL={h.attn_kernel})"
+        )
+        log(
+            f"tie_embeddings:True embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} scalar_lr:{h.scalar_lr}"
+        )
+        log(
+            f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
+            f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}"
+        )
         log(f"seed:{h.seed}")
         loader = TrainLoader(train_files[0], rt)
         log.phase("train")
         train_info = train_model(model, h, rt, loader, val_tokens, luts, log)
         hessians = train_info.pop("hessians")
-        ck = dict(state=model.state_dict(), stage=model.stage, weights=train_info["weights"], run_id=run_id,
-                  tokenizer_sha256=tokenizer_sha, calib=[c.cpu() for c in train_info.pop("calib")],
-                  hessians=hessians and {k: v.cpu() for k, v in hessians.items()})
+        ck = dict(
+            state=model.state_dict(),
+            stage=model.stage,
+            weights=train_info["weights"],
+            run_id=run_id,
+            tokenizer_sha256=tokenizer_sha,
+            calib=[c.cpu() for c in train_info.pop("calib")],
+            hessians=hessians and {k: v.cpu() for k, v in hessians.items()},
+        )
         if rt.rank == 0 and h.final_model_path:
             save_checkpoint(h.final_model_path, ck["state"], h, {k: v for k, v in ck.items() if k != "state"})
-            log(f"final_model: {h.final_model_path} (post-{train_info['weights'].split('(')[0]} float weights; "
-                f"EXPORT_FROM={h.final_model_path} re-exports them)")
+            log(
+                f"final_model: {h.final_model_path} (post-{train_info['weights'].split('(')[0]} float weights; "
+                f"EXPORT_FROM={h.final_model_path} re-exports them)"
+            )
         del model
     if not h.eval_only_artifact:
         log.phase("export")
-        meta = dict(model=h.model_config(), stage=ck["stage"], tokenizer_sha256=tokenizer_sha, run_id=ck["run_id"],
-                    weights=ck["weights"], quant=dict(method=h.quant_method, clip=h.quant_clip, prune_frac=h.prune_frac,
-                                         lqer=[h.lqer_rank, h.lqer_tensors]))
+        meta = dict(
+            model=h.model_config(),
+            stage=ck["stage"],
+            tokenizer_sha256=tokenizer_sha,
+            run_id=ck["run_id"],
+            weights=ck["weights"],
+            quant=dict(
+                method=h.quant_method,
+                clip=h.quant_clip,
+                prune_frac=h.prune_frac,
+                lqer=[h.lqer_rank, h.lqer_tensors],
+            ),
+        )
         if rt.rank == 0:
-            sizes = export_artifact(ck["state"], ck["stage"], h, rt, log, code, meta, ck["hessians"], ck["calib"])
+            sizes = export_artifact(
+                ck["state"], ck["stage"], h, rt, log, code, meta, ck["hessians"], ck["calib"]
+            )
         del ck
         if rt.world_size > 1:
             dist.barrier()
     log.phase("eval_load")
     artifact = h.eval_only_artifact or h.artifact_path
     qstate, meta = read_artifact(artifact)  # every rank, from disk
-    need(meta.get("tokenizer_sha256") == tokenizer_sha, f"{artifact} was trained with tokenizer sha256 "
-         f"{meta.get('tokenizer_sha256')}, but TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}")
-    eval_h = dataclasses.replace(h, quant_bits=export_bits(qstate),
-                                 **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()})
+    need(
+        meta.get("tokenizer_sha256") == tokenizer_sha,
+        f"{artifact} was trained with tokenizer sha256 "
+        f"{meta.get('tokenizer_sha256')}, but TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}",
+    )
+    eval_h = dataclasses.replace(
+        h,
+        quant_bits=export_bits(qstate),
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()},
+    )
     if h.eval_only_artifact:
         eval_h.validate()  # the eval settings from the environment must fit the artifact's model
-        log(f"eval_only: {artifact} ({os.path.getsize(artifact)} bytes, weights {meta['weights']}, "
-            f"quant {meta['quant']})")
+        log(
+            f"eval_only: {artifact} ({os.path.getsize(artifact)} bytes, weights {meta['weights']}, "
+            f"quant {meta['quant']})"
+        )
     model = model_from_qstate(qstate, eval_h, rt, meta["stage"])
     log(f"eval_model: stage {model.stage}, {len(model.active)} of {len(model.slots)} logical layers active")
     log.phase("eval")
@@ -2464,12 +3146,20 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     for name, status, detail in checks:
         log(f"compliance:{name} {status} {detail}")
     record_hw = rt.device.type == "cuda" and rt.world_size == 8 and "H100" in summary["device"]
-    log(f"compliance:record_hardware {'PASS' if record_hw else 'INFO'} {summary['device']} "
-        f"(a record runs on 8xH100 SXM)")
+    log(
+        f"compliance:record_hardware {'PASS' if record_hw else 'INFO'} {summary['device']} "
+        f"(a record runs on 8xH100 SXM)"
+    )
     final = ev["results"][ev["final"]]
-    summary.update(train=train_info, bytes=sizes, eval=ev, final=dict(stage=ev["final"], **final),
-                   compliance={n: dict(status=s, detail=d) for n, s, d in checks}, artifact=artifact,
-                   artifact_sha256=file_sha256(artifact))
+    summary.update(
+        train=train_info,
+        bytes=sizes,
+        eval=ev,
+        final=dict(stage=ev["final"], **final),
+        compliance={n: dict(status=s, detail=d) for n, s, d in checks},
+        artifact=artifact,
+        artifact_sha256=file_sha256(artifact),
+    )
     if rt.rank == 0:
         Path("logs", f"{run_id}.json").write_text(json.dumps(summary, indent=1, default=str))
         log(f"summary:logs/{run_id}.json")

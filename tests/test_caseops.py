@@ -27,7 +27,11 @@ T, A, C, E = pd.TITLE, pd.ALLCAPS, pd.CAPNEXT, pd.ESC
 
 SLICE_DOCS, SLICE_VAL, VOCAB = 300, 40, 512
 ADVERSARIAL = [
-    "", " ", "   \n\t\n  ", "\x00", "a\x00B",
+    "",
+    " ",
+    "   \n\t\n  ",
+    "\x00",
+    "a\x00B",
     "\ue000\ue001\ue002\ue003\ue004 \u2581 x\u2581y \ue003\ue003A \ue004\u2581",  # operators, ▁ and its stand-in
     "Straße STRASSE ẞ İstanbul İİ ǅungla ǄUNGLA \u212a\u212a Ω\u2126 ΟΔΟΣ Σοφία ΣΑΣ ς σ",  # not 1:1 mappings
     "iPhone McDonald McDONALD'S eBay NASA's I A a x86 ABC123DEF 3D Ⅻ² ½ É\u0301COLE ÉCOLE",
@@ -44,7 +48,10 @@ def run_prepare(*args) -> subprocess.CompletedProcess:
 
 
 def test_examples():
-    assert pd.case_encode("Hello WORLD iPhone McDonald a I") == f"{T}hello {A}world i{C}phone {T}mc{C}donald a {T}i"
+    assert (
+        pd.case_encode("Hello WORLD iPhone McDonald a I")
+        == f"{T}hello {A}world i{C}phone {T}mc{C}donald a {T}i"
+    )
     assert pd.case_encode("ΟΔΟΣ Σ ς") == f"{A}οδοσ {T}σ ς"  # per-character lower: no final-sigma rewrite
     assert pd.case_encode("Straße ẞ İ \u212a") == f"{T}straße ẞ İ \u212a"  # ẞ, İ, Kelvin sign: literal
     assert pd.case_encode("x\ue002y\u2581\ue004") == f"x{E}\ue002y{E}\ue004\ue004"
@@ -59,8 +66,12 @@ def test_malformed_operators_are_refused(bad):
 
 
 def test_bijective_on_adversarial_and_random_strings():
-    alphabet = ("aZ zß ẞİıiIΣσςǅǄǆ\u212akK9_²Ⅻ\u0301.'-\n\t\x00😀Ⱥⱥ\U00010400\U00010428"
-                + "".join(pd.CASEOPS_OPERATORS.values()) + pd.SP_SPACE + pd.SP_SPACE_STANDIN)
+    alphabet = (
+        "aZ zß ẞİıiIΣσςǅǄǆ\u212akK9_²Ⅻ\u0301.'-\n\t\x00😀Ⱥⱥ\U00010400\U00010428"
+        + "".join(pd.CASEOPS_OPERATORS.values())
+        + pd.SP_SPACE
+        + pd.SP_SPACE_STANDIN
+    )
     rng = random.Random(0)
     strings = ADVERSARIAL + ["".join(rng.choices(alphabet, k=rng.randrange(30))) for _ in range(3000)]
     for s in strings:
@@ -92,13 +103,34 @@ def caseops_set(tmp_path_factory):
     texts.append("  " + texts[12].replace(" ", "   ") + "\n")  # the same doc once normalised
     out = tmp_path_factory.mktemp("caseops")
     docs = out / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
-    proc = run_prepare("--caseops", "--docs", docs, "--out-dir", out, "--name", "c", "--vocab-size", VOCAB,
-                       "--val-docs", SLICE_VAL, "--shard-tokens", 40_000)
+    docs.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
+    proc = run_prepare(
+        "--caseops",
+        "--docs",
+        docs,
+        "--out-dir",
+        out,
+        "--name",
+        "c",
+        "--vocab-size",
+        VOCAB,
+        "--val-docs",
+        SLICE_VAL,
+        "--shard-tokens",
+        40_000,
+    )
     assert proc.returncode == 0, proc.stderr
     ds = out / "datasets" / f"c_sp{VOCAB}_caseops"
-    return dict(texts=texts, docs=docs, out=out, ds=ds, model=out / "tokenizers" / f"c_{VOCAB}_bpe_caseops.model",
-                manifest=json.loads((ds / "manifest.json").read_text(encoding="utf-8")))
+    return dict(
+        texts=texts,
+        docs=docs,
+        out=out,
+        ds=ds,
+        model=out / "tokenizers" / f"c_{VOCAB}_bpe_caseops.model",
+        manifest=json.loads((ds / "manifest.json").read_text(encoding="utf-8")),
+    )
 
 
 def val_docs(ds: Path) -> list[np.ndarray]:
@@ -117,8 +149,9 @@ def test_manifest_records_caseops_bos_and_disjointness(caseops_set):
     assert sorted(cops["operator_ids"].values()) == [4, 5, 6, 7]  # user-defined pieces follow the specials
     assert m["tokenizer"]["recipe"]["normalization_rule_name"] == "identity"
     for split in ("val", "train"):
-        assert [s["name"] for s in cops["byte_sidecars"][split]] == \
-            [pd.sidecar_name(s["name"]) for s in m["shards"][split]]
+        assert [s["name"] for s in cops["byte_sidecars"][split]] == [
+            pd.sidecar_name(s["name"]) for s in m["shards"][split]
+        ]
         assert sum(s["bytes"] for s in cops["byte_sidecars"][split]) == m["text_bytes"][split]
     assert len(m["shards"]["train"]) >= 2  # docs and their sidecars span shard boundaries
     header, _ = read_shard(ds / "fineweb_val_bytes_000000.bin")
@@ -145,8 +178,11 @@ def test_oracle_decoded_val_ids_give_back_the_documents(caseops_set):
         escaped[i] = tokens[i - 1] == op_ids["ESC"] and ops[i - 1] and not escaped[i - 1]
     assert ops.sum() > 100 and escaped.sum() >= 6
     assert not side[ops & ~escaped].any() and (side[ops & escaped] == 3).all() and not side[tokens == 1].any()
-    assert pd.check_sidecar(ds, ("val", "train"))["val"] == {"tokens": len(tokens), "bytes": int(side.sum()),
-                                                            "docs": SLICE_VAL}
+    assert pd.check_sidecar(ds, ("val", "train"))["val"] == {
+        "tokens": len(tokens),
+        "bytes": int(side.sum()),
+        "docs": SLICE_VAL,
+    }
 
 
 def test_missing_or_mismatched_sidecar_is_refused(caseops_set, tmp_path):
@@ -159,10 +195,14 @@ def test_missing_or_mismatched_sidecar_is_refused(caseops_set, tmp_path):
     def poke(name, position, value):
         def edit(ds):
             data = bytearray((ds / name).read_bytes())
-            at = position if position is not None else \
-                int(np.flatnonzero(read_shard(ds / name.replace("_bytes", ""))[1] != 1)[-1])  # not a BOS
-            data[1024 + 2 * at:1026 + 2 * at] = int(value).to_bytes(2, "little")
+            at = (
+                position
+                if position is not None
+                else int(np.flatnonzero(read_shard(ds / name.replace("_bytes", ""))[1] != 1)[-1])
+            )  # not a BOS
+            data[1024 + 2 * at : 1026 + 2 * at] = int(value).to_bytes(2, "little")
             (ds / name).write_bytes(data)
+
         return edit
 
     side = "fineweb_val_bytes_000000.bin"
@@ -170,9 +210,18 @@ def test_missing_or_mismatched_sidecar_is_refused(caseops_set, tmp_path):
         (lambda ds: (ds / side).unlink(), rf"{side} is missing"),
         (poke(side, None, 999), rf"{side} differs from the sidecar recorded"),
         (poke(side, 0, 3), rf"{side} gives bytes to the BOS at position 0"),
-        (lambda ds: pd.write_shard(ds / side, np.zeros(7, np.uint16), pd.SIDECAR_MAGIC), "has 7 byte counts but"),
-        (lambda ds: shutil.copy(ds / side, ds / "fineweb_val_bytes_000009.bin"), "000009.bin matches no token shard"),
-        (lambda ds: (ds / "fineweb_train_bytes_000001.bin").unlink(), "fineweb_train_bytes_000001.bin is missing"),
+        (
+            lambda ds: pd.write_shard(ds / side, np.zeros(7, np.uint16), pd.SIDECAR_MAGIC),
+            "has 7 byte counts but",
+        ),
+        (
+            lambda ds: shutil.copy(ds / side, ds / "fineweb_val_bytes_000009.bin"),
+            "000009.bin matches no token shard",
+        ),
+        (
+            lambda ds: (ds / "fineweb_train_bytes_000001.bin").unlink(),
+            "fineweb_train_bytes_000001.bin is missing",
+        ),
         (poke("fineweb_val_000000.bin", 0, 9), "does not start with BOS"),
     ]
     for edit, message in cases:
@@ -186,12 +235,16 @@ def test_missing_or_mismatched_sidecar_is_refused(caseops_set, tmp_path):
     with pytest.raises(pd.SidecarError, match="does not describe a CaseOps dataset"):
         pd.check_sidecar(broken(lambda ds: (ds / "manifest.json").write_text('{"caseops": null}')))
     with pytest.raises(pd.SidecarError, match="also occur in its train shards"):
-        pd.check_disjoint(broken(lambda ds: shutil.copy(ds / "fineweb_val_000000.bin", ds / "fineweb_train_000099.bin")))
+        pd.check_disjoint(
+            broken(lambda ds: shutil.copy(ds / "fineweb_val_000000.bin", ds / "fineweb_train_000099.bin"))
+        )
 
 
 def test_reuse_if_missing_and_refusing_a_plain_tokenizer(caseops_set, tmp_path):
     common = ("--docs", caseops_set["docs"], "--name", "c", "--val-docs", SLICE_VAL, "--shard-tokens", 40_000)
-    again = run_prepare("--caseops", *common, "--out-dir", caseops_set["out"], "--vocab-size", VOCAB, "--if-missing")
+    again = run_prepare(
+        "--caseops", *common, "--out-dir", caseops_set["out"], "--vocab-size", VOCAB, "--if-missing"
+    )
     assert again.returncode == 0 and "up to date" in again.stdout
     reuse = run_prepare("--caseops", *common, "--out-dir", tmp_path, "--tokenizer", caseops_set["model"])
     assert reuse.returncode == 0, reuse.stderr
@@ -199,9 +252,13 @@ def test_reuse_if_missing_and_refusing_a_plain_tokenizer(caseops_set, tmp_path):
         assert (tmp_path / "datasets" / f"c_sp{VOCAB}_caseops" / p.name).read_bytes() == p.read_bytes()
     plain = tmp_path / "plain"
     assert run_prepare(*common, "--out-dir", plain, "--vocab-size", VOCAB).returncode == 0
-    refused = run_prepare("--caseops", *common, "--out-dir", plain, "--tokenizer",
-                          plain / "tokenizers" / f"c_{VOCAB}_bpe.model")
-    assert refused.returncode == 2 and "is not a CaseOps tokenizer: TITLE (U+E000) is not one piece" in refused.stderr
+    refused = run_prepare(
+        "--caseops", *common, "--out-dir", plain, "--tokenizer", plain / "tokenizers" / f"c_{VOCAB}_bpe.model"
+    )
+    assert (
+        refused.returncode == 2
+        and "is not a CaseOps tokenizer: TITLE (U+E000) is not one piece" in refused.stderr
+    )
     with pytest.raises(pd.SidecarError, match="does not describe a CaseOps dataset"):
         pd.check_sidecar(plain / "datasets" / f"c_sp{VOCAB}")
 
@@ -232,14 +289,19 @@ def test_the_scorer_counts_the_original_bytes_from_the_sidecar(caseops_data, tmp
         totals = tg.evaluate(fake, tokens, 64, stride, 16, luts, rt)
         assert int(totals[1]) == manifest["text_bytes"]["val"] and int(totals[2]) == tokens.numel() - 1
     pieces = tg.build_byte_luts(sp, "cpu")
-    assert int(tg.target_bytes(tokens[:-1].long(), tokens[1:].long(), pieces).sum()) > manifest["text_bytes"]["val"]
+    assert (
+        int(tg.target_bytes(tokens[:-1].long(), tokens[1:].long(), pieces).sum())
+        > manifest["text_bytes"]["val"]
+    )
     bare = tmp_path / "bare"
     shutil.copytree(caseops_data["DATA_PATH"], bare)
     for f in bare.glob("fineweb_val_bytes_*.bin"):
         f.unlink()
     with pytest.raises(tg.ConfigError, match="no fineweb_val_bytes_"):
         tg.byte_counter(hparams(caseops_data, DATA_PATH=bare), sp, tokens, rt)
-    shutil.copy(sorted(Path(caseops_data["DATA_PATH"]).glob("fineweb_val_bytes_*.bin"))[0],
-                bare / "fineweb_val_bytes_000001.bin")  # a sidecar with no shard of its own
+    shutil.copy(
+        sorted(Path(caseops_data["DATA_PATH"]).glob("fineweb_val_bytes_*.bin"))[0],
+        bare / "fineweb_val_bytes_000001.bin",
+    )  # a sidecar with no shard of its own
     with pytest.raises(tg.ConfigError, match="do not pair"):
         tg.byte_counter(hparams(caseops_data, DATA_PATH=bare), sp, tokens, rt)

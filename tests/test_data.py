@@ -19,12 +19,15 @@ def test_shard_round_trip(tmp_path):
     assert (tg.load_shard(write_shard(tmp_path / "s.bin", tokens)) == tokens).all()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(magic=123), "magic/version 123/1"),
-    (dict(version=2), "magic/version 20240520/2"),
-    (dict(count=1001), "header says 1001 tokens"),
-    (dict(extra=b"\0\0"), "but the file has"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(magic=123), "magic/version 123/1"),
+        (dict(version=2), "magic/version 20240520/2"),
+        (dict(count=1001), "header says 1001 tokens"),
+        (dict(extra=b"\0\0"), "but the file has"),
+    ],
+)
 def test_bad_shards_are_named(tmp_path, kwargs, message):
     path = write_shard(tmp_path / "bad.bin", range(1000), **kwargs)
     with pytest.raises(tg.ConfigError, match=message) as e:
@@ -59,25 +62,37 @@ def test_val_shorter_than_one_window(tmp_path, small_data, eval_len):
     # EVAL_SEQ_LEN=32 < TRAIN_SEQ_LEN=64: the 50 tokens hold an eval window, but not the training-length
     # window the diagnostic eval scores (it was an IndexError there, after training)
     write_shard(tmp_path / "fineweb_val_000000.bin", range(50))
-    with pytest.raises(tg.ConfigError, match=r"the val split \(.*fineweb_val_000000.bin\) has 50 tokens, fewer than "
-                                             r"one window \+ 1 \(65\)"):
-        tg.load_val_tokens(hparams(small_data, DATA_PATH=tmp_path, EVAL_SEQ_LEN=eval_len, EVAL_STRIDE=32), cpu_runtime())
+    with pytest.raises(
+        tg.ConfigError,
+        match=r"the val split \(.*fineweb_val_000000.bin\) has 50 tokens, fewer than "
+        r"one window \+ 1 \(65\)",
+    ):
+        tg.load_val_tokens(
+            hparams(small_data, DATA_PATH=tmp_path, EVAL_SEQ_LEN=eval_len, EVAL_STRIDE=32), cpu_runtime()
+        )
 
 
 def test_manifest_tokenizer_must_be_the_one_in_use(tmp_path, small_data):
     h = hparams(small_data)
     sha = tg.file_sha256(h.tokenizer_path)
     assert tg.read_manifest(h, sha)["train_val_disjoint"] is True
-    assert tg.read_manifest(hparams(small_data, DATA_PATH=tmp_path), sha) == {}  # no manifest (FineWeb): no check
+    assert (
+        tg.read_manifest(hparams(small_data, DATA_PATH=tmp_path), sha) == {}
+    )  # no manifest (FineWeb): no check
     other = tmp_path / "other.model"
     other.write_bytes(b"another tokenizer")
-    with pytest.raises(tg.ConfigError, match=rf"manifest.json: the shards were tokenized with .*small_512_bpe.model "
-                                             rf"\(sha256 {sha}\), but TOKENIZER_PATH=.*other.model has sha256"):
+    with pytest.raises(
+        tg.ConfigError,
+        match=rf"manifest.json: the shards were tokenized with .*small_512_bpe.model "
+        rf"\(sha256 {sha}\), but TOKENIZER_PATH=.*other.model has sha256",
+    ):
         tg.read_manifest(hparams(small_data, TOKENIZER_PATH=other), tg.file_sha256(str(other)))
 
 
 def test_loader_splits_ranks_and_wraps(tmp_path):
-    files = [write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", range(i * 100, i * 100 + 100)) for i in range(3)]
+    files = [
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", range(i * 100, i * 100 + 100)) for i in range(3)
+    ]
     # one process, 8 micro-batches of 16 tokens (+1 for the shifted target) per step
     single = tg.TrainLoader(files, cpu_runtime())
     steps = [single.next_batch(128, 16) for _ in range(8)]

@@ -75,13 +75,28 @@ def slice_docs(tmp_path_factory) -> Path:
         texts = [json.loads(line)["text"] for line in itertools.islice(f, SLICE_DOCS)]
     texts.append("  " + texts[3].replace(" ", "   ") + "\n")  # same text once normalised
     path = tmp_path_factory.mktemp("slice") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
     return path
 
 
 def prepare_slice(docs: Path, out: Path, *extra) -> dict:
-    proc = run_prepare("--docs", docs, "--out-dir", out, "--name", "t", "--vocab-size", SLICE_VOCAB,
-                       "--val-docs", SLICE_VAL, "--shard-tokens", 50_000, *extra)
+    proc = run_prepare(
+        "--docs",
+        docs,
+        "--out-dir",
+        out,
+        "--name",
+        "t",
+        "--vocab-size",
+        SLICE_VOCAB,
+        "--val-docs",
+        SLICE_VAL,
+        "--shard-tokens",
+        50_000,
+        *extra,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads((out / "datasets" / f"t_sp{SLICE_VOCAB}" / "manifest.json").read_text(encoding="utf-8"))
 
@@ -89,7 +104,13 @@ def prepare_slice(docs: Path, out: Path, *extra) -> dict:
 @pytest.fixture(scope="module")
 def built(slice_docs, tmp_path_factory):
     out_a, out_b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
-    return slice_docs, out_a, prepare_slice(slice_docs, out_a), out_b, prepare_slice(slice_docs, out_b, "--threads", 1)
+    return (
+        slice_docs,
+        out_a,
+        prepare_slice(slice_docs, out_a),
+        out_b,
+        prepare_slice(slice_docs, out_b, "--threads", 1),
+    )
 
 
 def test_shards_are_valid(built):
@@ -130,7 +151,10 @@ def test_tokenizer_matches_recipe(built):
     assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
     assert sp.id_to_piece(4) == "<0x00>"  # byte fallback pieces follow the specials
     assert manifest["tokenizer"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
-    assert len((out / "tokenizers" / f"t_{SLICE_VOCAB}_bpe.vocab").read_text(encoding="utf-8").splitlines()) == SLICE_VOCAB
+    assert (
+        len((out / "tokenizers" / f"t_{SLICE_VOCAB}_bpe.vocab").read_text(encoding="utf-8").splitlines())
+        == SLICE_VOCAB
+    )
 
 
 def test_prepare_is_deterministic(built):
@@ -149,8 +173,20 @@ def test_reused_tokenizer_zst_input_and_if_missing(built, tmp_path):
     zst = tmp_path / "docs.jsonl.zst"
     zst.write_bytes(zstandard.ZstdCompressor().compress(docs.read_bytes()))
     model = out_a / "tokenizers" / f"t_{SLICE_VOCAB}_bpe.model"
-    args = ("--docs", zst, "--out-dir", tmp_path, "--name", "t", "--tokenizer", model,
-            "--val-docs", SLICE_VAL, "--shard-tokens", 50_000)
+    args = (
+        "--docs",
+        zst,
+        "--out-dir",
+        tmp_path,
+        "--name",
+        "t",
+        "--tokenizer",
+        model,
+        "--val-docs",
+        SLICE_VAL,
+        "--shard-tokens",
+        50_000,
+    )
     proc = run_prepare(*args)
     assert proc.returncode == 0, proc.stderr
     ds_a, ds_z = out_a / "datasets" / f"t_sp{SLICE_VOCAB}", tmp_path / "datasets" / f"t_sp{SLICE_VOCAB}"
@@ -165,7 +201,9 @@ def test_reused_tokenizer_zst_input_and_if_missing(built, tmp_path):
 def test_refuses_vocab_the_corpus_cannot_fill(slice_docs, tmp_path):
     tiny = tmp_path / "tiny.jsonl"
     tiny.write_text("".join(slice_docs.read_text(encoding="utf-8").splitlines(True)[:4]), encoding="utf-8")
-    proc = run_prepare("--docs", tiny, "--out-dir", tmp_path, "--name", "t", "--vocab-size", 8192, "--val-docs", 1)
+    proc = run_prepare(
+        "--docs", tiny, "--out-dir", tmp_path, "--name", "t", "--vocab-size", 8192, "--val-docs", 1
+    )
     assert proc.returncode != 0
     assert "not the requested 8192" in proc.stderr and "smaller --vocab-size" in proc.stderr
     assert not (tmp_path / "tokenizers" / "t_8192_bpe.model").exists()
@@ -195,14 +233,20 @@ def test_downloader_without_huggingface_hub(monkeypatch, tmp_path, capsys):
 def test_downloader_remote_to_local_paths(tmp_path):
     dl = load_module("cached_challenge_fineweb")
     m = dl.local_path_for_remote
-    assert m("datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin", tmp_path, "datasets") == \
-        tmp_path / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin"
-    assert m("datasets/tokenizers/fineweb_1024_bpe.model", tmp_path, "datasets") == \
-        tmp_path / "tokenizers" / "fineweb_1024_bpe.model"
+    assert (
+        m("datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin", tmp_path, "datasets")
+        == tmp_path / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin"
+    )
+    assert (
+        m("datasets/tokenizers/fineweb_1024_bpe.model", tmp_path, "datasets")
+        == tmp_path / "tokenizers" / "fineweb_1024_bpe.model"
+    )
     assert m("datasets/manifest.json", tmp_path, "datasets") == tmp_path / "manifest.json"
     assert m("tokenizers/x.model", tmp_path, "") == tmp_path / "tokenizers" / "x.model"
-    assert dl.local_path_for_remote("datasets/datasets/fineweb10B_sp1024/a.bin") == \
-        DATA / "datasets" / "fineweb10B_sp1024" / "a.bin"  # where train_gpt.py looks by default
+    assert (
+        dl.local_path_for_remote("datasets/datasets/fineweb10B_sp1024/a.bin")
+        == DATA / "datasets" / "fineweb10B_sp1024" / "a.bin"
+    )  # where train_gpt.py looks by default
     with pytest.raises(dl.DownloadError):
         m("datasets/../etc/passwd", tmp_path, "datasets")
 
@@ -210,10 +254,20 @@ def test_downloader_remote_to_local_paths(tmp_path):
 def test_downloader_plan_follows_manifest():
     dl = load_module("cached_challenge_fineweb")
     manifest = {
-        "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
-                      "stats": {"files_train": 3, "files_val": 1}}],
-        "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
-                        "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}],
+        "datasets": [
+            {
+                "name": "fineweb10B_sp1024",
+                "tokenizer_name": "sp_bpe_1024",
+                "stats": {"files_train": 3, "files_val": 1},
+            }
+        ],
+        "tokenizers": [
+            {
+                "name": "sp_bpe_1024",
+                "model_path": "tokenizers/fineweb_1024_bpe.model",
+                "vocab_path": "tokenizers/fineweb_1024_bpe.vocab",
+            }
+        ],
     }
     plan = dl.plan_files("sp1024", 2, manifest, "datasets")
     assert plan.files == [
@@ -241,16 +295,28 @@ def test_downloader_fetches_and_skips_present_files(monkeypatch, tmp_path):
         path = cache / (subfolder or "") / filename
         path.parent.mkdir(parents=True, exist_ok=True)
         if filename == "manifest.json":
-            path.write_text(json.dumps({"datasets": [{"name": "fineweb10B_sp1024", "stats": {"files_train": 5, "files_val": 1}}]}))
+            path.write_text(
+                json.dumps(
+                    {"datasets": [{"name": "fineweb10B_sp1024", "stats": {"files_train": 5, "files_val": 1}}]}
+                )
+            )
         else:
             path.write_bytes(filename.encode())
         return str(path)
 
     monkeypatch.setattr(dl, "import_hf_hub_download", lambda: fake_hf_hub_download)
     data = tmp_path / "data"
-    assert dl.main(["--data-dir", str(data), "--train-shards", "2", "--repo-id", "willdepueoai/parameter-golf"]) == 0
+    assert (
+        dl.main(["--data-dir", str(data), "--train-shards", "2", "--repo-id", "willdepueoai/parameter-golf"])
+        == 0
+    )
     assert calls[0] == "datasets/manifest.json" and len(calls) == 6
-    assert (data / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin").read_bytes() == b"fineweb_train_000001.bin"
+    assert (
+        data / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin"
+    ).read_bytes() == b"fineweb_train_000001.bin"
     assert (data / "tokenizers" / "fineweb_1024_bpe.model").is_file()
-    assert dl.main(["--data-dir", str(data), "--train-shards", "2", "--repo-id", "willdepueoai/parameter-golf"]) == 0
+    assert (
+        dl.main(["--data-dir", str(data), "--train-shards", "2", "--repo-id", "willdepueoai/parameter-golf"])
+        == 0
+    )
     assert len(calls) == 6  # everything present: nothing fetched again

@@ -25,8 +25,17 @@ def losses(text: str) -> list[float]:
 def smoke(tmp_path_factory, small_data):
     cwd = tmp_path_factory.mktemp("smoke")
     # a looped pass that joins halfway: the artifact must be scored in the stage training ended in
-    env = make_env(small_data, RUN_ID="smoke", ARTIFACT_PATH=cwd / "model.ptz", VAL_LOSS_EVERY=4, LOOP_START=1,
-                   LOOP_END=1, LOOP_REPEATS=1, LOOP_ENABLE_AT=0.5, MATRIX_LRR=0.1)  # a typo, warned about
+    env = make_env(
+        small_data,
+        RUN_ID="smoke",
+        ARTIFACT_PATH=cwd / "model.ptz",
+        VAL_LOSS_EVERY=4,
+        LOOP_START=1,
+        LOOP_END=1,
+        LOOP_REPEATS=1,
+        LOOP_ENABLE_AT=0.5,
+        MATRIX_LRR=0.1,
+    )  # a typo, warned about
     proc = run_script(env, cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return cwd, env, proc.stdout
@@ -36,16 +45,31 @@ def test_smoke_run_logs_the_official_lines(smoke):
     cwd, _, out = smoke
     log = (cwd / "logs" / "smoke.txt").read_text()
     assert log.startswith('"""\nParameter Golf')  # the log opens with the full source
-    for line in ("model_params:", "world_size:1 grad_accum_steps:8", "step:0/6 val_loss:", "step:4/6 val_loss:", "step:6/6 val_loss:",
-                 "recurrence:stage 1 active_layers:4 step:3", "eval_model: stage 1, 4 of 4 logical layers active",
-                 "late_qat:enabled",
-                 "weights:applying ema", "DIAGNOSTIC post_ema", "final_int6_roundtrip val_loss:",
-                 "final_int6_sliding_window val_loss:", "legal_ttt val_loss:", "final_int8_zlib_roundtrip_exact",
-                 "compliance:ttt_legal PASS", "compliance:train_val_disjoint PASS", "compliance:eval_time PASS",
-                 "warning: MATRIX_LRR is not a knob and is ignored; did you mean MATRIX_LR?"):
+    for line in (
+        "model_params:",
+        "world_size:1 grad_accum_steps:8",
+        "step:0/6 val_loss:",
+        "step:4/6 val_loss:",
+        "step:6/6 val_loss:",
+        "recurrence:stage 1 active_layers:4 step:3",
+        "eval_model: stage 1, 4 of 4 logical layers active",
+        "late_qat:enabled",
+        "weights:applying ema",
+        "DIAGNOSTIC post_ema",
+        "final_int6_roundtrip val_loss:",
+        "final_int6_sliding_window val_loss:",
+        "legal_ttt val_loss:",
+        "final_int8_zlib_roundtrip_exact",
+        "compliance:ttt_legal PASS",
+        "compliance:train_val_disjoint PASS",
+        "compliance:eval_time PASS",
+        "warning: MATRIX_LRR is not a knob and is ignored; did you mean MATRIX_LR?",
+    ):
         assert line in out and line in log, line
     assert "compliance:full_val FAIL" in out  # VAL_MAX_TOKENS scores a prefix: flagged as not a record
-    assert log.rstrip().splitlines()[-1] == "final_int8_zlib_roundtrip_exact " + finals(out)["legal_ttt_exact"]
+    assert (
+        log.rstrip().splitlines()[-1] == "final_int8_zlib_roundtrip_exact " + finals(out)["legal_ttt_exact"]
+    )
     assert len(finals(out)) == 4 and len(losses(out)) == 6
     s = summary(cwd, "smoke")
     assert s["final"]["stage"] == "ttt" and s["train"]["steps"] == 6 and s["seed"] == 1337
@@ -58,8 +82,12 @@ def test_budget_accounting_equals_bytes_on_disk(smoke):
     code = int(re.search(r"^Code size: (\d+) bytes", out, re.M).group(1))
     total = int(re.search(r"^Total submission size int6\+\w+: (\d+) bytes", out, re.M).group(1))
     packed = int(re.search(r"^Code size packed: (\d+) bytes", out, re.M).group(1))
-    assert model == os.path.getsize(env["ARTIFACT_PATH"]) and code == len((REPO / "train_gpt.py").read_bytes())
-    assert total == model + code and packed == len(tg.packed_code((REPO / "train_gpt.py").read_text()).encode())
+    assert model == os.path.getsize(env["ARTIFACT_PATH"]) and code == len(
+        (REPO / "train_gpt.py").read_bytes()
+    )
+    assert total == model + code and packed == len(
+        tg.packed_code((REPO / "train_gpt.py").read_text()).encode()
+    )
     assert summary(cwd, "smoke")["bytes"]["total"] == total
 
 
@@ -89,8 +117,9 @@ def test_torchrun_two_processes_match_one(smoke, tmp_path):
 
 def test_eval_only_reproduces_the_score_from_the_artifact(smoke, tmp_path):
     _, env, out = smoke
-    proc = run_script({**env, "RUN_ID": "verify", "EVAL_ONLY_ARTIFACT": env["ARTIFACT_PATH"], "NUM_LAYERS": "9"},
-                      tmp_path)
+    proc = run_script(
+        {**env, "RUN_ID": "verify", "EVAL_ONLY_ARTIFACT": env["ARTIFACT_PATH"], "NUM_LAYERS": "9"}, tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "eval_only:" in proc.stdout and "step:" not in proc.stdout  # architecture from the artifact
     assert finals(proc.stdout) == finals(out)
@@ -108,10 +137,15 @@ def test_eval_only_refuses_a_broken_artifact(smoke, tmp_path):
 def test_packed_script_behaves_identically(smoke, tmp_path):
     _, env, out = smoke
     packed = tmp_path / "train_gpt.py"
-    subprocess.run([PY, str(REPO / "tools" / "pack_script.py"), "--output", str(packed)], check=True,
-                   capture_output=True)
-    assert same_program(packed.read_text(), (REPO / "train_gpt.py").read_text())  # comments/docstrings dropped
-    proc = run_script({**env, "RUN_ID": "packed", "ARTIFACT_PATH": str(tmp_path / "m.ptz")}, tmp_path, script=packed)
+    subprocess.run(
+        [PY, str(REPO / "tools" / "pack_script.py"), "--output", str(packed)], check=True, capture_output=True
+    )
+    assert same_program(
+        packed.read_text(), (REPO / "train_gpt.py").read_text()
+    )  # comments/docstrings dropped
+    proc = run_script(
+        {**env, "RUN_ID": "packed", "ARTIFACT_PATH": str(tmp_path / "m.ptz")}, tmp_path, script=packed
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(proc.stdout) == losses(out) and finals(proc.stdout) == finals(out)
     assert f"Code size: {packed.stat().st_size} bytes" in proc.stdout  # it pays its own, packed, size
@@ -120,14 +154,27 @@ def test_packed_script_behaves_identically(smoke, tmp_path):
 def test_full_gptq_reads_training_data_only_inside_the_cap(small_data, tmp_path):
     """Far more calibration batches than the 4-s reserve holds: calibration reads until the cap comes,
     then stops (logged) instead of reading late, however slow this machine is."""
-    env = make_env(small_data, RUN_ID="gptq", ARTIFACT_PATH=tmp_path / "m.ptz", QUANT_METHOD="full", ITERATIONS=10000,
-                   MAX_WALLCLOCK_SECONDS=12, GPTQ_RESERVE_SECONDS=4, GPTQ_CALIB_BATCHES=100000, TTT_ENABLED=0,
-                   EVAL_SLIDING=0, WARMDOWN_ITERS=20)
+    env = make_env(
+        small_data,
+        RUN_ID="gptq",
+        ARTIFACT_PATH=tmp_path / "m.ptz",
+        QUANT_METHOD="full",
+        ITERATIONS=10000,
+        MAX_WALLCLOCK_SECONDS=12,
+        GPTQ_RESERVE_SECONDS=4,
+        GPTQ_CALIB_BATCHES=100000,
+        TTT_ENABLED=0,
+        EVAL_SLIDING=0,
+        WARMDOWN_ITERS=20,
+    )
     proc = run_script(env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stop = float(re.search(r"stopping_early: wallclock_cap train_time:(\d+)ms", proc.stdout).group(1))
-    calib = re.search(r"gptq:calibrated 19 matrices on (\d+)/100000 batches/rank, "
-                      r"last training-data read at train_time:(\d+)ms", proc.stdout)
+    calib = re.search(
+        r"gptq:calibrated 19 matrices on (\d+)/100000 batches/rank, "
+        r"last training-data read at train_time:(\d+)ms",
+        proc.stdout,
+    )
     n_read, last_read = int(calib.group(1)), float(calib.group(2))
     assert 0 < n_read < 100000 and "gptq:calibration stopped at the 12s training cap" in proc.stdout
     assert stop < last_read <= 12000 and "compliance:train_time PASS" in proc.stdout
@@ -135,18 +182,34 @@ def test_full_gptq_reads_training_data_only_inside_the_cap(small_data, tmp_path)
 
 
 def test_over_budget_fails_loudly_or_fits(smoke, tmp_path):
-    _, env, out = smoke  # AUTO_FIT=1 may have spent spare bytes on a finer grid: take the configured plan's size
+    _, env, out = (
+        smoke  # AUTO_FIT=1 may have spent spare bytes on a finer grid: take the configured plan's size
+    )
     start = int(re.search(r"^auto_fit:step 1 start plan:\S+ bytes:(\d+) ", out, re.M).group(1))
     total = start + int(re.search(r"^Code size: (\d+) bytes", out, re.M).group(1))
     assert re.search(r"^auto_fit:candidate .* calib_loss:.*^budget:PASS", out, re.M | re.S)  # it looked
-    base = {**env, "TTT_ENABLED": "0", "EVAL_SLIDING": "0", "BYTE_BUDGET": str(int(total * 0.97)), "FINAL_MODEL_PATH": ""}
-    proc = run_script({**base, "RUN_ID": "over", "AUTO_FIT": "0", "ARTIFACT_PATH": str(tmp_path / "a.ptz")}, tmp_path)
+    base = {
+        **env,
+        "TTT_ENABLED": "0",
+        "EVAL_SLIDING": "0",
+        "BYTE_BUDGET": str(int(total * 0.97)),
+        "FINAL_MODEL_PATH": "",
+    }
+    proc = run_script(
+        {**base, "RUN_ID": "over", "AUTO_FIT": "0", "ARTIFACT_PATH": str(tmp_path / "a.ptz")}, tmp_path
+    )
     assert proc.returncode == 0 and "budget:FAIL" in proc.stdout and "OVER THE CAP" in proc.stdout
     assert not (tmp_path / "final_model.pt").exists()  # FINAL_MODEL_PATH="" saves nothing
-    proc = run_script({**base, "RUN_ID": "fit", "ARTIFACT_PATH": str(tmp_path / "b.ptz")}, tmp_path)  # AUTO_FIT=1
+    proc = run_script(
+        {**base, "RUN_ID": "fit", "ARTIFACT_PATH": str(tmp_path / "b.ptz")}, tmp_path
+    )  # AUTO_FIT=1
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "budget:PASS" in proc.stdout and re.search(r"^auto_fit:step 2 k x2\.000 .* elapsed:", proc.stdout, re.M)
-    assert re.search(r"^quant:plan attn=int6@k\d.* calib_loss float:\S+ quantized:\S+ \([+-]", proc.stdout, re.M)
+    assert "budget:PASS" in proc.stdout and re.search(
+        r"^auto_fit:step 2 k x2\.000 .* elapsed:", proc.stdout, re.M
+    )
+    assert re.search(
+        r"^quant:plan attn=int6@k\d.* calib_loss float:\S+ quantized:\S+ \([+-]", proc.stdout, re.M
+    )
     fitted = int(re.search(r"^Total submission size int\d\+\w+: (\d+) bytes", proc.stdout, re.M).group(1))
     assert fitted <= int(total * 0.97)
 
@@ -157,15 +220,24 @@ def test_phases_announce_themselves_in_order(smoke):
     order = ["data", "model", "train", "export", "eval_load", "eval", "done"]
     assert [p for p, _ in phases if p in order] == order
     times = [float(t) for _, t in phases]
-    assert times == sorted(times) and re.findall(r"^phase:\w+", out, re.M) == [f"phase:{p}" for p, _ in phases]
+    assert times == sorted(times) and re.findall(r"^phase:\w+", out, re.M) == [
+        f"phase:{p}" for p, _ in phases
+    ]
 
 
 def test_a_second_compiled_run_loads_its_graphs_from_the_compile_cache(smoke, tmp_path):
     """COMPILE_CACHE_DIR: the first run fills it, the second (a fresh process) compiles nothing. Eval-only
     runs of the smoke artifact (one inference graph) keep this affordable on a CPU."""
     _, env, _ = smoke
-    env = {**env, "EVAL_ONLY_ARTIFACT": env["ARTIFACT_PATH"], "COMPILE": "1", "COMPILE_CACHE_DIR": str(tmp_path / "cache"),
-           "TTT_ENABLED": "0", "EVAL_SLIDING": "0", "VAL_MAX_TOKENS": "1024"}
+    env = {
+        **env,
+        "EVAL_ONLY_ARTIFACT": env["ARTIFACT_PATH"],
+        "COMPILE": "1",
+        "COMPILE_CACHE_DIR": str(tmp_path / "cache"),
+        "TTT_ENABLED": "0",
+        "EVAL_SLIDING": "0",
+        "VAL_MAX_TOKENS": "1024",
+    }
     counts = []
     for run in ("cold", "warm"):
         proc = run_script({**env, "RUN_ID": run}, tmp_path)
@@ -182,8 +254,10 @@ def test_export_from_checkpoint_reproduces_the_run(smoke, tmp_path):
     cwd, env, out = smoke
     ckpt = cwd / "final_model.pt"
     assert "final_model: final_model.pt (post-ema float weights" in out
-    proc = run_script({**env, "RUN_ID": "reexport", "EXPORT_FROM": str(ckpt), "ARTIFACT_PATH": str(tmp_path / "m.ptz")},
-                      tmp_path)
+    proc = run_script(
+        {**env, "RUN_ID": "reexport", "EXPORT_FROM": str(ckpt), "ARTIFACT_PATH": str(tmp_path / "m.ptz")},
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step:" not in proc.stdout and "export_from:" in proc.stdout
     assert (tmp_path / "m.ptz").read_bytes() == open(env["ARTIFACT_PATH"], "rb").read()

@@ -7,9 +7,18 @@ import torch
 from conftest import SILENT, cpu_runtime, hparams, run_distributed, tg
 
 
-@pytest.mark.parametrize("n, L, stride, chunk", [(1000, 64, 16, 0), (1000, 64, 64, 0), (1001, 64, 32, 256),
-                                                 (64, 64, 8, 0), (5000, 128, 48, 480), (300, 64, 16, 32),
-                                                 (777, 100, 1, 100)])
+@pytest.mark.parametrize(
+    "n, L, stride, chunk",
+    [
+        (1000, 64, 16, 0),
+        (1000, 64, 64, 0),
+        (1001, 64, 32, 256),
+        (64, 64, 8, 0),
+        (5000, 128, 48, 480),
+        (300, 64, 16, 32),
+        (777, 100, 1, 100),
+    ],
+)
 def test_every_target_scored_exactly_once(n, L, stride, chunk):
     w = tg.plan_windows(n, L, stride, chunk)
     start, lo, hi = w.T
@@ -76,7 +85,7 @@ def test_c1_sliding_scores_do_not_see_the_future(small_data):
     p = 700
     before = sliding_scores(model, tokens, h, rt, luts)
     changed = tokens.clone()
-    changed[p + 1:] = torch.randint(2, 500, changed[p + 1:].shape, dtype=changed.dtype)
+    changed[p + 1 :] = torch.randint(2, 500, changed[p + 1 :].shape, dtype=changed.dtype)
     after = sliding_scores(model, changed, h, rt, luts)
     assert len(before) == tokens.numel() - 1
     assert all(after[j] == before[j] for j in range(p))  # targets 0..p-1 are tokens 1..p: bit-identical
@@ -84,8 +93,9 @@ def test_c1_sliding_scores_do_not_see_the_future(small_data):
 
 
 def test_c1_and_c3_in_ttt_across_chunks(small_data):
-    h, model, rt, tokens, luts = tiny_setup(small_data, VAL_MAX_TOKENS=3000, TTT_EPOCHS=2, TTT_LR=0.05,
-                                            TTT_BATCH_SEQS=4)
+    h, model, rt, tokens, luts = tiny_setup(
+        small_data, VAL_MAX_TOKENS=3000, TTT_EPOCHS=2, TTT_LR=0.05, TTT_BATCH_SEQS=4
+    )
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rec, _, info = ttt_scores(model, tokens, h, rt, luts)
     assert info["chunks"] == 3 and len(rec.scores) == tokens.numel() - 1
@@ -103,7 +113,7 @@ def test_c1_and_c3_in_ttt_across_chunks(small_data):
     p = 1500  # inside chunk 1: its update reaches chunk 2 only
     model.load_state_dict(state)
     changed = tokens.clone()
-    changed[p + 1:] = torch.randint(2, 500, changed[p + 1:].shape, dtype=changed.dtype)
+    changed[p + 1 :] = torch.randint(2, 500, changed[p + 1 :].shape, dtype=changed.dtype)
     rec2, _, _ = ttt_scores(model, changed, h, rt, luts)
     assert all(rec2.scores[j] == rec.scores[j] for j in range(p))
     assert any(rec2.scores[j] != rec.scores[j] for j in range(2048, 2999))  # chunk 2 saw other updates
@@ -120,7 +130,9 @@ def test_ttt_with_zero_epochs_is_sliding_eval(small_data):
 def ttt_rank(rank, world, data):
     # SGD is linear in the gradients, so it checks the rank-averaged gradients strictly (AdamW's
     # normalization would turn float rounding in near-zero gradients into visible updates)
-    h, model, _, tokens, luts = tiny_setup(data, VAL_MAX_TOKENS=3000, TTT_EPOCHS=2, TTT_LR=0.05, TTT_BATCH_SEQS=3)
+    h, model, _, tokens, luts = tiny_setup(
+        data, VAL_MAX_TOKENS=3000, TTT_EPOCHS=2, TTT_LR=0.05, TTT_BATCH_SEQS=3
+    )
     totals, _ = tg.eval_ttt(model, tokens, h, cpu_runtime(rank, world), luts, SILENT, 1e9)
     return totals, [p.detach().clone() for p in model.parameters()]
 
@@ -134,8 +146,18 @@ def test_ttt_on_two_ranks_equals_one(tmp_path, small_data):
 
 
 def test_ttt_lowers_bpb_of_a_trained_model(small_data):
-    h = hparams(small_data, ITERATIONS=80, WARMDOWN_ITERS=20, VAL_MAX_TOKENS=6144, TTT_CHUNK_TOKENS=1024,
-                TTT_EPOCHS=2, TTT_LR=0.01, EMA_DECAY=0, LATE_QAT_THRESHOLD=0, WARMUP_STEPS=0)
+    h = hparams(
+        small_data,
+        ITERATIONS=80,
+        WARMDOWN_ITERS=20,
+        VAL_MAX_TOKENS=6144,
+        TTT_CHUNK_TOKENS=1024,
+        TTT_EPOCHS=2,
+        TTT_LR=0.01,
+        EMA_DECAY=0,
+        LATE_QAT_THRESHOLD=0,
+        WARMUP_STEPS=0,
+    )
     rt = cpu_runtime()
     torch.manual_seed(0)
     model = tg.GPT(h)
@@ -152,7 +174,13 @@ class FakeClock:
     scored batch and per trained micro-batch (plus one-offs), so guard tests need no wall-clock margins."""
 
     def __init__(self, score_s=2.0, train_s=1.0, one_off_s=0.0, chunk_tokens=256):
-        self.t, self.score_s, self.train_s, self.one_off_s, self.C = 0.0, score_s, train_s, one_off_s, chunk_tokens
+        self.t, self.score_s, self.train_s, self.one_off_s, self.C = (
+            0.0,
+            score_s,
+            train_s,
+            one_off_s,
+            chunk_tokens,
+        )
         self.epochs_by_chunk = {}
 
     def __call__(self):
@@ -171,7 +199,9 @@ class FakeClock:
 
 def guarded_ttt(data, monkeypatch, clock, budget, **over):
     """32 chunks of 256 targets: 1 scored batch (2 s) per chunk, 1 training micro-batch per epoch."""
-    h, model, rt, tokens, luts = tiny_setup(data, VAL_MAX_TOKENS=32 * 256, TTT_CHUNK_TOKENS=256, TTT_EPOCHS=3, **over)
+    h, model, rt, tokens, luts = tiny_setup(
+        data, VAL_MAX_TOKENS=32 * 256, TTT_CHUNK_TOKENS=256, TTT_EPOCHS=3, **over
+    )
     monkeypatch.setattr(tg, "now", clock)
     _, info = tg.eval_ttt(model, tokens, h, rt, luts, SILENT, budget, clock.observe)
     assert info["chunks"] == 32 and info["planned"] == 31 * 3
@@ -209,8 +239,12 @@ def test_budget_guard_probes_after_cutting_to_zero(small_data, monkeypatch):
 def test_ttt_adamw_takes_its_own_beta2(small_data, monkeypatch):
     seen = []
     real = torch.optim.AdamW
-    monkeypatch.setattr(torch.optim, "AdamW", lambda params, **kw: seen.append(kw["betas"]) or real(params, **kw))
+    monkeypatch.setattr(
+        torch.optim, "AdamW", lambda params, **kw: seen.append(kw["betas"]) or real(params, **kw)
+    )
     for over, betas in (({}, (0.9, 0.95)), ({"TTT_BETA2": 0.999}, (0.9, 0.999))):
-        h, model, rt, tokens, luts = tiny_setup(small_data, VAL_MAX_TOKENS=2048, TTT_OPTIMIZER="adamw", **over)
+        h, model, rt, tokens, luts = tiny_setup(
+            small_data, VAL_MAX_TOKENS=2048, TTT_OPTIMIZER="adamw", **over
+        )
         tg.eval_ttt(model, tokens, h, rt, luts, SILENT, 1e9)
         assert seen[-1] == betas

@@ -20,22 +20,91 @@ from test_data import write_shard
 FIELDS = {f.name: f for f in dataclasses.fields(tg.Hyperparameters)}
 # set by the harness: paths and names, the tokenizer's vocabulary, and COMPILE (off: on a CPU a compile
 # takes minutes; tests/test_gpu.py covers the compiled path)
-FIXED = {"data_path", "tokenizer_path", "run_id", "artifact_path", "eval_only_artifact", "vocab_size", "compile",
-         "compile_cache_dir", "final_model_path", "export_from"}
+FIXED = {
+    "data_path",
+    "tokenizer_path",
+    "run_id",
+    "artifact_path",
+    "eval_only_artifact",
+    "vocab_size",
+    "compile",
+    "compile_cache_dir",
+    "final_model_path",
+    "export_from",
+}
 # knobs without an upper bound (or any bound: QK_GAIN_INIT) are drawn from [lo, here]: tiny runs
-TINY = dict(val_max_tokens=300, iterations=3, max_wallclock_seconds=2.0, train_batch_tokens=1024, train_seq_len=32,
-            warmup_steps=2, warmdown_iters=6, grad_clip_norm=2.0, val_loss_every=3, val_batch_size=2048,
-            train_log_every=3, num_layers=4, unique_layers=5, loop_start=4, loop_end=4, loop_repeats=2,
-            model_dim=48, num_heads=8, num_kv_heads=4, mlp_mult=4.0, logit_softcap=40.0, rope_base=1e5,
-            rope_dims=12, qk_gain_init=3.0, tied_embed_init_std=0.1, xsa_last_n=6, bigram_vocab_size=12,
-            bigram_dim=8, ve_dim=8, parallel_start=6, matrix_lr=0.2, scalar_lr=0.2, tied_embed_lr=0.2,
-            muon_momentum_warmup_steps=4, muon_backend_steps=6, muon_wd=1.0, adam_wd=1.0, adam_eps=1e-6,
-            swa_every=3, gptq_calib_batches=2, gptq_reserve_seconds=2.0, gptq_damp=0.1, byte_budget=16_000_000,
-            eval_seq_len=32, eval_stride=32, eval_budget_seconds=30.0, ttt_chunk_tokens=512, ttt_epochs=2,
-            ttt_lr=0.05, ttt_freeze_blocks=6, ttt_grad_clip=2.0, ttt_batch_seqs=4, train_micro_batches=16,
-            embed_wd=1.0, quant_clip_k=30.0, embed_clip_k=40.0, ttt_lora_rank=4, ttt_lora_lr=0.1, ttt_lora_chunk=40,
-            ttt_docs_per_batch=3, ttt_phase_docs=4, ttt_phases=3, smear_input_dims=8, lqer_rank=3, lqer_tensors=3,
-            muon_wd_taper_to=2.0, quant_clip_k_attn=30.0, quant_clip_k_mlp=30.0, ttt_lora_alpha=16.0, ttt_lora_wd=1.0)
+TINY = dict(
+    val_max_tokens=300,
+    iterations=3,
+    max_wallclock_seconds=2.0,
+    train_batch_tokens=1024,
+    train_seq_len=32,
+    warmup_steps=2,
+    warmdown_iters=6,
+    grad_clip_norm=2.0,
+    val_loss_every=3,
+    val_batch_size=2048,
+    train_log_every=3,
+    num_layers=4,
+    unique_layers=5,
+    loop_start=4,
+    loop_end=4,
+    loop_repeats=2,
+    model_dim=48,
+    num_heads=8,
+    num_kv_heads=4,
+    mlp_mult=4.0,
+    logit_softcap=40.0,
+    rope_base=1e5,
+    rope_dims=12,
+    qk_gain_init=3.0,
+    tied_embed_init_std=0.1,
+    xsa_last_n=6,
+    bigram_vocab_size=12,
+    bigram_dim=8,
+    ve_dim=8,
+    parallel_start=6,
+    matrix_lr=0.2,
+    scalar_lr=0.2,
+    tied_embed_lr=0.2,
+    muon_momentum_warmup_steps=4,
+    muon_backend_steps=6,
+    muon_wd=1.0,
+    adam_wd=1.0,
+    adam_eps=1e-6,
+    swa_every=3,
+    gptq_calib_batches=2,
+    gptq_reserve_seconds=2.0,
+    gptq_damp=0.1,
+    byte_budget=16_000_000,
+    eval_seq_len=32,
+    eval_stride=32,
+    eval_budget_seconds=30.0,
+    ttt_chunk_tokens=512,
+    ttt_epochs=2,
+    ttt_lr=0.05,
+    ttt_freeze_blocks=6,
+    ttt_grad_clip=2.0,
+    ttt_batch_seqs=4,
+    train_micro_batches=16,
+    embed_wd=1.0,
+    quant_clip_k=30.0,
+    embed_clip_k=40.0,
+    ttt_lora_rank=4,
+    ttt_lora_lr=0.1,
+    ttt_lora_chunk=40,
+    ttt_docs_per_batch=3,
+    ttt_phase_docs=4,
+    ttt_phases=3,
+    smear_input_dims=8,
+    lqer_rank=3,
+    lqer_tensors=3,
+    muon_wd_taper_to=2.0,
+    quant_clip_k_attn=30.0,
+    quant_clip_k_mlp=30.0,
+    ttt_lora_alpha=16.0,
+    ttt_lora_wd=1.0,
+)
 
 
 class Sampler(random.Random):
@@ -46,7 +115,7 @@ class Sampler(random.Random):
         return self.choice([lo, hi, lo + 1, self.randint(lo, hi), self.randint(lo, hi)]) if hi > lo else lo
 
     def float(self, lo: float, hi: float) -> float:
-        edges = [lo, hi, lo + 5e-324, lo + 2.0 ** -126, lo + (hi - lo) * 10 ** -self.uniform(0, 9)]
+        edges = [lo, hi, lo + 5e-324, lo + 2.0**-126, lo + (hi - lo) * 10 ** -self.uniform(0, 9)]
         return self.choice(edges + [self.uniform(lo, hi)] * 3)
 
     def knob(self, f: dataclasses.Field):
@@ -94,19 +163,29 @@ def drawn_env(seed: int) -> dict:
             v["loop_start"] = r.int(0, layers - 1)
             v["loop_end"] = r.int(v["loop_start"], layers - 1)
             v["loop_enable_at"] = (r.float(0.0, 1.0),)
-        n = layers + v["loop_repeats"] * (v["loop_end"] - v["loop_start"] + 1) if v["loop_repeats"] else layers
+        n = (
+            layers + v["loop_repeats"] * (v["loop_end"] - v["loop_start"] + 1)
+            if v["loop_repeats"]
+            else layers
+        )
         v["ve_layers"] = tuple(sorted(set(r.int(0, n - 1) for _ in range(r.int(0, 2)))))
         v["xsa_last_n"] = r.int(0, n)
         v["parallel_start"] = r.int(-1, n - 1)
         v["ttt_freeze_blocks"] = r.int(0, n)
-        v["muon_backend_steps"] = min(5, v["muon_backend_steps"]) if v["muon_ns"] == "polar" else v["muon_backend_steps"]
+        v["muon_backend_steps"] = (
+            min(5, v["muon_backend_steps"]) if v["muon_ns"] == "polar" else v["muon_backend_steps"]
+        )
         v["beta1"] = min(v["beta1"], 0.99)
         v["beta2"] = v["beta2"] if v["beta1"] ** 2 < v["beta2"] < 1 else (1 + v["beta1"] ** 2) / 2
         v["gptq_reserve_seconds"] = min(v["gptq_reserve_seconds"], v["max_wallclock_seconds"] / 2)
         v["byte_budget"] = r.int(len(CODE) + 4000, 16_000_000)  # rate control can usually meet it
     v["compile"] = "0"
-    return {k.upper(): ",".join(map(str, x)) if isinstance(x, tuple) else str(int(x) if isinstance(x, bool) else x)
-            for k, x in v.items()}
+    return {
+        k.upper(): ",".join(map(str, x))
+        if isinstance(x, tuple)
+        else str(int(x) if isinstance(x, bool) else x)
+        for k, x in v.items()
+    }
 
 
 CODE = (REPO / "train_gpt.py").read_text(encoding="utf-8")
@@ -122,7 +201,9 @@ def fuzz_data(small_data, tmp_path_factory):
         src = os.path.join(small_data["DATA_PATH"], f"fineweb_{split}_000000.bin")
         write_shard(out / f"fineweb_{split}_000000.bin", tg.load_shard(src)[:n])
     data = dict(small_data, DATA_PATH=str(out))
-    luts = tg.build_byte_luts(tg.load_tokenizer(tg.Hyperparameters.from_env(dict(data, VOCAB_SIZE="512"))), "cpu")
+    luts = tg.build_byte_luts(
+        tg.load_tokenizer(tg.Hyperparameters.from_env(dict(data, VOCAB_SIZE="512"))), "cpu"
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and stall on a loaded machine)
     yield data, luts
@@ -131,7 +212,9 @@ def fuzz_data(small_data, tmp_path_factory):
 
 def settings_or_none(env: dict, data: dict, cwd) -> tg.Hyperparameters | None:
     try:
-        return tg.Hyperparameters.from_env(dict(env, **data, RUN_ID="fuzz", ARTIFACT_PATH=str(cwd / "fuzz.ptz")))
+        return tg.Hyperparameters.from_env(
+            dict(env, **data, RUN_ID="fuzz", ARTIFACT_PATH=str(cwd / "fuzz.ptz"))
+        )
     except tg.ConfigError:
         return None
 
@@ -156,7 +239,9 @@ def step_export_and_score(h: tg.Hyperparameters, luts) -> float:
     back, meta = tg.read_artifact(h.artifact_path)
     scored = tg.model_from_qstate(back, h, rt, meta["stage"])
     val = tg.load_val_tokens(h, rt)
-    totals = tg.evaluate(scored.token_nll, val, h.eval_len, h.eval_stride, tg.eval_batch(h, 1, h.eval_len), luts, rt)
+    totals = tg.evaluate(
+        scored.token_nll, val, h.eval_len, h.eval_stride, tg.eval_batch(h, 1, h.eval_len), luts, rt
+    )
     return tg.loss_and_bpb(totals)[0]
 
 
@@ -194,5 +279,7 @@ def test_gptq_that_cannot_factor_the_hessian_says_so():
     # an indefinite "Hessian" (eigenvalue -6 at mean diagonal 1) defeats every retry (damping up to 0.1):
     # a clear error, where the loop used to go on with the failed factor
     H = torch.diag(torch.tensor([2.0] * 7 + [-6.0]))
-    with pytest.raises(tg.ConfigError, match=r"GPTQ: a Hessian is not positive definite with GPTQ_DAMP=1e-06"):
+    with pytest.raises(
+        tg.ConfigError, match=r"GPTQ: a Hessian is not positive definite with GPTQ_DAMP=1e-06"
+    ):
         tg.gptq_round(torch.randn(4, 8), H, torch.ones(4), 31, 1e-6)

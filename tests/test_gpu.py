@@ -52,14 +52,25 @@ def test_compiled_flex_document_attention_matches_the_mask(doc):
         out[kernel] = loss.item(), model.blocks[0].attn.c_q.weight.grad.clone()
     for kernel in out:
         assert abs(out["sdpa"][0] - out[kernel][0]) < 1e-2 * out["sdpa"][0], kernel
-        assert torch.allclose(out["sdpa"][1], out[kernel][1], rtol=5e-2, atol=1e-4 * out["sdpa"][1].abs().max().item())
+        assert torch.allclose(
+            out["sdpa"][1], out[kernel][1], rtol=5e-2, atol=1e-4 * out["sdpa"][1].abs().max().item()
+        )
 
 
 def test_record_config_pipeline(embedded_data, tmp_path):
     """Train a few steps -> export -> round-trip from disk -> sliding -> TTT, at the record's shapes."""
-    env = dict(embedded_data, RUN_ID="gpu_pipeline", ARTIFACT_PATH=str(tmp_path / "m.ptz"), ITERATIONS="6",
-               WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0", VAL_LOSS_EVERY="0", VAL_MAX_TOKENS="131072",
-               TTT_EPOCHS="1", WARMDOWN_ITERS="3")
+    env = dict(
+        embedded_data,
+        RUN_ID="gpu_pipeline",
+        ARTIFACT_PATH=str(tmp_path / "m.ptz"),
+        ITERATIONS="6",
+        WARMUP_STEPS="2",
+        MAX_WALLCLOCK_SECONDS="0",
+        VAL_LOSS_EVERY="0",
+        VAL_MAX_TOKENS="131072",
+        TTT_EPOCHS="1",
+        WARMDOWN_ITERS="3",
+    )
     proc = run_script(env, tmp_path, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout

@@ -9,8 +9,18 @@ from conftest import SILENT, cpu_runtime, run_distributed, tg
 from test_eval import Recorder, sliding_scores, tiny_setup
 
 # 5 documents of 1913, 1475, 1296, 222 and 94 tokens: 3 batches of 2, phases before batches 1 and 2
-LORA = dict(VAL_MAX_TOKENS=5000, TTT_MODE="lora", TTT_LORA_RANK=4, TTT_LORA_CHUNK=32, TTT_DOCS_PER_BATCH=2,
-            TTT_LORA_LR=0.01, TTT_PHASE_DOCS=4, TTT_PHASES=2, TTT_LR=0.01, TTT_BATCH_SEQS=4)
+LORA = dict(
+    VAL_MAX_TOKENS=5000,
+    TTT_MODE="lora",
+    TTT_LORA_RANK=4,
+    TTT_LORA_CHUNK=32,
+    TTT_DOCS_PER_BATCH=2,
+    TTT_LORA_LR=0.01,
+    TTT_PHASE_DOCS=4,
+    TTT_PHASES=2,
+    TTT_LR=0.01,
+    TTT_BATCH_SEQS=4,
+)
 
 
 def lora_run(data, tokens=None, world=(0, 1), budget=1e9, **over):
@@ -19,7 +29,9 @@ def lora_run(data, tokens=None, world=(0, 1), budget=1e9, **over):
     model.requires_grad_(False)
     adapters = tg.LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a)
     rec = Recorder()
-    totals, info = tg.eval_ttt_lora(model, adapters, val if tokens is None else tokens, h, rt, luts, SILENT, budget, rec)
+    totals, info = tg.eval_ttt_lora(
+        model, adapters, val if tokens is None else tokens, h, rt, luts, SILENT, budget, rec
+    )
     return h, val, rec, totals, info
 
 
@@ -35,12 +47,14 @@ def test_documents_partition_the_targets_longest_first(small_data):
     assert (np.diff(docs[:, 1]) <= 0).all() and docs[:, 1].sum() == 5000
     cover = np.zeros(5000, int)
     for s, n in docs:
-        cover[s: s + n] += 1
-        assert tokens[s] == tg.BOS_ID and (tokens[s + 1: s + n] != tg.BOS_ID).all()
+        cover[s : s + n] += 1
+        assert tokens[s] == tg.BOS_ID and (tokens[s + 1 : s + n] != tg.BOS_ID).all()
     assert (cover == 1).all()
-    assert tg.lora_widths(h) == [32, 64] and tg.lora_widths(tg.Hyperparameters(ttt_lora_chunk=48)) == [
-        64, 128, 256, 512, 1024, 2048] and tg.lora_widths(tg.Hyperparameters(eval_seq_len=2560)) == [64, 128, 256, 512,
-                                                                                                  1024, 2048, 2560]
+    assert (
+        tg.lora_widths(h) == [32, 64]
+        and tg.lora_widths(tg.Hyperparameters(ttt_lora_chunk=48)) == [64, 128, 256, 512, 1024, 2048]
+        and tg.lora_widths(tg.Hyperparameters(eval_seq_len=2560)) == [64, 128, 256, 512, 1024, 2048, 2560]
+    )
 
 
 def test_zero_adapters_leave_the_scoring_forward_exact(small_data):
@@ -58,7 +72,11 @@ def test_zero_adapters_leave_the_scoring_forward_exact(small_data):
         adapters.pairs[0][1][1].normal_()  # document 1's adapter on the first matrix
         moved = model.token_nll(x, y)
     assert torch.equal(plain, adapted)
-    assert torch.equal(moved[0], plain[0]) and torch.equal(moved[2], plain[2]) and not torch.allclose(moved[1], plain[1])
+    assert (
+        torch.equal(moved[0], plain[0])
+        and torch.equal(moved[2], plain[2])
+        and not torch.allclose(moved[1], plain[1])
+    )
 
 
 def check_legal(rec, tokens, docs, n):
@@ -74,7 +92,9 @@ def check_legal(rec, tokens, docs, n):
             np.add.at(scored, doc[idx], 1)
             continue
         d = np.unique(doc[idx])
-        if len(idx) <= 2 * 32:  # a LoRA step (TTT_DOCS_PER_BATCH x TTT_LORA_CHUNK at most): the chunks just scored, no last chunk
+        if (
+            len(idx) <= 2 * 32
+        ):  # a LoRA step (TTT_DOCS_PER_BATCH x TTT_LORA_CHUNK at most): the chunks just scored, no last chunk
             lora_steps += 1
             assert (scored[d] < length[d]).all()
         else:  # a global-SGD phase step: documents scored to the end
@@ -110,8 +130,13 @@ def test_warm_start_a_carries_a_row_from_document_to_document_legally(small_data
     n = tokens.numel() - 1
     docs = tg.documents(tokens, n)
     check_legal(rec, tokens, docs, n)
-    doc, order = doc_of(tokens, n), {int(s): i for i, (s, _) in enumerate(docs)}  # stream start -> rank by length
-    rank = np.array([order[int(np.flatnonzero(doc == d)[0])] for d in range(doc.max() + 1)])[doc]  # per position
+    doc, order = (
+        doc_of(tokens, n),
+        {int(s): i for i, (s, _) in enumerate(docs)},
+    )  # stream start -> rank by length
+    rank = np.array([order[int(np.flatnonzero(doc == d)[0])] for d in range(doc.max() + 1)])[
+        doc
+    ]  # per position
     positions = np.flatnonzero(rank == 0)
     p = int(positions[len(positions) // 2])
     changed = tokens.clone()
@@ -183,18 +208,27 @@ def test_compiled_phased_lora_ttt_compiles_nothing_inside_the_timed_eval(small_d
     width with adapters (forward and backward; one width keeps this affordable) and the phases' training
     graph; the timed eval, two phases included, then builds none (dynamo's graphs: aot_eager spares the C++ builds)."""
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 32)  # as setup_runtime sets it
-    h, model, _, tokens, luts = tiny_setup(small_data, **{**LORA, "TTT_MODE": "phased", "TTT_LORA_CHUNK": 64},
-                                           DOC_ATTENTION=1, EVAL_SLIDING=0, NUM_LAYERS=2, VE_LAYERS=1, XSA_LAST_N=1)
-    ev = tg.run_evaluations(model, h, tg.Runtime(0, 1, 0, torch.device("cpu"), True, backend="aot_eager"), tokens, luts,
-                            SILENT)
+    h, model, _, tokens, luts = tiny_setup(
+        small_data,
+        **{**LORA, "TTT_MODE": "phased", "TTT_LORA_CHUNK": 64},
+        DOC_ATTENTION=1,
+        EVAL_SLIDING=0,
+        NUM_LAYERS=2,
+        VE_LAYERS=1,
+        XSA_LAST_N=1,
+    )
+    ev = tg.run_evaluations(
+        model, h, tg.Runtime(0, 1, 0, torch.device("cpu"), True, backend="aot_eager"), tokens, luts, SILENT
+    )
     assert ev["compiled_inside"] == 0 and ev["ttt"]["phases"] == 2 and ev["results"]["ttt"]["scored"] == 5000
 
 
 def test_lora_alpha_is_the_adapter_scale_and_weight_decay_is_decoupled():
     """TTT_LORA_ALPHA: Adam on x A B with lora_optimizer's groups equals Adam on x A B * alpha/rank (B from 0,
     decoupled weight decay on both), step for step; without the scale, it would not."""
-    h = tg.Hyperparameters.from_env({"TTT_LORA_RANK": "4", "TTT_LORA_ALPHA": "10", "TTT_LORA_LR": "0.01",
-                                     "TTT_LORA_WD": "0.5"})
+    h = tg.Hyperparameters.from_env(
+        {"TTT_LORA_RANK": "4", "TTT_LORA_ALPHA": "10", "TTT_LORA_LR": "0.01", "TTT_LORA_WD": "0.5"}
+    )
     torch.manual_seed(0)
     x, target, a0 = torch.randn(16, 8), torch.randn(16, 6), torch.randn(8, 4)
     ours = [a0.clone().requires_grad_(), torch.zeros(4, 6, requires_grad=True)]

@@ -19,7 +19,13 @@ def lut_bytes_per_doc(data: dict):
     docs = []
     for a, b in zip(starts, starts[1:] + [len(tokens)]):
         # the targets of a document are its tokens after BOS; the next BOS target adds 0 bytes
-        docs.append((tokens[a + 1: b].tolist(), int(per_target[a: b - 1].sum()), int(per_target[b - 1: b].sum()) if b < len(tokens) else 0))
+        docs.append(
+            (
+                tokens[a + 1 : b].tolist(),
+                int(per_target[a : b - 1].sum()),
+                int(per_target[b - 1 : b].sum()) if b < len(tokens) else 0,
+            )
+        )
     return sp, docs, int(per_target.sum())
 
 
@@ -46,10 +52,19 @@ def test_byte_rule_on_hard_text(small_data):
     """Byte fallback (emoji, CJK), repeated spaces, leading/trailing space, digits: LUT sum == decoded bytes."""
     sp = spm.SentencePieceProcessor(model_file=small_data["TOKENIZER_PATH"])
     luts = tg.build_byte_luts(sp, "cpu")
-    for text in ["naïve café — 東京 🚀🚀", "  two  spaces\tand\ttabs ", "x" * 50, "12345 678", "▁ literal", "é"]:
+    for text in [
+        "naïve café — 東京 🚀🚀",
+        "  two  spaces\tand\ttabs ",
+        "x" * 50,
+        "12345 678",
+        "▁ literal",
+        "é",
+    ]:
         ids = [tg.BOS_ID] + sp.encode(text)
         t = torch.tensor(ids)
-        assert int(tg.target_bytes(t[:-1], t[1:], luts).sum()) == len(sp.decode(ids[1:]).encode("utf-8")), text
+        assert int(tg.target_bytes(t[:-1], t[1:], luts).sum()) == len(sp.decode(ids[1:]).encode("utf-8")), (
+            text
+        )
     assert sp.is_byte(sp.piece_to_id("<0xF0>")) and int(luts[0][sp.piece_to_id("<0xF0>")]) == 1
 
 

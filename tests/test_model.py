@@ -14,11 +14,33 @@ from conftest import tg
 
 # every component on: BigramHash, SmearGate, XSA, VE, partial RoPE, recurrence (shared + looped), lanes,
 # gated U-Net skips, Value Residual, attention-output gates
-FULL = dict(VOCAB_SIZE=128, NUM_LAYERS=4, UNIQUE_LAYERS=3, LOOP_START=1, LOOP_END=2, LOOP_REPEATS=2,
-            LOOP_ENABLE_AT="0.3,0.6", MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, TRAIN_SEQ_LEN=32,
-            TRAIN_BATCH_TOKENS=256, BIGRAM_VOCAB_SIZE=64, BIGRAM_DIM=8, VE_LAYERS="2,5", VE_DIM=8, XSA_LAST_N=3,
-            ROPE_DIMS=4, PARALLEL_START=5, TTT_CHUNK_TOKENS=64, EVAL_STRIDE=16, SKIP_GATES=1, VALUE_RESIDUAL=1,
-            ATTN_GATE="dense")
+FULL = dict(
+    VOCAB_SIZE=128,
+    NUM_LAYERS=4,
+    UNIQUE_LAYERS=3,
+    LOOP_START=1,
+    LOOP_END=2,
+    LOOP_REPEATS=2,
+    LOOP_ENABLE_AT="0.3,0.6",
+    MODEL_DIM=32,
+    NUM_HEADS=4,
+    NUM_KV_HEADS=2,
+    MLP_MULT=2,
+    TRAIN_SEQ_LEN=32,
+    TRAIN_BATCH_TOKENS=256,
+    BIGRAM_VOCAB_SIZE=64,
+    BIGRAM_DIM=8,
+    VE_LAYERS="2,5",
+    VE_DIM=8,
+    XSA_LAST_N=3,
+    ROPE_DIMS=4,
+    PARALLEL_START=5,
+    TTT_CHUNK_TOKENS=64,
+    EVAL_STRIDE=16,
+    SKIP_GATES=1,
+    VALUE_RESIDUAL=1,
+    ATTN_GATE="dense",
+)
 
 
 def full_model(**over) -> tg.GPT:
@@ -87,13 +109,27 @@ def test_schedule_shared_cores_form():
     assert [p for p, _ in model.slots] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
     assert len(model.blocks) == 10 and len(model.controls) == 11 and model.active == tuple(range(11))
     assert [i for i, on in enumerate(model.xsa) if on] == [7, 8, 9, 10]  # logical, so layer 10 (core 0) too
-    by_core = tg.GPT(tg.Hyperparameters.from_env({"NUM_LAYERS": "11", "UNIQUE_LAYERS": "10", "XSA_BY": "physical"}))
-    assert [i for i, on in enumerate(by_core.xsa) if on] == [6, 7, 8, 9]  # #526: cores 6-9; layer 10 runs core 0
+    by_core = tg.GPT(
+        tg.Hyperparameters.from_env({"NUM_LAYERS": "11", "UNIQUE_LAYERS": "10", "XSA_BY": "physical"})
+    )
+    assert [i for i, on in enumerate(by_core.xsa) if on] == [
+        6,
+        7,
+        8,
+        9,
+    ]  # #526: cores 6-9; layer 10 runs core 0
 
 
 def test_schedule_looped_range_form():
-    h = tg.Hyperparameters.from_env({"LOOP_START": "3", "LOOP_END": "5", "LOOP_REPEATS": "2",
-                                     "LOOP_ENABLE_AT": "0.5,0.65", "VE_LAYERS": "15,16"})
+    h = tg.Hyperparameters.from_env(
+        {
+            "LOOP_START": "3",
+            "LOOP_END": "5",
+            "LOOP_REPEATS": "2",
+            "LOOP_ENABLE_AT": "0.5,0.65",
+            "VE_LAYERS": "15,16",
+        }
+    )
     model = tg.GPT(h)
     assert [p for p, _ in model.slots] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
     assert [s for _, s in model.slots] == [0] * 6 + [1] * 3 + [2] * 3 + [0] * 5
@@ -147,7 +183,9 @@ def parallel_layer(form: str):
     """The first parallel layer of a full model in `form` (random weights): its block, control, context, inputs."""
     model = full_model(PARALLEL_FORM=form, VALUE_RESIDUAL=0, ATTN_GATE="off", VE_LAYERS="")
     i = model.active[5]  # PARALLEL_START=5
-    ctx = tg.AttnContext(*model.rotary(16), None, tg.make_attention("sdpa", torch.zeros(2, 16, dtype=torch.bool), False))
+    ctx = tg.AttnContext(
+        *model.rotary(16), None, tg.make_attention("sdpa", torch.zeros(2, 16, dtype=torch.bool), False)
+    )
     return model.blocks[model.slots[i][0]], model.controls[model.control_of[i]], ctx, torch.randn(2, 16, 32)
 
 
@@ -178,13 +216,18 @@ def test_lane1_form_runs_the_mlp_on_lane_one_alone():
         base, other = run(x, torch.randn_like(x)), run(torch.randn_like(x), torch.randn_like(x))
     assert torch.equal(other[1], base[1]) and not torch.allclose(other[0], base[0])
     fresh = tg.LayerControl(8, False, "lane1", False, "off", 2)
-    assert fresh.lane_resid.tolist() == pytest.approx([1.1, 1.1]) and fresh.lane_mix.tolist() == [[1, 1], [1, 1]]
+    assert fresh.lane_resid.tolist() == pytest.approx([1.1, 1.1]) and fresh.lane_mix.tolist() == [
+        [1, 1],
+        [1, 1],
+    ]
 
 
 def test_lane1_form_sends_skips_into_lane_zero_only(monkeypatch):
     """Active slots 0-3 encode, 4-7 decode; lanes from slot 5: slot 6's skip changes lane 0 of its input, never lane 1."""
     model = full_model(PARALLEL_FORM="lane1")
-    assert [model.controls[model.control_of[i]].form for i in model.active] == ["sequential"] * 5 + ["lane1"] * 3
+    assert [model.controls[model.control_of[i]].form for i in model.active] == ["sequential"] * 5 + [
+        "lane1"
+    ] * 3
     inputs, forward = [], tg.Block.forward
     monkeypatch.setattr(tg.Block, "forward", lambda self, x, *a: inputs.append(x) or forward(self, x, *a))
     ids = torch.randint(2, 128, (2, 32))
@@ -244,28 +287,52 @@ def test_gates_and_mixes_train_with_adamw_and_stay_fp16():
 
 def test_controls_per_block_are_shared_by_recurrence_passes():
     """CONTROLS_PER=block (#1493): every pass of a looped block uses that block's controls and LN scale."""
-    env = {"LOOP_START": "3", "LOOP_END": "5", "LOOP_REPEATS": "2", "LOOP_ENABLE_AT": "0.35", "VE_LAYERS": "",
-           "PARALLEL_START": "13"}
+    env = {
+        "LOOP_START": "3",
+        "LOOP_END": "5",
+        "LOOP_REPEATS": "2",
+        "LOOP_ENABLE_AT": "0.35",
+        "VE_LAYERS": "",
+        "PARALLEL_START": "13",
+    }
     per_layer = tg.GPT(tg.Hyperparameters.from_env(env))
     per_block = tg.GPT(tg.Hyperparameters.from_env({**env, "CONTROLS_PER": "block"}))
     assert len(per_layer.controls) == 17 and len(per_block.controls) == 11
     assert per_block.control_of == [p for p, _ in per_block.slots]
     assert per_block.ln_factors[6] == per_block.ln_factors[3] == 1 / 2  # slot 6 reruns block 3
-    assert sum(p.numel() for p in per_layer.parameters()) - sum(p.numel() for p in per_block.parameters()) == 6 * 2048
+    assert (
+        sum(p.numel() for p in per_layer.parameters()) - sum(p.numel() for p in per_block.parameters())
+        == 6 * 2048
+    )
     frozen = tg.ttt_params(per_block, 4)[1] - tg.ttt_params(per_block, 3)[1]
-    assert frozen == sum(p.numel() for p in per_block.blocks[3].parameters()) + 2048  # block 3 and its controls
+    assert (
+        frozen == sum(p.numel() for p in per_block.blocks[3].parameters()) + 2048
+    )  # block 3 and its controls
     with pytest.raises(tg.ConfigError, match="CONTROLS_PER=block: block 4"):
-        tg.Hyperparameters.from_env({**env, "CONTROLS_PER": "block", "VE_LAYERS": "4"})  # slot 7 reruns block 4
+        tg.Hyperparameters.from_env(
+            {**env, "CONTROLS_PER": "block", "VE_LAYERS": "4"}
+        )  # slot 7 reruns block 4
 
 
 @pytest.mark.parametrize("length", [2048, 4096])
 def test_default_rope_is_the_records_effective_rope(length):
     # records-spec §3 and §10.6: R23 builds its rotary with train_seq_len hard-coded to 1024, so at T >= 1024
     # its 16 rotated dims use base 10000 * (T / 1024)^(16/14): about 22,082 at T = 2048, in training and eval
-    h = tg.Hyperparameters.from_env({"MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "NUM_LAYERS": "1",
-                                     "VE_LAYERS": "", "XSA_LAST_N": "0", "EVAL_SEQ_LEN": str(length)})
+    h = tg.Hyperparameters.from_env(
+        {
+            "MODEL_DIM": "32",
+            "NUM_HEADS": "2",
+            "NUM_KV_HEADS": "1",
+            "NUM_LAYERS": "1",
+            "VE_LAYERS": "",
+            "XSA_LAST_N": "0",
+            "EVAL_SEQ_LEN": str(length),
+        }
+    )
     cos, sin = tg.GPT(h).rotary(length)
-    r23_inv_freq = (10000 * (length / 1024) ** (16 / 14)) ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    r23_inv_freq = (10000 * (length / 1024) ** (16 / 14)) ** (
+        -torch.arange(0, 16, 2, dtype=torch.float64) / 16
+    )
     assert torch.allclose(torch.atan2(sin[1], cos[1]).double(), r23_inv_freq, rtol=1e-6)
     assert length > 2048 or round(h.rope_base) == 22082
 
@@ -298,7 +365,9 @@ def test_doc_attention_kernels_agree():
         model.attn_kernel, model.doc_attention = "sdpa", False
         causal = model.token_nll(ids[:, :-1], ids[:, 1:])
     assert torch.allclose(dense, flex, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(dense[2], causal[2], atol=1e-6) and not torch.allclose(dense[0], causal[0], atol=1e-4)
+    assert torch.allclose(dense[2], causal[2], atol=1e-6) and not torch.allclose(
+        dense[0], causal[0], atol=1e-4
+    )
 
 
 def test_sparse_attention_gate_starts_at_half_and_reads_only_the_first_channels():
@@ -309,7 +378,9 @@ def test_sparse_attention_gate_starts_at_half_and_reads_only_the_first_channels(
     sparse = full_model(ATTN_GATE="sparse", MODEL_DIM=64)
     plain = full_model(ATTN_GATE="off", MODEL_DIM=64)
     copy_shared(sparse, plain)
-    fresh = tg.GPT(tg.Hyperparameters.from_env({k: str(v) for k, v in {**FULL, "ATTN_GATE": "sparse"}.items()}))
+    fresh = tg.GPT(
+        tg.Hyperparameters.from_env({k: str(v) for k, v in {**FULL, "ATTN_GATE": "sparse"}.items()})
+    )
     assert all(c.attn_gate.weight.shape == (4, 12) and not c.attn_gate.weight.any() for c in fresh.controls)
     with torch.no_grad():
         for c in sparse.controls:
@@ -338,7 +409,11 @@ def test_input_dependent_smeargate_starts_as_identity_and_stops_at_a_bos():
         smear.lam.fill_(0.7)
         smear.weight.normal_()
     y = smear(x, starts)
-    assert torch.equal(y[0, 3], x[0, 3]) and torch.equal(y[0, 0], x[0, 0]) and not torch.allclose(y[0, 4], x[0, 4])
+    assert (
+        torch.equal(y[0, 3], x[0, 3])
+        and torch.equal(y[0, 0], x[0, 0])
+        and not torch.allclose(y[0, 4], x[0, 4])
+    )
     x2 = x.clone()
     x2[0, 2] += 1.0  # the token before the BOS
     assert torch.equal(smear(x2, starts)[0, 3:], y[0, 3:])
@@ -361,8 +436,9 @@ def fa3_stand_in() -> types.ModuleType:
 
     def flash_attn_func(q, k, v, causal=False):
         fa3.calls.append(("dense", tuple(q.shape), causal))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+        )
         return out.transpose(1, 2), None
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
@@ -373,7 +449,9 @@ def fa3_stand_in() -> types.ModuleType:
         for lo, hi in zip(bounds, bounds[1:]):
             if hi > lo:
                 seg = [t[lo:hi].transpose(0, 1)[None] for t in (q, k, v)]
-                out[lo:hi] = F.scaled_dot_product_attention(*seg, is_causal=causal, enable_gqa=True)[0].transpose(0, 1)
+                out[lo:hi] = F.scaled_dot_product_attention(*seg, is_causal=causal, enable_gqa=True)[
+                    0
+                ].transpose(0, 1)
         return out
 
     fa3.flash_attn_func, fa3.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
@@ -421,17 +499,27 @@ def test_fa3_document_attention_refuses_more_documents_than_its_cu_seqlens_hold(
 def test_fa3_document_attention_compiles_whole_graph(fake_fa3, monkeypatch):
     """FA3 registers its kernels as torch ops; with one such stand-in, the varlen path (fixed-size cu_seqlens from
     nonzero_static, the device-side check) compiles as one graph, the way the training step runs it."""
+
     @torch.library.custom_op("fa3_stand_in::varlen", mutates_args=())
-    def varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+    def varlen(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int
+    ) -> torch.Tensor:
         return fa3_stand_in().flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
 
     varlen.register_fake(lambda q, k, v, cu, max_len: torch.empty_like(q))
-    monkeypatch.setattr(fake_fa3, "flash_attn_varlen_func", lambda q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k, causal: varlen(q, k, v, cu_seqlens_q, max_seqlen_q))
+    monkeypatch.setattr(
+        fake_fa3,
+        "flash_attn_varlen_func",
+        lambda q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal: varlen(
+            q, k, v, cu_seqlens_q, max_seqlen_q
+        ),
+    )
     model = full_model(DOC_ATTENTION=1, ATTN_KERNEL="fa3")
     ids = torch.randint(2, 128, (2, 32))
     ids[0, 9] = tg.BOS_ID
     with torch.no_grad():
         eager = model.token_nll(ids, ids)
-        compiled = torch.compile(model.token_nll, fullgraph=True, dynamic=False, backend="aot_eager")(ids, ids)
+        compiled = torch.compile(model.token_nll, fullgraph=True, dynamic=False, backend="aot_eager")(
+            ids, ids
+        )
     assert torch.allclose(eager, compiled, atol=1e-5)

@@ -7,7 +7,9 @@ from conftest import SILENT, cpu_runtime, run_distributed, tg
 from test_model import full_model
 
 
-@pytest.mark.parametrize("polar, steps, lo, hi", [(False, 5, 0.6, 1.25), (True, 5, 0.85, 1.15), (True, 4, 0.4, 1.6)])  # 4 of 5: rougher
+@pytest.mark.parametrize(
+    "polar, steps, lo, hi", [(False, 5, 0.6, 1.25), (True, 5, 0.85, 1.15), (True, 4, 0.4, 1.6)]
+)  # 4 of 5: rougher
 def test_newton_schulz_orthogonalizes(polar, steps, lo, hi):
     torch.manual_seed(0)
     G = torch.randn(4, 64, 32) @ torch.diag(torch.logspace(0, -2, 32))  # condition number 100
@@ -37,8 +39,16 @@ def muon_run(rank, world, row_normalize):
     rt = tg.Runtime(rank, world, 0, torch.device("cpu"), False)
     gen = torch.Generator().manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-    opt = tg.Muon(params, lr=0.05, momentum=0.9, weight_decay=0.1, steps=5, polar=False,
-                  row_normalize=row_normalize, rt=rt)
+    opt = tg.Muon(
+        params,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=0.1,
+        steps=5,
+        polar=False,
+        row_normalize=row_normalize,
+        rt=rt,
+    )
     for _ in range(3):
         for p in params:  # each rank its own gradient; their mean is `base`, one process's
             base, noise = torch.randn(p.shape, generator=gen), torch.randn(p.shape, generator=gen)
@@ -64,8 +74,10 @@ def test_muon_update_is_scaled_orthogonal_with_decay():
     p = torch.nn.Parameter(torch.randn(24, 8))
     before = p.detach().clone()
     p.grad = torch.randn(24, 8)
-    tg.Muon([p], lr=0.1, momentum=0.0, weight_decay=0.5, steps=5, polar=True, row_normalize=False, rt=rt).step()
-    update = (before * (1 - 0.1 * 0.5) - p.detach()) / (0.1 * 3 ** 0.5)  # sqrt(rows/cols) = sqrt(3)
+    tg.Muon(
+        [p], lr=0.1, momentum=0.0, weight_decay=0.5, steps=5, polar=True, row_normalize=False, rt=rt
+    ).step()
+    update = (before * (1 - 0.1 * 0.5) - p.detach()) / (0.1 * 3**0.5)  # sqrt(rows/cols) = sqrt(3)
     s = torch.linalg.svdvals(update)
     assert s.min() > 0.8 and s.max() < 1.2
 
@@ -73,8 +85,16 @@ def test_muon_update_is_scaled_orthogonal_with_decay():
 def test_muon_momentum_buffer_is_made_once_and_steps_nesterov(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     p = torch.nn.Parameter(torch.randn(16, 8, generator=gen))
-    opt = tg.Muon([p], lr=0.05, momentum=0.9, weight_decay=0.1, steps=5, polar=False, row_normalize=False,
-                  rt=cpu_runtime())
+    opt = tg.Muon(
+        [p],
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=0.1,
+        steps=5,
+        polar=False,
+        row_normalize=False,
+        rt=cpu_runtime(),
+    )
     buf = opt.state[p]["momentum_buffer"]
     w, m = p.detach().clone(), torch.zeros(16, 8)
     made = []
@@ -82,7 +102,7 @@ def test_muon_momentum_buffer_is_made_once_and_steps_nesterov(monkeypatch):
     for _ in range(3):
         p.grad = torch.randn(16, 8, generator=gen)
         m = 0.9 * m + p.grad
-        w = w * (1 - 0.05 * 0.1) - 0.05 * 2 ** 0.5 * tg.newton_schulz((p.grad + 0.9 * m)[None], 5, False)[0]
+        w = w * (1 - 0.05 * 0.1) - 0.05 * 2**0.5 * tg.newton_schulz((p.grad + 0.9 * m)[None], 5, False)[0]
         opt.step()
         assert opt.state[p]["momentum_buffer"].data_ptr() == buf.data_ptr()  # updated in place
     assert not made  # no step allocates (or zeroes) a buffer
@@ -96,8 +116,11 @@ def test_parameter_groups_cover_every_parameter_once():
     ids = [id(p) for g in groups for p in g]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert all(p.ndim == 2 for p in groups[0]) and len(groups[0]) == 6 * len(model.blocks)
-    assert {id(p) for p in groups[1]} == {id(model.tok_emb.weight), id(model.bigram.embed.weight),
-                                           id(model.value_embed.embed.weight)}
+    assert {id(p) for p in groups[1]} == {
+        id(model.tok_emb.weight),
+        id(model.bigram.embed.weight),
+        id(model.value_embed.embed.weight),
+    }
     assert id(model.bigram.proj.weight) in {id(p) for p in groups[2]}
 
 
@@ -107,21 +130,30 @@ def test_lr_schedule_with_a_fake_clock():
     assert tg.lr_multiplier(50, 500.0, 1000.0, h) == 1.0
     assert tg.lr_multiplier(95, 950.0, 1000.0, h) == pytest.approx(0.5)
     assert tg.lr_multiplier(100, 1000.0, 1000.0, h) == 0.0
-    assert tg.lr_multiplier(99, 990.0, 1000.0, tg.Hyperparameters.from_env({"WARMDOWN_ITERS": "10", "MIN_LR": "0.2"})) == 0.2
+    assert (
+        tg.lr_multiplier(
+            99, 990.0, 1000.0, tg.Hyperparameters.from_env({"WARMDOWN_ITERS": "10", "MIN_LR": "0.2"})
+        )
+        == 0.2
+    )
     # no cap: iteration-based
     assert tg.lr_multiplier(95, 0.0, 0.0, h) == pytest.approx(0.5)
     assert tg.lr_multiplier(10, 0.0, 0.0, h) == 1.0
     # WARMDOWN_FRAC: the last half of the cap (or of the iterations), whatever the step time
     f = tg.Hyperparameters.from_env({"WARMDOWN_FRAC": "0.5", "ITERATIONS": "100", "MIN_LR": "0.1"})
-    assert [tg.lr_multiplier(s, ms, 1000.0, f) for s, ms in ((1, 10.0), (3, 500.0), (4, 750.0), (5, 990.0))] == \
-        pytest.approx([1.0, 1.0, 0.5, 0.1])
-    assert tg.lr_multiplier(75, 0.0, 0.0, f) == pytest.approx(0.5) and tg.lr_multiplier(40, 0.0, 0.0, f) == 1.0
+    assert [
+        tg.lr_multiplier(s, ms, 1000.0, f) for s, ms in ((1, 10.0), (3, 500.0), (4, 750.0), (5, 990.0))
+    ] == pytest.approx([1.0, 1.0, 0.5, 0.1])
+    assert (
+        tg.lr_multiplier(75, 0.0, 0.0, f) == pytest.approx(0.5) and tg.lr_multiplier(40, 0.0, 0.0, f) == 1.0
+    )
 
 
 def test_short_run_schedule_warns_or_scales(small_data):
     """A run shorter than WARMDOWN_ITERS starts in warmdown (lr_mul < 1 at step 0): the log says so.
     With WARMDOWN_FRAC the LR holds at 1, then decays over the configured fraction of the run."""
     from conftest import hparams
+
     taper = {"MUON_WD_TAPER_AT": 0.5, "MUON_WD_TAPER_TO": 0.5, "MUON_WD": 0.1}
     for over, warned in (({"WARMDOWN_ITERS": 100}, True), ({"WARMDOWN_FRAC": 0.5, **taper}, False)):
         h = hparams(small_data, ITERATIONS=4, WARMUP_STEPS=0, LATE_QAT_THRESHOLD=0.5, **over)
@@ -132,8 +164,15 @@ def test_short_run_schedule_warns_or_scales(small_data):
         tg.lr_multiplier = lambda *a: muls.append(real(*a)) or muls[-1]
         tg.Muon.step = lambda opt: wds.append(opt.param_groups[0]["weight_decay"]) or real_step(opt)
         try:
-            tg.train_model(model, h, rt, tg.TrainLoader(tg.find_shards(h, "train")[0], rt),
-                           tg.load_val_tokens(h, rt), tg.build_byte_luts(tg.load_tokenizer(h), "cpu"), lines.append)
+            tg.train_model(
+                model,
+                h,
+                rt,
+                tg.TrainLoader(tg.find_shards(h, "train")[0], rt),
+                tg.load_val_tokens(h, rt),
+                tg.build_byte_luts(tg.load_tokenizer(h), "cpu"),
+                lines.append,
+            )
         finally:
             tg.lr_multiplier, tg.Muon.step = real, real_step
         warning = [l for l in lines if l.startswith("warning: the LR warmdown starts at step 0")]
@@ -142,14 +181,20 @@ def test_short_run_schedule_warns_or_scales(small_data):
             assert "lr_mul 0.040, late QAT on at once" in warning[0] and "WARMDOWN_FRAC" in warning[0]
         else:
             assert muls == pytest.approx([1.0, 1.0, 1.0, 0.5])
-            assert wds == pytest.approx([0.1, 0.1, 0.1, 0.075])  # step 3 of 4: half-way down the taper to 0.5x
+            assert wds == pytest.approx(
+                [0.1, 0.1, 0.1, 0.075]
+            )  # step 3 of 4: half-way down the taper to 0.5x
 
 
 def test_muon_weight_decay_taper():
     h = tg.Hyperparameters.from_env({"MUON_WD_TAPER_AT": "0.7", "MUON_WD_TAPER_TO": "0.5"})
-    assert [tg.muon_wd_multiplier(p, h) for p in (0.0, 0.7, 0.85, 1.0, 1.2)] == pytest.approx([1, 1, 0.75, 0.5, 0.5])
+    assert [tg.muon_wd_multiplier(p, h) for p in (0.0, 0.7, 0.85, 1.0, 1.2)] == pytest.approx(
+        [1, 1, 0.75, 0.5, 0.5]
+    )
     assert tg.muon_wd_multiplier(0.99, tg.Hyperparameters.from_env({})) == 1.0  # off by default
-    assert tg.muon_wd_multiplier(1.1, tg.Hyperparameters.from_env({"MUON_WD_TAPER_TO": "0.5"})) == 1.0  # past the cap
+    assert (
+        tg.muon_wd_multiplier(1.1, tg.Hyperparameters.from_env({"MUON_WD_TAPER_TO": "0.5"})) == 1.0
+    )  # past the cap
 
 
 def test_ema_and_swa_math_and_export():
@@ -169,7 +214,9 @@ def test_ema_and_swa_math_and_export():
         assert avg.ema[0].item() == pytest.approx(ema)
     assert avg.swa_count == 2 and snapshots == [1.25, 3.0625]
     label = avg.apply_final(SILENT)
-    assert label.startswith("swa(2 snapshots of ema") and model.weight.item() == pytest.approx(sum(snapshots) / 2)
+    assert label.startswith("swa(2 snapshots of ema") and model.weight.item() == pytest.approx(
+        sum(snapshots) / 2
+    )
     # EMA alone is exported when SWA is off
     h2 = tg.Hyperparameters.from_env({"EMA_DECAY": "0.5"})
     avg2 = tg.WeightAverager(model, h2)
@@ -182,6 +229,7 @@ def test_ema_and_swa_math_and_export():
 
 def test_embedding_weight_decay_is_separate_when_set():
     from test_model import full_model
+
     for env, expected in (({}, 0.04), ({"EMBED_WD": "0.085"}, 0.085)):
         h = tg.Hyperparameters.from_env({"ADAM_WD": "0.04", **env})
         _, adam = tg.build_optimizers(full_model(), h, cpu_runtime())

@@ -16,7 +16,11 @@ PRESETS = {
     "pr691": (26_993_756, 0, ""),
     "pr490": (27_137_221, 0, ""),
     "pr1493": (35_944_536, 0, ""),
-    "pr1539_legal": (36_311_132, 1_047, "2 extra skip weights (+1,024), 24 lane lambdas vs one lane merge (+23)"),
+    "pr1539_legal": (
+        36_311_132,
+        1_047,
+        "2 extra skip weights (+1,024), 24 lane lambdas vs one lane merge (+23)",
+    ),
     "top_1_0611": (35_945_671, -48, "6 lane lambdas on its 8 blocks that never run in parallel (-48)"),
 }
 
@@ -39,7 +43,9 @@ def test_preset_builds_the_logged_model(name):
         model = tg.GPT(h)
     assert sum(p.numel() for p in model.parameters()) - logged == delta, why
     header = (REPO / "configs" / f"{name}.env").read_text().split("\n# data")[0]
-    assert f"{logged:,}" in header and "Data:" in header  # what it reproduces, on which data, and what it cannot
+    assert (
+        f"{logged:,}" in header and "Data:" in header
+    )  # what it reproduces, on which data, and what it cannot
 
 
 def shrunk(name: str, data: dict, **over) -> dict:
@@ -53,13 +59,30 @@ def shrunk(name: str, data: dict, **over) -> dict:
 def test_shrunk_preset_runs_end_to_end(name, embedded_data, tmp_path):
     """Each record's system at laptop scale, through train -> export -> read back -> every eval pass of its
     preset (phased LoRA TTT for the 1.0611 preset), ending with every compliance line."""
-    env = shrunk(name, embedded_data, RUN_ID=name, ARTIFACT_PATH=tmp_path / "m.ptz", ITERATIONS=2, MAX_WALLCLOCK_SECONDS=0,
-                 VAL_MAX_TOKENS=4096, TTT_CHUNK_TOKENS=2048, GPTQ_CALIB_BATCHES=1, FINAL_MODEL_PATH="")
+    env = shrunk(
+        name,
+        embedded_data,
+        RUN_ID=name,
+        ARTIFACT_PATH=tmp_path / "m.ptz",
+        ITERATIONS=2,
+        MAX_WALLCLOCK_SECONDS=0,
+        VAL_MAX_TOKENS=4096,
+        TTT_CHUNK_TOKENS=2048,
+        GPTQ_CALIB_BATCHES=1,
+        FINAL_MODEL_PATH="",
+    )
     proc = run_script(env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     checks = dict(re.findall(r"^compliance:(\w+) (PASS|FAIL|SKIP|INFO)", proc.stdout, re.M))
-    assert set(checks) == {"train_time", "eval_time", "artifact_bytes", "ttt_legal", "full_val", "train_val_disjoint",
-                           "record_hardware"}
+    assert set(checks) == {
+        "train_time",
+        "eval_time",
+        "artifact_bytes",
+        "ttt_legal",
+        "full_val",
+        "train_val_disjoint",
+        "record_hardware",
+    }
     assert checks["ttt_legal"] == checks["train_time"] == checks["artifact_bytes"] == "PASS"
     assert re.search(r"^legal_ttt_exact val_loss:\S+ val_bpb:\S+$", proc.stdout, re.M)
     if env.get("LQER_RANK", "0") != "0":  # rate control fitted it with and without LQER and kept the better

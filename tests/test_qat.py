@@ -11,8 +11,17 @@ from test_model import full_model
 
 def test_compiled_qat_and_stage_switch_match_eager():
     torch._dynamo.reset()
-    model = full_model(NUM_LAYERS=2, UNIQUE_LAYERS=0, LOOP_START=0, LOOP_END=0, LOOP_REPEATS=1, LOOP_ENABLE_AT=0.5,
-                       VE_LAYERS="1", PARALLEL_START=2, XSA_LAST_N=1)
+    model = full_model(
+        NUM_LAYERS=2,
+        UNIQUE_LAYERS=0,
+        LOOP_START=0,
+        LOOP_END=0,
+        LOOP_REPEATS=1,
+        LOOP_ENABLE_AT=0.5,
+        VE_LAYERS="1",
+        PARALLEL_START=2,
+        XSA_LAST_N=1,
+    )
     model.set_stage(0)
     compiled = torch.compile(model, dynamic=False, fullgraph=True)
     ids, targets = torch.randint(0, 128, (2, 32)), torch.randint(0, 128, (2, 32))
@@ -46,7 +55,9 @@ def test_fake_quantize_is_the_export_grid(clip):
     h = tg.Hyperparameters.from_env({"QUANT_CLIP": clip, "QUANT_BITS_MLP": "5"})
     model = full_model()
     model.set_qat(tg.quant_plan(h))
-    qstate = tg.quantize_state({f"blocks.{k}": v for k, v in model.blocks.state_dict().items()}, tg.quant_plan(h))
+    qstate = tg.quantize_state(
+        {f"blocks.{k}": v for k, v in model.blocks.state_dict().items()}, tg.quant_plan(h)
+    )
     for name, m in model.blocks.named_modules():
         if isinstance(m, tg.CastedLinear):
             q = qstate[f"blocks.{name}.weight"]

@@ -23,7 +23,7 @@ def test_per_row_scales_bound_the_error_and_have_no_floor():
     rowmax_scale = tg.fp16_grid(w.abs().amax(1) / 31)
     rtn_err = (tg.round_to_grid(w, rowmax_scale, 31) * rowmax_scale[:, None] - w).square().sum(1)
     assert (err <= rtn_err).all() and err[0] < 0.95 * rtn_err[0]
-    inside = (q.abs() < 31)
+    inside = q.abs() < 31
     assert ((q * scale[:, None] - w).abs()[inside] <= scale[:, None].expand_as(w)[inside] / 2 + 1e-7).all()
     # the smallest rows get a grid as fine as their own magnitude (the records floored scales at 1/31)
     assert (scale[:8] < w[:8].abs().amax(1) / 31 * 1.01).all()
@@ -40,7 +40,9 @@ def test_quantize_kinds():
     kinds = {name: q.bits for name, q in qstate.items()}
     assert kinds["tok_emb.weight"] == 8 and kinds["blocks.0.mlp.fc.weight"] == 6
     assert kinds["bigram.embed.weight"] == 0  # 600 x 8 values: small enough to stay fp16
-    tiny = tg.quantize_state({"blocks.0.attn.c_k.weight": torch.randn(8, 16), "blocks.0.attn.q_gain": torch.ones(4)}, PLAN)
+    tiny = tg.quantize_state(
+        {"blocks.0.attn.c_k.weight": torch.randn(8, 16), "blocks.0.attn.q_gain": torch.ones(4)}, PLAN
+    )
     assert tiny["blocks.0.attn.c_k.weight"].bits == 6 and tiny["blocks.0.attn.q_gain"].bits == 0  # QAT's grid
     assert all(b == 0 for n, b in kinds.items() if n.startswith("controls."))
 
@@ -78,9 +80,17 @@ def corrupt(blob: bytes, kind: str) -> bytes:
         return blob[:8] + bytes([7]) + blob[9:]
 
 
-@pytest.mark.parametrize("kind, message", [("flip", "sha256 mismatch"), ("truncate", "sha256 mismatch"),
-                                           ("foreign", "bad magic"), ("version", "artifact format"),
-                                           ("empty", "bad magic"), ("codec", "unknown codec")])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("flip", "sha256 mismatch"),
+        ("truncate", "sha256 mismatch"),
+        ("foreign", "bad magic"),
+        ("version", "artifact format"),
+        ("empty", "bad magic"),
+        ("codec", "unknown codec"),
+    ],
+)
 def test_bad_artifacts_are_refused(tmp_path, kind, message):
     blob = tg.pack_artifact(tg.quantize_state(small_state(), PLAN), {}, "zstd")
     path = tmp_path / "bad.ptz"
@@ -116,11 +126,15 @@ def test_sdclip_grid_spans_k_std_and_round_trips(tmp_path):
     torch.manual_seed(0)
     w = torch.randn(32, 256) * torch.logspace(-3, 0, 32)[:, None]
     scale = tg.row_scales(w, 6, 12.85)
-    assert torch.allclose(scale, 12.85 * w.std(1, correction=0) / 31, rtol=1e-3) and torch.equal(scale.half().float(), scale)
+    assert torch.allclose(scale, 12.85 * w.std(1, correction=0) / 31, rtol=1e-3) and torch.equal(
+        scale.half().float(), scale
+    )
     state = {"blocks.0.mlp.fc.weight": w, "tok_emb.weight": torch.randn(1024, 80) * 0.02}
     qstate = tg.quantize_state(state, PLAN)
     emb = qstate["tok_emb.weight"]
-    assert emb.bits == 8 and torch.allclose(emb.scale.float(), 20 * state["tok_emb.weight"].std(1, correction=0) / 127, rtol=1e-3)
+    assert emb.bits == 8 and torch.allclose(
+        emb.scale.float(), 20 * state["tok_emb.weight"].std(1, correction=0) / 127, rtol=1e-3
+    )
     for name, q in qstate.items():  # nothing is clipped at k = 12.85 / 20 on Gaussian rows: error <= step / 2
         assert ((q.dequantize() - state[name]).abs() <= q.scale.float()[:, None] / 2 + 1e-7).all()
     # the step (0.41 std) is coarser than the MSE clip's, so the symbols carry fewer bits
@@ -150,8 +164,14 @@ def test_mixed_bits_and_pruning_round_trip(tmp_path):
 
 def rate_control_setup():
     gen = torch.Generator().manual_seed(0)
-    state = {n: torch.randn(r, c, generator=gen) * 0.02 for n, r, c in (("blocks.0.attn.c_q.weight", 128, 128),
-             ("blocks.0.mlp.fc.weight", 256, 128), ("tok_emb.weight", 1024, 96))}
+    state = {
+        n: torch.randn(r, c, generator=gen) * 0.02
+        for n, r, c in (
+            ("blocks.0.attn.c_q.weight", 128, 128),
+            ("blocks.0.mlp.fc.weight", 256, 128),
+            ("tok_emb.weight", 1024, 96),
+        )
+    }
     quantize = lambda plan: tg.quantize_state(state, plan)
     pack = lambda q: tg.pack_artifact(q, {}, "zstd")
     attn_matters = lambda q: 1.0 if q["blocks.0.attn.c_q.weight"].bits < 6 else 0.0  # a calibration loss
@@ -164,8 +184,12 @@ def test_rate_control_hits_a_budget_and_refuses_an_impossible_one():
     assert len(blob) <= 0.6 * full and blob == pack(qstate) and plan != PLAN
     assert any(b < PLAN[g][0] for g, (b, _) in plan.items())  # k x2 alone saves ~1 bit of 6: bits had to drop
     assert plan["attn"][0] == 6  # the groups whose bits cost no calibration loss went first
-    plan2, _, blob2 = tg.fit_to_budget(quantize, pack, PLAN, int(0.9 * full), loss, SILENT)  # k alone suffices
-    assert len(blob2) <= 0.9 * full and all(plan2[g][0] == PLAN[g][0] and plan2[g][1] > PLAN[g][1] for g in PLAN)
+    plan2, _, blob2 = tg.fit_to_budget(
+        quantize, pack, PLAN, int(0.9 * full), loss, SILENT
+    )  # k alone suffices
+    assert len(blob2) <= 0.9 * full and all(
+        plan2[g][0] == PLAN[g][0] and plan2[g][1] > PLAN[g][1] for g in PLAN
+    )
     assert tg.fit_to_budget(quantize, pack, PLAN, full, loss, SILENT)[0] == PLAN  # fits: nothing changes
     with pytest.raises(tg.ConfigError, match="AUTO_FIT: nothing fits 1000 bytes"):
         tg.fit_to_budget(quantize, pack, PLAN, 1000, loss, SILENT)
@@ -173,23 +197,36 @@ def test_rate_control_hits_a_budget_and_refuses_an_impossible_one():
 
 def test_rate_control_spends_spare_bytes_on_a_finer_grid():
     quantize, pack, _, full, state = rate_control_setup()
-    error = lambda q: sum((v.dequantize() - state[n]).square().sum().item() for n, v in q.items())  # a calib loss
+    error = lambda q: sum(
+        (v.dequantize() - state[n]).square().sum().item() for n, v in q.items()
+    )  # a calib loss
     calls, lines = {"quantize": 0, "pack": 0}, []
 
     def counted(name, fn):
         def wrapped(x):
             calls[name] += 1
             return fn(x)
+
         return wrapped
 
     start_loss = error(quantize(PLAN))
-    plan, qstate, blob = tg.fit_to_budget(counted("quantize", quantize), counted("pack", pack), PLAN, int(1.3 * full),
-                                          error, lines.append)
+    plan, qstate, blob = tg.fit_to_budget(
+        counted("quantize", quantize), counted("pack", pack), PLAN, int(1.3 * full), error, lines.append
+    )
     assert full < len(blob) <= 1.3 * full and blob == pack(qstate) and error(qstate) < 0.7 * start_loss
-    assert all(plan[g][0] == PLAN[g][0] and 0.25 * PLAN[g][1] < plan[g][1] < PLAN[g][1] for g in PLAN)  # s bisected
-    tries = sum(" fill plan:" in line for line in lines)  # a real size over the estimate: correct, search again
-    assert 1 <= tries <= 3 and calls == {"quantize": 1 + 9 * tries, "pack": 1 + tries}  # s = 1/4, 7 bisection steps, mse
-    assert sum(line.startswith("auto_fit:candidate") for line in lines) == 2 * tries  # start, finer k (mse: too big)
+    assert all(
+        plan[g][0] == PLAN[g][0] and 0.25 * PLAN[g][1] < plan[g][1] < PLAN[g][1] for g in PLAN
+    )  # s bisected
+    tries = sum(
+        " fill plan:" in line for line in lines
+    )  # a real size over the estimate: correct, search again
+    assert 1 <= tries <= 3 and calls == {
+        "quantize": 1 + 9 * tries,
+        "pack": 1 + tries,
+    }  # s = 1/4, 7 bisection steps, mse
+    assert (
+        sum(line.startswith("auto_fit:candidate") for line in lines) == 2 * tries
+    )  # start, finer k (mse: too big)
     # room for everything: the finest SDClip (s = 1/4) and the MSE clip both fit; the lower loss wins
     plan, qstate, blob = tg.fit_to_budget(quantize, pack, PLAN, 3 * full, error, SILENT)
     finest = {g: (b, k / 4) for g, (b, k) in PLAN.items()}
@@ -230,7 +267,10 @@ def test_lqer_adds_back_the_largest_errors_low_rank_and_round_trips(tmp_path):
     for n in top:
         cols = state[n].numel() // state[n].shape[0]
         assert lq[f"{n}.lqA"].shape == (4, state[n].shape[0]) and lq[f"{n}.lqA"].bits == 2
-        assert lq[f"{n}.lqB"].shape == ((4 * cols // 64, 64) if cols % 64 == 0 else (4, cols)) and lq[f"{n}.lqB"].bits == 4
+        assert (
+            lq[f"{n}.lqB"].shape == ((4 * cols // 64, 64) if cols % 64 == 0 else (4, cols))
+            and lq[f"{n}.lqB"].bits == 4
+        )
     assert any(lq[f"{n}.lqB"].shape[1] == 64 for n in top)
     tg.write_atomic(str(tmp_path / "lq.ptz"), tg.pack_artifact(lq, {}, "zstd"))
     folded = tg.dequantized(tg.read_artifact(str(tmp_path / "lq.ptz"))[0])

@@ -8,8 +8,18 @@ from conftest import SILENT, cpu_runtime, hparams, make_env, run_distributed, ru
 
 
 def train_tiny(data, warmup_steps):
-    h = hparams(data, WARMUP_STEPS=warmup_steps, ITERATIONS=4, WARMDOWN_ITERS=4, LOOP_START=1, LOOP_END=1,
-                LOOP_REPEATS=1, LOOP_ENABLE_AT=0.5, LATE_QAT_THRESHOLD=0.5, EMA_DECAY=0.9)
+    h = hparams(
+        data,
+        WARMUP_STEPS=warmup_steps,
+        ITERATIONS=4,
+        WARMDOWN_ITERS=4,
+        LOOP_START=1,
+        LOOP_END=1,
+        LOOP_REPEATS=1,
+        LOOP_ENABLE_AT=0.5,
+        LATE_QAT_THRESHOLD=0.5,
+        EMA_DECAY=0.9,
+    )
     rt = cpu_runtime()
     torch.manual_seed(0)
     model = tg.GPT(h)
@@ -32,10 +42,23 @@ def test_compiled_run_compiles_nothing_once_timers_run(small_data, tmp_path):
     """A whole compiled run (late QAT switching on mid-training, a frozen TTT block, a short last TTT
     chunk): every graph is built by a warm-up, none during training or inside the timed eval. Graphs and
     their guards are dynamo's, whatever the backend: aot_eager spares the CPU inductor's C++ builds."""
-    env = make_env(small_data, RUN_ID="recompile", ARTIFACT_PATH=tmp_path / "m.ptz", COMPILE=1,
-                   COMPILE_BACKEND="aot_eager", NUM_LAYERS=2,
-                   VE_LAYERS=1, XSA_LAST_N=1, ITERATIONS=3, WARMUP_STEPS=2, WARMDOWN_ITERS=3,
-                   VAL_MAX_TOKENS=4 * 1024 + 200, TTT_EPOCHS=1, TTT_BATCH_SEQS=8, TTT_FREEZE_BLOCKS=1)
+    env = make_env(
+        small_data,
+        RUN_ID="recompile",
+        ARTIFACT_PATH=tmp_path / "m.ptz",
+        COMPILE=1,
+        COMPILE_BACKEND="aot_eager",
+        NUM_LAYERS=2,
+        VE_LAYERS=1,
+        XSA_LAST_N=1,
+        ITERATIONS=3,
+        WARMUP_STEPS=2,
+        WARMDOWN_ITERS=3,
+        VAL_MAX_TOKENS=4 * 1024 + 200,
+        TTT_EPOCHS=1,
+        TTT_BATCH_SEQS=8,
+        TTT_FREEZE_BLOCKS=1,
+    )
     proc = run_script(env, tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"late_qat:enabled step:[12] ", proc.stdout)
@@ -48,14 +71,23 @@ def train_ranks(rank, world, data):
     """Two steps on `world` gloo ranks of a step made of 16 micro-batches (two per rank at 8 ranks), gradients
     clipped (GRAD_CLIP_NORM is low enough to bite)."""
     torch.set_num_threads(1)
-    h = hparams(data, TRAIN_MICRO_BATCHES=16, ITERATIONS=2, WARMUP_STEPS=0, EMA_DECAY=0, LATE_QAT_THRESHOLD=0,
-                GRAD_CLIP_NORM=0.1)
+    h = hparams(
+        data,
+        TRAIN_MICRO_BATCHES=16,
+        ITERATIONS=2,
+        WARMUP_STEPS=0,
+        EMA_DECAY=0,
+        LATE_QAT_THRESHOLD=0,
+        GRAD_CLIP_NORM=0.1,
+    )
     rt = tg.Runtime(rank, world, 0, torch.device("cpu"), False, h.micro_batches(world))
     torch.manual_seed(0)
     model = tg.GPT(h)
     tokens = tg.load_val_tokens(h, rt)
     luts = tg.build_byte_luts(tg.load_tokenizer(h), "cpu")
-    info = tg.train_model(model, h, rt, tg.TrainLoader(tg.find_shards(h, "train")[0], rt), tokens, luts, SILENT)
+    info = tg.train_model(
+        model, h, rt, tg.TrainLoader(tg.find_shards(h, "train")[0], rt), tokens, luts, SILENT
+    )
     return info["pre_quant"]["val_loss"], [p.detach().clone() for p in model.parameters()]
 
 

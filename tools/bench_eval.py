@@ -47,28 +47,60 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in sorted({ROWS[n][0] for n in names}):  # train once, no eval: the rows score it
-            run_train({**base, **MODELS[model], "RUN_ID": f"train_{model}", "ARTIFACT_PATH": f"{tmp}/{model}.ptz",
-                       "FINAL_MODEL_PATH": f"{tmp}/{model}.pt", "TTT_ENABLED": 0, "EVAL_SLIDING": 0}, Path(tmp))
+            run_train(
+                {
+                    **base,
+                    **MODELS[model],
+                    "RUN_ID": f"train_{model}",
+                    "ARTIFACT_PATH": f"{tmp}/{model}.ptz",
+                    "FINAL_MODEL_PATH": f"{tmp}/{model}.pt",
+                    "TTT_ENABLED": 0,
+                    "EVAL_SLIDING": 0,
+                },
+                Path(tmp),
+            )
         for name in names:
             model, settings = ROWS[name]
-            env = {**base, **MODELS[model], **settings, "RUN_ID": f"eval_{name}", "EXPORT_FROM": f"{tmp}/{model}.pt",
-                   "ARTIFACT_PATH": f"{tmp}/{name}.ptz", "FINAL_MODEL_PATH": ""}
+            env = {
+                **base,
+                **MODELS[model],
+                **settings,
+                "RUN_ID": f"eval_{name}",
+                "EXPORT_FROM": f"{tmp}/{model}.pt",
+                "ARTIFACT_PATH": f"{tmp}/{name}.ptz",
+                "FINAL_MODEL_PATH": "",
+            }
             env.update(kv.split("=", 1) for kv in args.set)
             t = time.time()
             s = run_train(env, Path(tmp))
             res, ttt, ms = s["eval"]["results"], s["eval"]["ttt"], s["eval"]["times_ms"]
-            row = dict(row=name, model=model, ttt_mode=env["TTT_MODE"], roundtrip=res["roundtrip"]["val_bpb"],
-                       sliding=res.get("sliding", {}).get("val_bpb", ""), ttt=res["ttt"]["val_bpb"],
-                       ttt_s=f"{ms['ttt'] / 1000:.0f}", eval_s=f"{ms['total'] / 1000:.0f}",
-                       guard=(f"{ttt['trained']}/{ttt['planned']} chunk-epochs" if "trained" in ttt else
-                              f"{ttt['adapted']}/{ttt['batches']} batches, {ttt['phases']}/{ttt['planned_phases']} phases"),
-                       wall_s=round(time.time() - t))
+            row = dict(
+                row=name,
+                model=model,
+                ttt_mode=env["TTT_MODE"],
+                roundtrip=res["roundtrip"]["val_bpb"],
+                sliding=res.get("sliding", {}).get("val_bpb", ""),
+                ttt=res["ttt"]["val_bpb"],
+                ttt_s=f"{ms['ttt'] / 1000:.0f}",
+                eval_s=f"{ms['total'] / 1000:.0f}",
+                guard=(
+                    f"{ttt['trained']}/{ttt['planned']} chunk-epochs"
+                    if "trained" in ttt
+                    else f"{ttt['adapted']}/{ttt['batches']} batches, {ttt['phases']}/{ttt['planned_phases']} phases"
+                ),
+                wall_s=round(time.time() - t),
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.json.parent.mkdir(exist_ok=True)
-    args.json.write_text(json.dumps(dict(tokens=args.tokens, val_tokens=args.val_tokens, set=args.set, rows=rows),
-                                    indent=1))
-    print(markdown_table(rows, ["row", "model", "ttt_mode", "roundtrip", "sliding", "ttt", "ttt_s", "eval_s", "guard"]))
+    args.json.write_text(
+        json.dumps(dict(tokens=args.tokens, val_tokens=args.val_tokens, set=args.set, rows=rows), indent=1)
+    )
+    print(
+        markdown_table(
+            rows, ["row", "model", "ttt_mode", "roundtrip", "sliding", "ttt", "ttt_s", "eval_s", "guard"]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,14 +38,19 @@ from benchlib import EMBEDDED, REPO, cpu_scale_env, ensure_embedded_data, markdo
 sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402
 
-SHAPES = {"record": {}, "1493-shape": dict(VOCAB_SIZE="8192", MLP_MULT="4", BIGRAM_VOCAB_SIZE="0", VE_LAYERS="")}
+SHAPES = {
+    "record": {},
+    "1493-shape": dict(VOCAB_SIZE="8192", MLP_MULT="4", BIGRAM_VOCAB_SIZE="0", VE_LAYERS=""),
+}
 
 
 def plan_for(h, clip: str, bits: int, mlp_bits: int = 0, k: float | None = None) -> dict:
     over = dict(QUANT_CLIP=clip, QUANT_BITS=str(bits), QUANT_BITS_MLP=str(mlp_bits))
     if k is not None:
         over["QUANT_CLIP_K"] = str(k)
-    return tg.quant_plan(tg.dataclasses.replace(h, **{k.lower(): type(getattr(h, k.lower()))(v) for k, v in over.items()}))
+    return tg.quant_plan(
+        tg.dataclasses.replace(h, **{k.lower(): type(getattr(h, k.lower()))(v) for k, v in over.items()})
+    )
 
 
 def symbol_stats(qstate, state) -> dict:
@@ -68,11 +73,13 @@ def layouts(qstate) -> dict[str, bytes]:
     head = default[: 4 + int.from_bytes(default[:4], "little")]
     ints = [q.values for q in qstate.values() if q.bits]
     n = sum(v.numel() for v in ints)
-    rest = default[len(head) + n:]
+    rest = default[len(head) + n :]
     flat = np.frombuffer(default, dtype=np.uint8, count=n, offset=len(head))
-    return {"int8 row-major (default)": default,
-            "int8 stride-2 byte shuffle": head + flat[0::2].tobytes() + flat[1::2].tobytes() + rest,
-            "int8 column-major": head + b"".join(v.T.contiguous().numpy().tobytes() for v in ints) + rest}
+    return {
+        "int8 row-major (default)": default,
+        "int8 stride-2 byte shuffle": head + flat[0::2].tobytes() + flat[1::2].tobytes() + rest,
+        "int8 column-major": head + b"".join(v.T.contiguous().numpy().tobytes() for v in ints) + rest,
+    }
 
 
 def trained_like(over: dict):
@@ -92,9 +99,19 @@ def record_mode(args) -> None:
     and lzma need minutes per 27 MB on a shared 2-core CPU."""
     code = len((REPO / "train_gpt.py").read_bytes())
     rows, layout_rows, codecs = [], [], args.codecs.split(",")
-    default, int5, mse = ("sd", 0, "sd int6 k=12.85 (default)"), ("sd", 5, "sd int5 MLP + int6 attn"), ("mse", 0, "mse int6 (old default)")
-    jobs = [("record", default, codecs, False), ("1493-shape", default, codecs[:2], False), ("record", int5, codecs[:1], False),
-            ("record", mse, codecs[:1], False), ("record", default, [], True), ("1493-shape", mse, codecs[:1], False)]
+    default, int5, mse = (
+        ("sd", 0, "sd int6 k=12.85 (default)"),
+        ("sd", 5, "sd int5 MLP + int6 attn"),
+        ("mse", 0, "mse int6 (old default)"),
+    )
+    jobs = [
+        ("record", default, codecs, False),
+        ("1493-shape", default, codecs[:2], False),
+        ("record", int5, codecs[:1], False),
+        ("record", mse, codecs[:1], False),
+        ("record", default, [], True),
+        ("1493-shape", mse, codecs[:1], False),
+    ]
     models = {}
     for shape, (clip, mlp_bits, label), use, with_layouts in jobs:
         h, state = models[shape] if shape in models else models.setdefault(shape, trained_like(SHAPES[shape]))
@@ -102,7 +119,13 @@ def record_mode(args) -> None:
         n_params = sum(v.numel() for v in state.values())
         t = time.time()
         qstate = tg.quantize_state(state, plan)
-        row = dict(model=shape, params=n_params, method=label, quantize_s=round(time.time() - t, 1), **symbol_stats(qstate, state))
+        row = dict(
+            model=shape,
+            params=n_params,
+            method=label,
+            quantize_s=round(time.time() - t, 1),
+            **symbol_stats(qstate, state),
+        )
         payload = tg.encode_payload(qstate, {"model": h.model_config()})
         for codec in use:
             t = time.time()
@@ -113,14 +136,28 @@ def record_mode(args) -> None:
             print(json.dumps(row), flush=True)
         rows += [row] if use else []
         for layout, data in layouts(qstate).items() if with_layouts else ():
-            layout_rows.append(dict(model=shape, layout=layout, raw=len(data), **{c: len(tg.compress(data, c)) for c in codecs[:1]}))
+            layout_rows.append(
+                dict(
+                    model=shape,
+                    layout=layout,
+                    raw=len(data),
+                    **{c: len(tg.compress(data, c)) for c in codecs[:1]},
+                )
+            )
             print(json.dumps(layout_rows[-1]), flush=True)
         args.json.parent.mkdir(exist_ok=True)
         args.json.write_text(json.dumps(dict(code_bytes=code, rows=rows, layouts=layout_rows), indent=1))
     print(f"train_gpt.py: {code} bytes")
-    print(markdown_table(rows, ["model", "method", "entropy_bits", "rel_err"] + codecs
-                         + [f"{c}_bits_per_weight" for c in codecs] + [f"{c}_total_with_code" for c in codecs]
-                         + [f"{c}_s" for c in codecs]))
+    print(
+        markdown_table(
+            rows,
+            ["model", "method", "entropy_bits", "rel_err"]
+            + codecs
+            + [f"{c}_bits_per_weight" for c in codecs]
+            + [f"{c}_total_with_code" for c in codecs]
+            + [f"{c}_s" for c in codecs],
+        )
+    )
     print(markdown_table(layout_rows, ["model", "layout", "raw"] + codecs[:1]))
 
 
@@ -136,14 +173,30 @@ def fit_mode(args) -> None:
         ratio = args.fit_start_bytes / tg.entropy_bytes(tg.quantize_state(state, tg.quant_plan(h)))
         pack = lambda q: bytes(round(ratio * tg.entropy_bytes(q)))
     ref = sum(state[n].float().square().sum().item() for n in state if tg.quant_group(n, state[n]))
-    err = lambda q: sum((v.dequantize() - state[n].float()).square().sum().item() for n, v in q.items() if v.bits)
+    err = lambda q: sum(
+        (v.dequantize() - state[n].float()).square().sum().item() for n, v in q.items() if v.bits
+    )
     rel_err = lambda q: (err(q) / ref) ** 0.5
     t = time.time()
-    plan, qstate, blob = tg.fit_to_budget(lambda p: tg.quantize_state(state, p), pack, tg.quant_plan(h),
-                                          min(h.byte_budget, tg.RULE_BYTES) - code, rel_err, lambda msg: print(msg, flush=True))
-    row = dict(model=args.fit, plan=tg.fmt_plan(plan), codec=h.compressor, model_bytes=len(blob), code_bytes=code,
-               estimated_from_start_bytes=args.fit_start_bytes, total=len(blob) + code, **symbol_stats(qstate, state),
-               seconds=round(time.time() - t, 1))
+    plan, qstate, blob = tg.fit_to_budget(
+        lambda p: tg.quantize_state(state, p),
+        pack,
+        tg.quant_plan(h),
+        min(h.byte_budget, tg.RULE_BYTES) - code,
+        rel_err,
+        lambda msg: print(msg, flush=True),
+    )
+    row = dict(
+        model=args.fit,
+        plan=tg.fmt_plan(plan),
+        codec=h.compressor,
+        model_bytes=len(blob),
+        code_bytes=code,
+        estimated_from_start_bytes=args.fit_start_bytes,
+        total=len(blob) + code,
+        **symbol_stats(qstate, state),
+        seconds=round(time.time() - t, 1),
+    )
     print(json.dumps(row), flush=True)
     args.json.parent.mkdir(exist_ok=True)
     args.json.write_text(json.dumps(row, indent=1))
@@ -169,8 +222,13 @@ def layouts_mode(args) -> None:
 
 def quality_mode(args) -> None:
     ensure_embedded_data()
-    env = {**cpu_scale_env(), **EMBEDDED, "MAX_WALLCLOCK_SECONDS": str(args.train_seconds), "TTT_ENABLED": "0",
-           "VAL_MAX_TOKENS": str(args.val_tokens)}
+    env = {
+        **cpu_scale_env(),
+        **EMBEDDED,
+        "MAX_WALLCLOCK_SECONDS": str(args.train_seconds),
+        "TTT_ENABLED": "0",
+        "VAL_MAX_TOKENS": str(args.val_tokens),
+    }
     h = tg.Hyperparameters.from_env(env)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False)
     torch.manual_seed(h.seed)
@@ -183,7 +241,9 @@ def quality_mode(args) -> None:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
     batch = tg.eval_batch(h, 1, h.train_seq_len)
-    bpb_of = lambda m: tg.loss_and_bpb(tg.evaluate(m.token_nll, val, h.train_seq_len, h.train_seq_len, batch, luts, rt))[1]
+    bpb_of = lambda m: tg.loss_and_bpb(
+        tg.evaluate(m.token_nll, val, h.train_seq_len, h.train_seq_len, batch, luts, rt)
+    )[1]
     float_bpb = bpb_of(model)
     calib = [c for c in info["calib"]]
 
@@ -198,9 +258,19 @@ def quality_mode(args) -> None:
         qstate = qstate or tg.quantize_state(state, plan, hess, h.gptq_damp)
         blob = tg.pack_artifact(qstate, {}, "brotli")
         bpb = bpb_of(tg.model_from_qstate(qstate, h, rt, model.stage))
-        rows.append(dict(bits=bits, method=method, plan=tg.fmt_plan(plan), val_bpb=bpb, quant_gap=f"{bpb - float_bpb:+.5f}",
-                         model_bytes=len(blob), bytes_per_param=round(len(blob) / n_params, 4),
-                         **symbol_stats(qstate, state), seconds=round(time.time() - t, 1)))
+        rows.append(
+            dict(
+                bits=bits,
+                method=method,
+                plan=tg.fmt_plan(plan),
+                val_bpb=bpb,
+                quant_gap=f"{bpb - float_bpb:+.5f}",
+                model_bytes=len(blob),
+                bytes_per_param=round(len(blob) / n_params, 4),
+                **symbol_stats(qstate, state),
+                seconds=round(time.time() - t, 1),
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
         return len(blob)
 
@@ -210,16 +280,51 @@ def quality_mode(args) -> None:
             measure(bits, f"sd {gptq}", plan_for(h, "sd", bits), hess)
             quantize = lambda p, hess=hess: tg.quantize_state(state, p, hess, h.gptq_damp)
             pack = lambda q: tg.pack_artifact(q, {}, "brotli")
-            plan, q, _ = tg.fit_to_budget(quantize, pack, plan_for(h, "sd", bits, k=2.0), mse_bytes, calib_loss, tg.Log(None),
-                                          fill=False)  # SDClip only: filling could pick the MSE clip
+            plan, q, _ = tg.fit_to_budget(
+                quantize,
+                pack,
+                plan_for(h, "sd", bits, k=2.0),
+                mse_bytes,
+                calib_loss,
+                tg.Log(None),
+                fill=False,
+            )  # SDClip only: filling could pick the MSE clip
             measure(bits, f"sd rate@mse {gptq}", plan, hess, q)
     args.json.parent.mkdir(exist_ok=True)
-    args.json.write_text(json.dumps(dict(float_bpb=float_bpb, params=n_params, steps=info["steps"], val_tokens=args.val_tokens,
-                                         train_seconds=args.train_seconds, rows=rows), indent=1))
-    print(f"float (post-EMA) val_bpb {float_bpb:.5f}; {n_params} params; {info['steps']} steps; brotli-11; "
-          f"{args.val_tokens or 'all'} val targets")
-    print(markdown_table(rows, ["bits", "method", "plan", "val_bpb", "quant_gap", "model_bytes", "bytes_per_param",
-                                "entropy_bits", "rel_err", "seconds"]))
+    args.json.write_text(
+        json.dumps(
+            dict(
+                float_bpb=float_bpb,
+                params=n_params,
+                steps=info["steps"],
+                val_tokens=args.val_tokens,
+                train_seconds=args.train_seconds,
+                rows=rows,
+            ),
+            indent=1,
+        )
+    )
+    print(
+        f"float (post-EMA) val_bpb {float_bpb:.5f}; {n_params} params; {info['steps']} steps; brotli-11; "
+        f"{args.val_tokens or 'all'} val targets"
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                "bits",
+                "method",
+                "plan",
+                "val_bpb",
+                "quant_gap",
+                "model_bytes",
+                "bytes_per_param",
+                "entropy_bits",
+                "rel_err",
+                "seconds",
+            ],
+        )
+    )
 
 
 def main() -> None:
@@ -227,17 +332,36 @@ def main() -> None:
     p.add_argument("--record", action="store_true", help="record-scale bytes instead of CPU-scale quality")
     p.add_argument("--layouts", action="store_true", help="int8 stream layouts on a record-shape slice")
     p.add_argument("--fit", choices=tuple(SHAPES), help="rate control (AUTO_FIT) on this trained-like shape")
-    p.add_argument("--fit-start-bytes", type=int, help="--fit without compressing: sizes from this measured default-plan size")
+    p.add_argument(
+        "--fit-start-bytes",
+        type=int,
+        help="--fit without compressing: sizes from this measured default-plan size",
+    )
     p.add_argument("--train-seconds", type=float, default=150)
     p.add_argument("--bits", default="6,5")
     p.add_argument("--val-tokens", type=int, default=0, help="score only this many val targets (0 = all)")
     p.add_argument("--codecs", default="zstd,brotli,lzma")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    name = ("bench_quant_record" if args.record else "bench_quant_layouts" if args.layouts
-            else f"bench_quant_fit_{args.fit}" if args.fit else "bench_quant")
+    name = (
+        "bench_quant_record"
+        if args.record
+        else "bench_quant_layouts"
+        if args.layouts
+        else f"bench_quant_fit_{args.fit}"
+        if args.fit
+        else "bench_quant"
+    )
     args.json = args.json or REPO / "results" / f"{name}.json"
-    (record_mode if args.record else layouts_mode if args.layouts else fit_mode if args.fit else quality_mode)(args)
+    (
+        record_mode
+        if args.record
+        else layouts_mode
+        if args.layouts
+        else fit_mode
+        if args.fit
+        else quality_mode
+    )(args)
 
 
 if __name__ == "__main__":

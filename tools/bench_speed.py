@@ -38,11 +38,36 @@ FINEWEB_VAL_TARGETS = 62_021_632
 H100_BF16_DENSE_FLOPS = 989e12
 CONFIGS = {
     "record": dict(micro_seqs=48),
-    "baseline": dict(micro_seqs=64, NUM_LAYERS=9, MLP_MULT=2, MLP_NEG_SLOPE=0, ROPE_DIMS=0, LN_SCALE=0, XSA_LAST_N=0,
-                     BIGRAM_VOCAB_SIZE=0, SMEAR_GATE=0, VE_LAYERS="", TRAIN_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524288),
-    "tiny": dict(micro_seqs=4, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VE_LAYERS="1", XSA_LAST_N=1,
-                 BIGRAM_VOCAB_SIZE=256, BIGRAM_DIM=16, VE_DIM=16, ROPE_DIMS=8, TRAIN_SEQ_LEN=128,
-                 TRAIN_BATCH_TOKENS=4096, TTT_CHUNK_TOKENS=1024),
+    "baseline": dict(
+        micro_seqs=64,
+        NUM_LAYERS=9,
+        MLP_MULT=2,
+        MLP_NEG_SLOPE=0,
+        ROPE_DIMS=0,
+        LN_SCALE=0,
+        XSA_LAST_N=0,
+        BIGRAM_VOCAB_SIZE=0,
+        SMEAR_GATE=0,
+        VE_LAYERS="",
+        TRAIN_SEQ_LEN=1024,
+        TRAIN_BATCH_TOKENS=524288,
+    ),
+    "tiny": dict(
+        micro_seqs=4,
+        NUM_LAYERS=2,
+        MODEL_DIM=64,
+        NUM_HEADS=4,
+        NUM_KV_HEADS=2,
+        VE_LAYERS="1",
+        XSA_LAST_N=1,
+        BIGRAM_VOCAB_SIZE=256,
+        BIGRAM_DIM=16,
+        VE_DIM=16,
+        ROPE_DIMS=8,
+        TRAIN_SEQ_LEN=128,
+        TRAIN_BATCH_TOKENS=4096,
+        TTT_CHUNK_TOKENS=1024,
+    ),
 }
 
 
@@ -62,8 +87,13 @@ def flops_per_token(model: tg.GPT, h: tg.Hyperparameters) -> float:
     return 6 * matmul + attention
 
 
-ATTN = {"sdpa": ("sdpa", None), "sdpa-flash": ("sdpa", SDPBackend.FLASH_ATTENTION),
-        "sdpa-cudnn": ("sdpa", SDPBackend.CUDNN_ATTENTION), "flex": ("flex", None), "fa3": ("fa3", None)}
+ATTN = {
+    "sdpa": ("sdpa", None),
+    "sdpa-flash": ("sdpa", SDPBackend.FLASH_ATTENTION),
+    "sdpa-cudnn": ("sdpa", SDPBackend.CUDNN_ATTENTION),
+    "flex": ("flex", None),
+    "fa3": ("fa3", None),
+}
 
 
 def attention_row(name: str, over: dict, variant: str, rt: tg.Runtime, steps: int) -> dict:
@@ -78,8 +108,10 @@ def attention_row(name: str, over: dict, variant: str, rt: tg.Runtime, steps: in
         row.update(doc_attention=int(h.doc_attention), layers=h.logical_layers)
         T, D = h.train_seq_len, h.model_dim // h.num_heads
         dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
-        q, k, v = (torch.randn(micro_seqs, n, T, D, device=rt.device, dtype=dtype, requires_grad=True)
-                   for n in (h.num_heads, h.num_kv_heads, h.num_kv_heads))
+        q, k, v = (
+            torch.randn(micro_seqs, n, T, D, device=rt.device, dtype=dtype, requires_grad=True)
+            for n in (h.num_heads, h.num_kv_heads, h.num_kv_heads)
+        )
         ids = torch.randint(2, h.vocab_size, (micro_seqs, T), device=rt.device)
         ids[:, ::997] = tg.BOS_ID  # documents of ~1,000 tokens, as FineWeb's (they matter with DOC_ATTENTION)
         starts = (ids == tg.BOS_ID) | (torch.arange(T, device=rt.device) == 0)
@@ -87,7 +119,9 @@ def attention_row(name: str, over: dict, variant: str, rt: tg.Runtime, steps: in
         def layer(q, k, v):
             return tg.make_attention(h.attn_kernel, starts, h.doc_attention)(q, k, v)
 
-        attend = torch.compile(layer, fullgraph=True, dynamic=False, backend=rt.backend) if rt.compile else layer
+        attend = (
+            torch.compile(layer, fullgraph=True, dynamic=False, backend=rt.backend) if rt.compile else layer
+        )
 
         def fwd_bwd():
             with sdpa_kernel(backend) if backend else contextlib.nullcontext():
@@ -129,15 +163,31 @@ def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -
     opt_s = timed(lambda: (micro_step(), optimizer_step()), rt, max(2, steps // 4)) - micro_s
     tokens = micro_seqs * L
     train_tps = tokens / micro_s
-    row = dict(config=name, params=sum(p.numel() for p in model.parameters()), micro_batch=f"{micro_seqs}x{L}",
-               compile_s=round(compile_s, 1), micro_step_ms=round(micro_s * 1000, 2), optimizer_ms=round(opt_s * 1000, 2),
-               train_tokens_per_s=round(train_tps))
-    row["mfu"] = round(flops_per_token(model, h) * train_tps / H100_BF16_DENSE_FLOPS, 4) if rt.device.type == "cuda" else ""
+    row = dict(
+        config=name,
+        params=sum(p.numel() for p in model.parameters()),
+        micro_batch=f"{micro_seqs}x{L}",
+        compile_s=round(compile_s, 1),
+        micro_step_ms=round(micro_s * 1000, 2),
+        optimizer_ms=round(opt_s * 1000, 2),
+        train_tokens_per_s=round(train_tps),
+    )
+    row["mfu"] = (
+        round(flops_per_token(model, h) * train_tps / H100_BF16_DENSE_FLOPS, 4)
+        if rt.device.type == "cuda"
+        else ""
+    )
     if rt.device.type == "cuda":
-        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     # evaluation throughput, on a fresh model as the artifact would give it
-    luts = tuple(t.to(rt.device) for t in (torch.ones(h.vocab_size, dtype=torch.int32),
-                                           torch.zeros(h.vocab_size, dtype=torch.bool), torch.zeros(h.vocab_size, dtype=torch.bool)))
+    luts = tuple(
+        t.to(rt.device)
+        for t in (
+            torch.ones(h.vocab_size, dtype=torch.int32),
+            torch.zeros(h.vocab_size, dtype=torch.bool),
+            torch.zeros(h.vocab_size, dtype=torch.bool),
+        )
+    )
     val = torch.randint(2, h.vocab_size, (eval_tokens + 1,), device=rt.device, dtype=torch.int32)
     eval_model = tg.GPT(h).to(rt.device)
     score = tg.compile_model(eval_model.token_nll, rt)
@@ -147,7 +197,9 @@ def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -
     sliding_s = timed(lambda: tg.score_windows(score, val, windows, L, batch, luts, rt), rt, 1)
     row["sliding_tokens_per_s"] = round(eval_tokens / sliding_s)
     h3 = tg.dataclasses.replace(h, ttt_epochs=3)
-    tg.eval_ttt(eval_model, val[: 2 * h.ttt_chunk_tokens + 1], h3, rt, luts, tg.Log(None), 1e9)  # compile warm-up
+    tg.eval_ttt(
+        eval_model, val[: 2 * h.ttt_chunk_tokens + 1], h3, rt, luts, tg.Log(None), 1e9
+    )  # compile warm-up
     ttt_s = timed(lambda: tg.eval_ttt(eval_model, val, h3, rt, luts, tg.Log(None), 1e9), rt, 1)
     row["ttt3_tokens_per_s"] = round(eval_tokens / ttt_s)
     row["sliding_8gpu_full_val_s"] = round(FINEWEB_VAL_TARGETS / (8 * row["sliding_tokens_per_s"]), 1)
@@ -159,7 +211,16 @@ def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -
     return row
 
 
-ATTN_COLUMNS = ["config", "attn", "doc_attention", "layers", "compile_s", "fwd_bwd_ms", "per_micro_step_ms", "error"]
+ATTN_COLUMNS = [
+    "config",
+    "attn",
+    "doc_attention",
+    "layers",
+    "compile_s",
+    "fwd_bwd_ms",
+    "per_micro_step_ms",
+    "error",
+]
 
 
 def main() -> None:
@@ -167,9 +228,13 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="only the small CPU-sized config")
     p.add_argument("--steps", type=int, default=20, help="timed training micro-steps")
     p.add_argument("--eval-tokens", type=int, default=0, help="val tokens to score (default 4 TTT chunks)")
-    p.add_argument("--configs", default="", help=f"comma-separated subset of {','.join(CONFIGS)} (default: by --tiny)")
+    p.add_argument(
+        "--configs", default="", help=f"comma-separated subset of {','.join(CONFIGS)} (default: by --tiny)"
+    )
     p.add_argument("--json", type=Path, default=REPO / "logs" / "bench_speed.json")
-    p.add_argument("--attn", default="", help=f"comma-separated attention kernels to time too: {','.join(ATTN)}")
+    p.add_argument(
+        "--attn", default="", help=f"comma-separated attention kernels to time too: {','.join(ATTN)}"
+    )
     p.add_argument("--doc", action="store_true", help="--attn rows with DOC_ATTENTION=1")
     args = p.parse_args()
     variants = [v for v in args.attn.split(",") if v]
@@ -184,7 +249,9 @@ def main() -> None:
     rows = []
     for name in names:
         chunk = int(CONFIGS[name].get("TTT_CHUNK_TOKENS", 32768))
-        rows.append(bench(name, CONFIGS[name], rt, args.steps if not args.tiny else 3, args.eval_tokens or 4 * chunk))
+        rows.append(
+            bench(name, CONFIGS[name], rt, args.steps if not args.tiny else 3, args.eval_tokens or 4 * chunk)
+        )
         print(json.dumps(rows[-1]), flush=True)
     attn_rows = []
     for name in names:
@@ -193,7 +260,12 @@ def main() -> None:
             attn_rows.append(attention_row(name, over, variant, rt, args.steps))
             print(json.dumps(attn_rows[-1]), flush=True)
     device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
-    meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, date=datetime.date.today().isoformat())
+    meta = dict(
+        device=device,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        date=datetime.date.today().isoformat(),
+    )
     args.json.parent.mkdir(exist_ok=True)
     args.json.write_text(json.dumps(dict(meta, rows=rows, attention=attn_rows), indent=1))
     print(f"device {device}, torch {torch.__version__}, cuda {torch.version.cuda}, {meta['date']}")

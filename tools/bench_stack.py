@@ -21,11 +21,30 @@ from benchlib import REPO, ensure_embedded_data, markdown_table, run_train, toke
 
 # The official naive baseline's choices at the same scale: relu^2 MLP 2x, full RoPE, no LN scale, no
 # BigramHash/SmearGate/XSA/VE, no EMA/QAT, its Muon/Adam settings, int8 export, non-overlapping eval.
-BASELINE = dict(MLP_MULT=2, MLP_NEG_SLOPE=0, ROPE_DIMS=0, LN_SCALE=0, XSA_LAST_N=0, BIGRAM_VOCAB_SIZE=0,
-                SMEAR_GATE=0, VE_LAYERS="", EMA_DECAY=0, LATE_QAT_THRESHOLD=0, MATRIX_LR=0.04, SCALAR_LR=0.04,
-                TIED_EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
-                MUON_MOMENTUM_WARMUP_STEPS=500, MUON_WD=0, ADAM_WD=0, GRAD_CLIP_NORM=0, QUANT_BITS=8,
-                EVAL_SLIDING=0, TTT_ENABLED=0)
+BASELINE = dict(
+    MLP_MULT=2,
+    MLP_NEG_SLOPE=0,
+    ROPE_DIMS=0,
+    LN_SCALE=0,
+    XSA_LAST_N=0,
+    BIGRAM_VOCAB_SIZE=0,
+    SMEAR_GATE=0,
+    VE_LAYERS="",
+    EMA_DECAY=0,
+    LATE_QAT_THRESHOLD=0,
+    MATRIX_LR=0.04,
+    SCALAR_LR=0.04,
+    TIED_EMBED_LR=0.05,
+    MUON_MOMENTUM=0.95,
+    MUON_MOMENTUM_WARMUP_START=0.85,
+    MUON_MOMENTUM_WARMUP_STEPS=500,
+    MUON_WD=0,
+    ADAM_WD=0,
+    GRAD_CLIP_NORM=0,
+    QUANT_BITS=8,
+    EVAL_SLIDING=0,
+    TTT_ENABLED=0,
+)
 VARIANTS = {
     "baseline": BASELINE,
     "full": {},
@@ -47,8 +66,10 @@ VARIANTS = {
     "plus_lqer": dict(LQER_RANK=4, LQER_TENSORS=3),
     "plus_doc_attention": dict(DOC_ATTENTION=1),
     # CaseOps data (`python3 data/prepare_data.py --caseops`): bpb over the original text's bytes (sidecar)
-    "plus_caseops": dict(DATA_PATH=str(REPO / "data" / "datasets" / "pdmix_sp1024_caseops"),
-                         TOKENIZER_PATH=str(REPO / "data" / "tokenizers" / "pdmix_1024_bpe_caseops.model")),
+    "plus_caseops": dict(
+        DATA_PATH=str(REPO / "data" / "datasets" / "pdmix_sp1024_caseops"),
+        TOKENIZER_PATH=str(REPO / "data" / "tokenizers" / "pdmix_1024_bpe_caseops.model"),
+    ),
 }
 
 
@@ -57,7 +78,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1_500_000, help="training tokens per variant")
     p.add_argument("--val-tokens", type=int, default=131072)
     p.add_argument("--only", help="comma-separated variant names")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant"
+    )
     p.add_argument("--json", type=Path, default=REPO / "logs" / "bench_stack.json")
     args = p.parse_args()
     base = token_budget_base(args)
@@ -72,11 +95,19 @@ def main() -> None:
             env = {**base, **VARIANTS[name], "RUN_ID": f"bench_{name}", "ARTIFACT_PATH": f"{tmp}/{name}.ptz"}
             s = run_train(env, Path(tmp))
             res = s["eval"]["results"]
-            row = dict(variant=name, params=s["model_params"], pre_quant=s["train"]["pre_quant"]["val_bpb"],
-                       roundtrip=res["roundtrip"]["val_bpb"], sliding=res.get("sliding", {}).get("val_bpb", ""),
-                       ttt=res.get("ttt", {}).get("val_bpb", ""),
-                       tokens_per_s=round(s["train"]["steps"] * int(base["TRAIN_BATCH_TOKENS"]) / (s["train"]["train_ms"] / 1000)),
-                       model_bytes=s["bytes"]["model"], wall_s=round(time.time() - t))
+            row = dict(
+                variant=name,
+                params=s["model_params"],
+                pre_quant=s["train"]["pre_quant"]["val_bpb"],
+                roundtrip=res["roundtrip"]["val_bpb"],
+                sliding=res.get("sliding", {}).get("val_bpb", ""),
+                ttt=res.get("ttt", {}).get("val_bpb", ""),
+                tokens_per_s=round(
+                    s["train"]["steps"] * int(base["TRAIN_BATCH_TOKENS"]) / (s["train"]["train_ms"] / 1000)
+                ),
+                model_bytes=s["bytes"]["model"],
+                wall_s=round(time.time() - t),
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
     full = next((r for r in rows if r["variant"] == "full"), None)
@@ -85,9 +116,25 @@ def main() -> None:
             best = r["ttt"] if r["ttt"] != "" else r["sliding"] if r["sliding"] != "" else r["roundtrip"]
             r["final_vs_full"] = f"{best - full['ttt']:+.4f}"
     args.json.parent.mkdir(exist_ok=True)
-    args.json.write_text(json.dumps(dict(tokens=args.tokens, val_tokens=args.val_tokens, set=args.set, rows=rows), indent=1))
-    print(markdown_table(rows, ["variant", "params", "pre_quant", "roundtrip", "sliding", "ttt", "final_vs_full",
-                                "tokens_per_s", "model_bytes"]))
+    args.json.write_text(
+        json.dumps(dict(tokens=args.tokens, val_tokens=args.val_tokens, set=args.set, rows=rows), indent=1)
+    )
+    print(
+        markdown_table(
+            rows,
+            [
+                "variant",
+                "params",
+                "pre_quant",
+                "roundtrip",
+                "sliding",
+                "ttt",
+                "final_vs_full",
+                "tokens_per_s",
+                "model_bytes",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EMBEDDED = dict(DATA_PATH=str(REPO / "data" / "datasets" / "pdmix_sp1024"),
-                TOKENIZER_PATH=str(REPO / "data" / "tokenizers" / "pdmix_1024_bpe.model"))
+EMBEDDED = dict(
+    DATA_PATH=str(REPO / "data" / "datasets" / "pdmix_sp1024"),
+    TOKENIZER_PATH=str(REPO / "data" / "tokenizers" / "pdmix_1024_bpe.model"),
+)
 
 
 def read_env_file(path: Path) -> dict:
@@ -31,8 +33,11 @@ def cpu_scale_env() -> dict:
 
 
 def ensure_embedded_data(*args: str) -> None:
-    subprocess.run([sys.executable, str(REPO / "data" / "prepare_data.py"), "--if-missing", *args], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "data" / "prepare_data.py"), "--if-missing", *args],
+        check=True,
+        capture_output=True,
+    )
 
 
 def token_budget_base(args) -> dict:
@@ -50,6 +55,7 @@ def child_env(env: dict) -> dict:
     image needs them) without any variable train_gpt.py reads as a knob or from torchrun, plus `env`."""
     sys.path.insert(0, str(REPO))
     import train_gpt as tg
+
     knobs = set(tg.knob_names())
     knobs |= {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     return {**{k: v for k, v in os.environ.items() if k not in knobs}, **{k: str(v) for k, v in env.items()}}
@@ -58,8 +64,13 @@ def child_env(env: dict) -> dict:
 def run_train(env: dict, workdir: Path) -> dict:
     """Run train_gpt.py with the knobs of `env` alone (child_env) in workdir; return its JSON summary."""
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, env=child_env(env),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_gpt.py")],
+        cwd=workdir,
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         raise RuntimeError(f"train_gpt.py failed ({env.get('RUN_ID')}):\n{proc.stderr[-3000:]}")
     return json.loads((workdir / "logs" / f"{env['RUN_ID']}.json").read_text())

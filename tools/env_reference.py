@@ -19,15 +19,17 @@ sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402
 
 START, END = "<!-- env-reference:start -->", "<!-- env-reference:end -->"
-TORCHRUN = [("RANK", "0", "this process's rank (set by torchrun)"),
-            ("WORLD_SIZE", "1", "number of processes: 1, 2, 4 or 8 (set by torchrun)"),
-            ("LOCAL_RANK", "0", "GPU index on this node (set by torchrun)")]
+TORCHRUN = [
+    ("RANK", "0", "this process's rank (set by torchrun)"),
+    ("WORLD_SIZE", "1", "number of processes: 1, 2, 4 or 8 (set by torchrun)"),
+    ("LOCAL_RANK", "0", "GPU index on this node (set by torchrun)"),
+]
 
 
 def fields_with_comments() -> list[tuple[str, str, str]]:
     """(group, field name, comment) in source order, from the Hyperparameters class body."""
     source = (REPO / "train_gpt.py").read_text()
-    body = source[source.index("class Hyperparameters:"): source.index("    @classmethod")]
+    body = source[source.index("class Hyperparameters:") : source.index("    @classmethod")]
     out, group = [], ""
     for line in body.splitlines():
         if m := re.match(r"    # (.+)$", line):
@@ -55,7 +57,9 @@ def markdown() -> str:
             group = g
         f = fields[name]
         lo, hi, choices = (f.metadata.get(k) for k in ("lo", "hi", "choices"))
-        allowed = "/".join(choices) if choices else (f"{lo}..{'' if hi is None else hi}" if lo is not None else "")
+        allowed = (
+            "/".join(choices) if choices else (f"{lo}..{'' if hi is None else hi}" if lo is not None else "")
+        )
         allowed = f" ({allowed})" if allowed else ""
         rows.append(f"| `{name.upper()}` | `{default_text(f)}`{allowed} | {comment.replace('|', '/')} |")
     rows.append("| **distributed** | | |")

@@ -30,8 +30,10 @@ def unpack(packed: str) -> str:
     if not match:
         raise ValueError("not a packed train_gpt.py (no b85 payload)")
     import base64
-    return lzma.decompress(base64.b85decode(match.group(1)), format=lzma.FORMAT_RAW,
-                           filters=[{"id": lzma.FILTER_LZMA2}]).decode()
+
+    return lzma.decompress(
+        base64.b85decode(match.group(1)), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]
+    ).decode()
 
 
 def same_program(packed: str, source: str) -> bool:
@@ -40,7 +42,9 @@ def same_program(packed: str, source: str) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", type=Path, default=REPO / "train_gpt.py")
     parser.add_argument("--output", type=Path, default=REPO / "packed" / "train_gpt.py")
     args = parser.parse_args()
@@ -50,8 +54,10 @@ def main() -> None:
         sys.exit("error: the packed form is not the source's program (its AST differs beyond docstrings)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(packed, encoding="utf-8")
-    print(f"{args.input}: {len(source.encode())} raw bytes -> {args.output}: {len(packed.encode())} packed bytes "
-          "(same AST without docstrings)")
+    print(
+        f"{args.input}: {len(source.encode())} raw bytes -> {args.output}: {len(packed.encode())} packed bytes "
+        "(same AST without docstrings)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from train_gpt import RULE_BYTES, packed_code  # noqa: E402
 
-REQUIRED_FIELDS = ("name", "author", "github_id", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code",
-                   "bytes_model", "seeds", "seed_results", "code_sha256")
+REQUIRED_FIELDS = (
+    "name",
+    "author",
+    "github_id",
+    "blurb",
+    "date",
+    "val_loss",
+    "val_bpb",
+    "bytes_total",
+    "bytes_code",
+    "bytes_model",
+    "seeds",
+    "seed_results",
+    "code_sha256",
+)
 
 
 class Rejected(Exception):
@@ -48,15 +61,21 @@ def verify(folder: Path) -> dict:
         forms.append(first.read_text().partition("\n" + "=" * 100 + "\n")[0])  # the source its log embeds
     ran = [f for f in forms if hashlib.sha256(f.encode()).hexdigest() == sub["code_sha256"]]
     if not ran:  # the runs may have executed the readable source or the packed file itself
-        raise Rejected(f"{folder}/train_gpt.py is not the code the runs used (sha256 differs from code_sha256)")
+        raise Rejected(
+            f"{folder}/train_gpt.py is not the code the runs used (sha256 differs from code_sha256)"
+        )
     if ran[0] is not script and not same_program(script, ran[0]):
-        raise Rejected(f"{folder}/train_gpt.py does not pack the code the runs used (its AST differs beyond "
-                       "docstrings); re-run tools/package_record.py --packed")
+        raise Rejected(
+            f"{folder}/train_gpt.py does not pack the code the runs used (its AST differs beyond "
+            "docstrings); re-run tools/package_record.py --packed"
+        )
     code_bytes = len(script.encode())
     if sub["bytes_code"] != code_bytes or sub["bytes_total"] != sub["bytes_model"] + code_bytes:
         raise Rejected(f"{folder}: bytes_code/bytes_total do not match the {code_bytes}-byte train_gpt.py")
     if sub["bytes_total"] > RULE_BYTES:
-        raise Rejected(f"{folder}: {sub['bytes_total']} bytes > {RULE_BYTES} (model {sub['bytes_model']} + code {code_bytes})")
+        raise Rejected(
+            f"{folder}: {sub['bytes_total']} bytes > {RULE_BYTES} (model {sub['bytes_model']} + code {code_bytes})"
+        )
     for seed in sub["seeds"]:
         log = folder / f"train_seed{seed}.log"
         if not log.is_file():
@@ -67,20 +86,28 @@ def verify(folder: Path) -> dict:
 
 
 def readme(sub: dict, packed: bool) -> str:
-    rows = "\n".join(f"| {seed} | {r['val_loss']:.5f} | {r['val_bpb']:.5f} |" for seed, r in sub["seed_results"].items())
+    rows = "\n".join(
+        f"| {seed} | {r['val_loss']:.5f} | {r['val_bpb']:.5f} |" for seed, r in sub["seed_results"].items()
+    )
     sig = sub.get("significance")
-    sig_line = (f"\n{sig['test']} test against SOTA val_loss {sig['sota_val_loss']:.5f} - {sig['margin_nats']} nats: "
-                f"t = {sig['t']:.3f}, df = {sig['df']:.1f}, p = {sig['p_value']:.3g} "
-                f"({'significant' if sig['beats_sota'] else 'NOT significant'} at {sig['alpha']}).\n") if sig else ""
-    return f"""# {sub['name']}
+    sig_line = (
+        (
+            f"\n{sig['test']} test against SOTA val_loss {sig['sota_val_loss']:.5f} - {sig['margin_nats']} nats: "
+            f"t = {sig['t']:.3f}, df = {sig['df']:.1f}, p = {sig['p_value']:.3g} "
+            f"({'significant' if sig['beats_sota'] else 'NOT significant'} at {sig['alpha']}).\n"
+        )
+        if sig
+        else ""
+    )
+    return f"""# {sub["name"]}
 
-{sub['blurb']}
+{sub["blurb"]}
 
-**val_bpb {sub['val_bpb']:.5f}** (mean of {len(sub['seeds'])} seeds, std {sub['val_bpb_std']:.5f}; final stage:
-{sub['final_stage']}), val_loss {sub['val_loss']:.5f} nats. Artifact: {sub['bytes_model']:,} model bytes +
-{sub['bytes_code']:,} code bytes{' (packed train_gpt.py)' if packed else ''} = **{sub['bytes_total']:,} bytes**.
-Training {sub['wallclock_seconds']:.1f} s, evaluation {sub['eval_time_seconds']:.1f} s (longest seed), on {sub['hardware']}
-(torch {sub['torch']}). Data: `{sub['data']}`.
+**val_bpb {sub["val_bpb"]:.5f}** (mean of {len(sub["seeds"])} seeds, std {sub["val_bpb_std"]:.5f}; final stage:
+{sub["final_stage"]}), val_loss {sub["val_loss"]:.5f} nats. Artifact: {sub["bytes_model"]:,} model bytes +
+{sub["bytes_code"]:,} code bytes{" (packed train_gpt.py)" if packed else ""} = **{sub["bytes_total"]:,} bytes**.
+Training {sub["wallclock_seconds"]:.1f} s, evaluation {sub["eval_time_seconds"]:.1f} s (longest seed), on {sub["hardware"]}
+(torch {sub["torch"]}). Data: `{sub["data"]}`.
 
 | seed | val_loss | val_bpb |
 |---|---|---|
@@ -110,14 +137,18 @@ def main() -> None:
             sub = json.loads(args.submission.read_text())
             summaries = [json.loads(r.read_text()) for r in args.runs]
             if sorted(s["seed"] for s in summaries) != sorted(sub["seeds"]):
-                raise Rejected(f"the runs' seeds {[s['seed'] for s in summaries]} are not the submission's {sub['seeds']}")
+                raise Rejected(
+                    f"the runs' seeds {[s['seed'] for s in summaries]} are not the submission's {sub['seeds']}"
+                )
             source = (REPO / "train_gpt.py").read_text()
             script = packed_code(source) if args.packed else source
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "train_gpt.py").write_text(script)
             for run, summary in zip(args.runs, summaries):
                 shutil.copyfile(run.with_suffix(".txt"), args.out / f"train_seed{summary['seed']}.log")
-            sub = dict(sub, bytes_code=len(script.encode()), bytes_total=sub["bytes_model"] + len(script.encode()))
+            sub = dict(
+                sub, bytes_code=len(script.encode()), bytes_total=sub["bytes_model"] + len(script.encode())
+            )
             (args.out / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
             (args.out / "README.md").write_text(readme(sub, args.packed))
             verify(args.out)

@@ -13,15 +13,20 @@ import re
 import sys
 from pathlib import Path
 
-STAGES = [("DIAGNOSTIC", r"^DIAGNOSTIC post_\w+ val_loss:\S+ val_bpb:(\S+)"),
-          ("roundtrip", r"^final_int\d+_roundtrip val_loss:\S+ val_bpb:(\S+)"),
-          ("sliding", r"^final_int\d+_sliding_window val_loss:\S+ val_bpb:(\S+)"),
-          ("legal TTT", r"^legal_ttt val_loss:\S+ val_bpb:(\S+)")]
+STAGES = [
+    ("DIAGNOSTIC", r"^DIAGNOSTIC post_\w+ val_loss:\S+ val_bpb:(\S+)"),
+    ("roundtrip", r"^final_int\d+_roundtrip val_loss:\S+ val_bpb:(\S+)"),
+    ("sliding", r"^final_int\d+_sliding_window val_loss:\S+ val_bpb:(\S+)"),
+    ("legal TTT", r"^legal_ttt val_loss:\S+ val_bpb:(\S+)"),
+]
 
 
 def parse(text: str) -> dict:
     train = [(int(s), float(v)) for s, v in re.findall(r"^step:(\d+)/\d+ train_loss:(\S+)", text, re.M)]
-    val = [(int(s), float(l), float(b)) for s, l, b in re.findall(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+)", text, re.M)]
+    val = [
+        (int(s), float(l), float(b))
+        for s, l, b in re.findall(r"^step:(\d+)/\d+ val_loss:(\S+) val_bpb:(\S+)", text, re.M)
+    ]
     stages = {name: float(m.group(1)) for name, pat in STAGES if (m := re.search(pat, text, re.M))}
     return dict(train=train, val=val, stages=stages)
 
@@ -34,6 +39,7 @@ def main() -> None:
     args = p.parse_args()
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -44,15 +50,33 @@ def main() -> None:
         if not run["train"]:
             sys.exit(f"{path}: no 'step:N/M train_loss:' lines (is it a train_gpt.py log?)")
         steps, losses = zip(*run["train"])
-        line, = left.plot(steps, losses, label=f"{path.stem} train")
+        (line,) = left.plot(steps, losses, label=f"{path.stem} train")
         if run["val"]:
-            left.plot([v[0] for v in run["val"]], [v[1] for v in run["val"]], "o", color=line.get_color(), label=f"{path.stem} val")
+            left.plot(
+                [v[0] for v in run["val"]],
+                [v[1] for v in run["val"]],
+                "o",
+                color=line.get_color(),
+                label=f"{path.stem} val",
+            )
         names = list(run["stages"])
-        right.plot(range(len(names)), [run["stages"][n] for n in names], "o-", color=line.get_color(), label=path.stem)
+        right.plot(
+            range(len(names)),
+            [run["stages"][n] for n in names],
+            "o-",
+            color=line.get_color(),
+            label=path.stem,
+        )
         right.set_xticks(range(len(names)), names)
         for i, n in enumerate(names):
-            right.annotate(f"{run['stages'][n]:.4f}", (i, run["stages"][n]), textcoords="offset points", xytext=(0, 6),
-                           ha="center", fontsize=8)
+            right.annotate(
+                f"{run['stages'][n]:.4f}",
+                (i, run["stages"][n]),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
     left.set(xlabel="step", ylabel="loss (nats/token)", title="training")
     right.set(ylabel="val_bpb", title="scores by stage")
     for ax in (left, right):

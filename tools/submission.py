@@ -31,8 +31,10 @@ def _betacf(a: float, b: float, x: float) -> float:
     d = 1.0 / (d if abs(d) > tiny else tiny)
     result = d
     for m in range(1, 500):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c
@@ -69,12 +71,19 @@ def significance(ours: list[float], sota: list[float], margin: float) -> dict:
     else:
         va, vb = var / n, statistics.variance(sota) / len(sota)
         se, test = math.sqrt(va + vb), "Welch"
-        df = (va + vb) ** 2 / ((va ** 2 / (n - 1) if n > 1 else 0) + vb ** 2 / (len(sota) - 1)) if va + vb else 0
+        df = (va + vb) ** 2 / ((va**2 / (n - 1) if n > 1 else 0) + vb**2 / (len(sota) - 1)) if va + vb else 0
     if n < 2 or se == 0 or df <= 0:
         raise Refused(f"a t-test needs at least 2 runs with different losses (got {n})")
     t = (mean - target) / se
-    return dict(test=test, mean_val_loss=mean, sota_val_loss=statistics.fmean(sota), margin_nats=margin,
-                t=t, df=df, p_value=student_t_cdf(t, df))
+    return dict(
+        test=test,
+        mean_val_loss=mean,
+        sota_val_loss=statistics.fmean(sota),
+        margin_nats=margin,
+        t=t,
+        df=df,
+        p_value=student_t_cdf(t, df),
+    )
 
 
 def load_runs(paths: list[Path]) -> list[dict]:
@@ -82,7 +91,9 @@ def load_runs(paths: list[Path]) -> list[dict]:
     for key in ("config_hash", "code_sha256"):
         values = {r[key] for r in runs}
         if len(values) > 1:
-            raise Refused(f"runs differ in {key} ({', '.join(sorted(values))}): one submission is one configuration")
+            raise Refused(
+                f"runs differ in {key} ({', '.join(sorted(values))}): one submission is one configuration"
+            )
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         raise Refused(f"repeated seeds {seeds}")
@@ -98,25 +109,40 @@ def build_submission(runs: list[dict], args) -> dict:
     losses, bpbs = [f["val_loss"] for f in finals], [f["val_bpb"] for f in finals]
     bytes_ = [r["bytes"] for r in runs]
     sub = dict(
-        name=args.name, author=args.author, github_id=args.github_id, blurb=args.blurb,
+        name=args.name,
+        author=args.author,
+        github_id=args.github_id,
+        blurb=args.blurb,
         date=args.date or datetime.date.today().isoformat(),
-        val_loss=statistics.fmean(losses), val_bpb=statistics.fmean(bpbs),
+        val_loss=statistics.fmean(losses),
+        val_bpb=statistics.fmean(bpbs),
         val_loss_std=statistics.stdev(losses) if len(runs) > 1 else 0.0,
         val_bpb_std=statistics.stdev(bpbs) if len(runs) > 1 else 0.0,
         seeds=[r["seed"] for r in runs],
-        seed_results={str(r["seed"]): dict(val_loss=f["val_loss"], val_bpb=f["val_bpb"]) for r, f in zip(runs, finals)},
+        seed_results={
+            str(r["seed"]): dict(val_loss=f["val_loss"], val_bpb=f["val_bpb"]) for r, f in zip(runs, finals)
+        },
         pre_quant_val_loss=statistics.fmean(r["train"]["pre_quant"]["val_loss"] for r in runs),
         pre_quant_val_bpb=statistics.fmean(r["train"]["pre_quant"]["val_bpb"] for r in runs),
         step_stop=[r["train"]["steps"] for r in runs],
         wallclock_seconds=max(r["train"]["train_ms"] for r in runs) / 1000,
         eval_time_seconds=max(r["eval"]["times_ms"]["total"] for r in runs) / 1000,
-        bytes_total=max(b["total"] for b in bytes_), bytes_code=bytes_[0]["code"],
+        bytes_total=max(b["total"] for b in bytes_),
+        bytes_code=bytes_[0]["code"],
         bytes_model=max(b["model"] for b in bytes_),
-        final_stage=finals[0]["stage"], hardware=runs[0]["device"], torch=runs[0]["torch"],
-        data=runs[0]["config"]["data_path"], config_hash=runs[0]["config_hash"], code_sha256=runs[0]["code_sha256"],
+        final_stage=finals[0]["stage"],
+        hardware=runs[0]["device"],
+        torch=runs[0]["torch"],
+        data=runs[0]["config"]["data_path"],
+        config_hash=runs[0]["config_hash"],
+        code_sha256=runs[0]["code_sha256"],
     )
     if args.sota_val_loss is not None or args.sota_val_losses:
-        sota = [float(v) for v in args.sota_val_losses.split(",")] if args.sota_val_losses else [args.sota_val_loss]
+        sota = (
+            [float(v) for v in args.sota_val_losses.split(",")]
+            if args.sota_val_losses
+            else [args.sota_val_loss]
+        )
         sig = significance(losses, sota, args.margin_nats)
         sig["alpha"], sig["beats_sota"] = args.alpha, sig["p_value"] < args.alpha
         sub["significance"] = sig
@@ -142,8 +168,10 @@ def main() -> None:
     except Refused as e:
         sys.exit(f"refused: {e}")
     args.out.write_text(json.dumps(sub, indent=2) + "\n")
-    line = f"{args.out}: {len(sub['seeds'])} seeds, val_bpb {sub['val_bpb']:.5f} ± {sub['val_bpb_std']:.5f}, " \
-           f"val_loss {sub['val_loss']:.5f}, bytes_total {sub['bytes_total']}"
+    line = (
+        f"{args.out}: {len(sub['seeds'])} seeds, val_bpb {sub['val_bpb']:.5f} ± {sub['val_bpb_std']:.5f}, "
+        f"val_loss {sub['val_loss']:.5f}, bytes_total {sub['bytes_total']}"
+    )
     if "significance" in sub:
         s = sub["significance"]
         line += f"; {s['test']} p={s['p_value']:.4g} ({'beats' if s['beats_sota'] else 'does NOT beat'} SOTA by {s['margin_nats']} nats at p<{s['alpha']})"

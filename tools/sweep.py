@@ -54,7 +54,10 @@ def check_keys(keys, where: str) -> None:
     for key in keys:
         if key not in KNOBS:
             close = difflib.get_close_matches(key, sorted(KNOBS), n=1)
-            raise SweepError(f"{where}: {key} is not a train_gpt.py knob" + (f" (did you mean {close[0]}?)" if close else ""))
+            raise SweepError(
+                f"{where}: {key} is not a train_gpt.py knob"
+                + (f" (did you mean {close[0]}?)" if close else "")
+            )
 
 
 def resolve_points(args) -> tuple[list[str], list[dict]]:
@@ -114,22 +117,37 @@ def launch(point: dict, out: Path, nproc: int, gpus: list[int] | None) -> tuple[
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     script = str(REPO / "train_gpt.py")
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-           if nproc > 1 else [sys.executable, script])
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+        if nproc > 1
+        else [sys.executable, script]
+    )
     with open(run_dir / "stdout.txt", "w") as f:
         return subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=f, stderr=subprocess.STDOUT), run_dir
 
 
 def result_of(point: dict, run_dir: Path, returncode: int, seconds: float) -> dict:
-    row = dict(id=point["id"], grid=point["grid"], seed=point["seed"], env=point["env"], returncode=returncode,
-               wall_s=round(seconds, 1))
+    row = dict(
+        id=point["id"],
+        grid=point["grid"],
+        seed=point["seed"],
+        env=point["env"],
+        returncode=returncode,
+        wall_s=round(seconds, 1),
+    )
     summary = run_dir / "logs" / f"{point['id']}.json"
     if returncode == 0 and summary.exists():
         s = json.loads(summary.read_text())
-        row.update(status="ok", final_stage=s["final"]["stage"], val_loss=s["final"]["val_loss"],
-                   val_bpb=s["final"]["val_bpb"], bytes_total=(s.get("bytes") or {}).get("total"),
-                   train_ms=(s.get("train") or {}).get("train_ms"), eval_ms=s["eval"]["times_ms"]["total"],
-                   compliance={k: v["status"] for k, v in s["compliance"].items()})
+        row.update(
+            status="ok",
+            final_stage=s["final"]["stage"],
+            val_loss=s["final"]["val_loss"],
+            val_bpb=s["final"]["val_bpb"],
+            bytes_total=(s.get("bytes") or {}).get("total"),
+            train_ms=(s.get("train") or {}).get("train_ms"),
+            eval_ms=s["eval"]["times_ms"]["total"],
+            compliance={k: v["status"] for k, v in s["compliance"].items()},
+        )
     else:
         tail = (run_dir / "stdout.txt").read_text()[-2000:] if (run_dir / "stdout.txt").exists() else ""
         row.update(status="failed", error=tail)
@@ -140,17 +158,26 @@ def run_points(points: list[dict], out: Path, nproc: int) -> None:
     results_path = out / "results.jsonl"
     done = load_results(results_path)
     todo = [p for p in points if done.get(p["id"], {}).get("status") != "ok"]
-    print(f"sweep: {len(points)} runs, {len(points) - len(todo)} already done, {len(todo)} to run", flush=True)
+    print(
+        f"sweep: {len(points)} runs, {len(points) - len(todo)} already done, {len(todo)} to run", flush=True
+    )
     n_gpus = gpu_count()
-    slots = [list(range(i * nproc, (i + 1) * nproc)) for i in range(n_gpus // nproc)] if n_gpus >= nproc else [None]
+    slots = (
+        [list(range(i * nproc, (i + 1) * nproc)) for i in range(n_gpus // nproc)]
+        if n_gpus >= nproc
+        else [None]
+    )
     free, running, t0, finished = list(slots), [], time.time(), 0
     while todo or running:
         while todo and free:
             point, gpus = todo.pop(0), free.pop(0)
             proc, run_dir = launch(point, out, nproc, gpus)
             running.append((proc, run_dir, point, gpus, time.time()))
-            print(f"sweep: start {point['id']} {point['grid']} seed={point['seed']}"
-                  + (f" on GPUs {gpus}" if gpus is not None else ""), flush=True)
+            print(
+                f"sweep: start {point['id']} {point['grid']} seed={point['seed']}"
+                + (f" on GPUs {gpus}" if gpus is not None else ""),
+                flush=True,
+            )
         time.sleep(0.5)
         for item in [r for r in running if r[0].poll() is not None]:
             proc, run_dir, point, gpus, started = item
@@ -162,10 +189,15 @@ def run_points(points: list[dict], out: Path, nproc: int) -> None:
             finished += 1
             elapsed = time.time() - t0
             eta = elapsed / finished * (len(todo) + len(running))
-            score = f"val_bpb {row['val_bpb']:.5f}" if row["status"] == "ok" else f"FAILED (rc {proc.returncode})"
-            print(f"sweep: [{finished}/{finished + len(todo) + len(running)}] {point['id']} {point['grid']} "
-                  f"seed={point['seed']}: {score}; {len(todo) + len(running)} left, elapsed {elapsed / 60:.1f} min, "
-                  f"eta {eta / 60:.1f} min", flush=True)
+            score = (
+                f"val_bpb {row['val_bpb']:.5f}" if row["status"] == "ok" else f"FAILED (rc {proc.returncode})"
+            )
+            print(
+                f"sweep: [{finished}/{finished + len(todo) + len(running)}] {point['id']} {point['grid']} "
+                f"seed={point['seed']}: {score}; {len(todo) + len(running)} left, elapsed {elapsed / 60:.1f} min, "
+                f"eta {eta / 60:.1f} min",
+                flush=True,
+            )
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
@@ -176,7 +208,7 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float] | None:
     if va + vb == 0:
         return None
     t = (statistics.fmean(a) - statistics.fmean(b)) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     return t, 2 * (1 - student_t_cdf(abs(t), df))
 
 
@@ -191,8 +223,13 @@ def table(grid_keys: list[str], points: list[dict], results: dict, baseline: dic
     out = []
     for grid, runs in rows.items():
         bpb, nats = [r["val_bpb"] for r in runs], [r["val_loss"] for r in runs]
-        row = dict(grid=dict(grid), seeds=len(runs), val_bpb=statistics.fmean(bpb),
-                   val_bpb_std=statistics.stdev(bpb) if len(bpb) > 1 else 0.0, val_loss=statistics.fmean(nats))
+        row = dict(
+            grid=dict(grid),
+            seeds=len(runs),
+            val_bpb=statistics.fmean(bpb),
+            val_bpb_std=statistics.stdev(bpb) if len(bpb) > 1 else 0.0,
+            val_loss=statistics.fmean(nats),
+        )
         if base_runs is not None:
             row["delta_nats"] = row["val_loss"] - statistics.fmean(r["val_loss"] for r in base_runs)
             test = welch(nats, [r["val_loss"] for r in base_runs])
@@ -202,15 +239,24 @@ def table(grid_keys: list[str], points: list[dict], results: dict, baseline: dic
 
 
 def print_table(rows: list[dict], grid_keys: list[str], baseline: dict | None) -> None:
-    head = grid_keys + ["seeds", "val_bpb (mean ± std)", "val_loss"] + (["Δ nats vs baseline", "Welch p"] if baseline else [])
+    head = (
+        grid_keys
+        + ["seeds", "val_bpb (mean ± std)", "val_loss"]
+        + (["Δ nats vs baseline", "Welch p"] if baseline else [])
+    )
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        cells = [r["grid"][k] for k in grid_keys] + [str(r["seeds"]), f"{r['val_bpb']:.5f} ± {r['val_bpb_std']:.5f}",
-                                                      f"{r['val_loss']:.5f}"]
+        cells = [r["grid"][k] for k in grid_keys] + [
+            str(r["seeds"]),
+            f"{r['val_bpb']:.5f} ± {r['val_bpb_std']:.5f}",
+            f"{r['val_loss']:.5f}",
+        ]
         if baseline:
             p = r.get("welch_p")
-            cells += ["baseline" if r["grid"] == baseline else f"{r['delta_nats']:+.5f}",
-                      "" if p is None else f"{p:.3g}"]
+            cells += [
+                "baseline" if r["grid"] == baseline else f"{r['delta_nats']:+.5f}",
+                "" if p is None else f"{p:.3g}",
+            ]
         print("| " + " | ".join(cells) + " |")
     print("(Welch p: two-sided, on val_loss in nats over seeds; the record bar is 0.005 nats at p < 0.01)")
 
@@ -218,6 +264,7 @@ def print_table(rows: list[dict], grid_keys: list[str], baseline: dict | None) -
 def plot(rows: list[dict], key: str, path: Path) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -226,10 +273,19 @@ def plot(rows: list[dict], key: str, path: Path) -> None:
     others = sorted({tuple((k, v) for k, v in r["grid"].items() if k != key) for r in rows})
     fig, ax = plt.subplots(figsize=(6, 4))
     for rest in others:
-        pts = sorted((float(r["grid"][key]), r["val_bpb"], r["val_bpb_std"]) for r in rows
-                     if tuple((k, v) for k, v in r["grid"].items() if k != key) == rest)
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=", ".join(f"{k}={v}" for k, v in rest) or None)
+        pts = sorted(
+            (float(r["grid"][key]), r["val_bpb"], r["val_bpb_std"])
+            for r in rows
+            if tuple((k, v) for k, v in r["grid"].items() if k != key) == rest
+        )
+        ax.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            yerr=[p[2] for p in pts],
+            marker="o",
+            capsize=3,
+            label=", ".join(f"{k}={v}" for k, v in rest) or None,
+        )
     ax.set_xlabel(key)
     ax.set_ylabel("val_bpb (mean ± std over seeds)")
     if any(others):
