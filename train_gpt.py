@@ -24,6 +24,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import glob
 import hashlib
@@ -41,6 +42,7 @@ import struct
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter as now
 
@@ -70,146 +72,262 @@ def need(ok, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def knob(default, lo=None, hi=None, choices=None):
-    return dataclasses.field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices})
+def knob(default, lo=None, hi=None, choices=None, model=False, help=""):
+    """A Hyperparameters field read from the environment variable of its name in capitals. lo/hi/choices
+    are checked by from_env; model=True marks what shapes the network (the group the artifact and the float
+    checkpoint store, so that a verifier rebuilds exactly the network that was scored); help is the README's
+    table (tools/env_reference.py). The packed script drops help (packed_code): documentation, not code."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "model": model, "help": help}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
-    # fmt: off
     # data and run
-    data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_{train,val}_*.bin shards
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model of the shards
-    run_id: str = ""  # names logs/{RUN_ID}.txt and .json; "" = a fresh uuid4
-    seed: int = knob(1337, 0, 2 ** 32 - 1)  # model init (data order is fixed by the shards)
-    vocab_size: int = knob(1024, 2, 65536)  # must equal the tokenizer's piece count
-    val_max_tokens: int = knob(0, 0)  # score only this many val targets (0 = all; not a record)
+    data_path: str = knob(
+        "./data/datasets/fineweb10B_sp1024", help="folder of fineweb_{train,val}_*.bin shards"
+    )
+    tokenizer_path: str = knob(
+        "./data/tokenizers/fineweb_1024_bpe.model", help="SentencePiece model of the shards"
+    )
+    run_id: str = knob("", help='names logs/{RUN_ID}.txt and .json; "" = a fresh uuid4')
+    seed: int = knob(1337, 0, 2**32 - 1, help="model init (data order is fixed by the shards)")
+    vocab_size: int = knob(1024, 2, 65536, model=True, help="must equal the tokenizer's piece count")
+    val_max_tokens: int = knob(0, 0, help="score only this many val targets (0 = all; not a record)")
     # training schedule
-    iterations: int = knob(20000, 1)  # step limit (the wallclock cap usually stops training first)
-    max_wallclock_seconds: float = knob(600.0, 0.0)  # training time cap; 0 = none (iteration warmdown)
-    train_batch_tokens: int = knob(786432, 1)  # global tokens per step, fixed for any number of processes
-    train_micro_batches: int = knob(0, 0)  # micro-batches per step, all ranks together (0 = 8, or WORLD_SIZE above 8)
-    train_seq_len: int = knob(2048, 2)  # training sequence length
-    warmup_steps: int = knob(20, 0)  # compile warm-up steps, undone before the timer starts
-    warmdown_iters: int = knob(3500, 0)  # linear LR decay over the last this-many (projected) steps
-    warmdown_frac: float = knob(0.0, 0.0, 1.0)  # ... or over this fraction of the run (of the cap, else steps)
-    min_lr: float = knob(0.0, 0.0, 1.0)  # floor of the warmdown LR multiplier
-    grad_clip_norm: float = knob(0.3, 0.0)  # global norm of the rank-averaged gradients; 0 = off
-    val_loss_every: int = knob(4000, 0)  # validate every N steps and at the last; 0 = never while training
-    val_batch_size: int = knob(524288, 1)  # tokens per eval forward, all ranks together
-    train_log_every: int = knob(500, 1)  # train_loss line period (steps 1-10 are always logged)
-    compile: str = knob("auto", choices=("auto", "0", "1"))  # torch.compile; auto = on for CUDA only
-    compile_cache_dir: str = ""  # folder of torch.compile's disk caches, reused by later runs; "" = torch's default
-    compile_backend: str = knob("inductor", choices=("inductor", "aot_eager"))  # aot_eager: no code generation
+    iterations: int = knob(20000, 1, help="step limit (the wallclock cap usually stops training first)")
+    max_wallclock_seconds: float = knob(600.0, 0.0, help="training time cap; 0 = none (iteration warmdown)")
+    train_batch_tokens: int = knob(
+        786432, 1, help="global tokens per step, fixed for any number of processes"
+    )
+    train_micro_batches: int = knob(
+        0, 0, help="micro-batches per step, all ranks together (0 = 8, or WORLD_SIZE above 8)"
+    )
+    train_seq_len: int = knob(2048, 2, model=True, help="training sequence length")
+    warmup_steps: int = knob(20, 0, help="compile warm-up steps, undone before the timer starts")
+    warmdown_iters: int = knob(3500, 0, help="linear LR decay over the last this-many (projected) steps")
+    warmdown_frac: float = knob(
+        0.0, 0.0, 1.0, help="... or over this fraction of the run (of the cap, else steps)"
+    )
+    min_lr: float = knob(0.0, 0.0, 1.0, help="floor of the warmdown LR multiplier")
+    grad_clip_norm: float = knob(0.3, 0.0, help="global norm of the rank-averaged gradients; 0 = off")
+    val_loss_every: int = knob(
+        4000, 0, help="validate every N steps and at the last; 0 = never while training"
+    )
+    val_batch_size: int = knob(524288, 1, help="tokens per eval forward, all ranks together")
+    train_log_every: int = knob(500, 1, help="train_loss line period (steps 1-10 are always logged)")
+    compile: str = knob("auto", choices=("auto", "0", "1"), help="torch.compile; auto = on for CUDA only")
+    compile_cache_dir: str = knob(
+        "", help="folder of torch.compile's disk caches, reused by later runs; \"\" = torch's default"
+    )
+    compile_backend: str = knob(
+        "inductor", choices=("inductor", "aot_eager"), help="aot_eager: no code generation"
+    )
     # model
-    num_layers: int = knob(11, 1)  # logical layers of the base schedule
-    unique_layers: int = knob(0, 0)  # physical blocks (0 = NUM_LAYERS); layer i runs block i % this
-    loop_start: int = knob(-1, -1)  # extra passes over base layers [LOOP_START, LOOP_END] ...
-    loop_end: int = knob(-1, -1)  # ... (inclusive) ...
-    loop_repeats: int = knob(0, 0)  # ... this many times, inserted after LOOP_END; 0 = no loop
-    loop_enable_at: tuple[float, ...] = (0.5,)  # training fraction at which each pass switches on
-    model_dim: int = knob(512, 2)  # residual width
-    num_heads: int = knob(8, 1)  # query heads
-    num_kv_heads: int = knob(4, 1)  # key/value heads (GQA)
-    mlp_mult: float = knob(3.0, 0.0)  # MLP hidden width / MODEL_DIM
-    mlp_neg_slope: float = knob(0.5, 0.0, 1.0)  # LeakyReLU(s)^2; 0 = relu^2 (the baseline)
-    logit_softcap: float = knob(30.0, 0.0)  # logits = c * tanh(z / c); 0 = off
-    rope_base: float = knob(10000 * 2 ** (16 / 14), 1.0)  # RoPE base at TRAIN_SEQ_LEN (R23: 10000 NTK-stretched 1024->2048)
-    rope_dims: int = knob(16, 0)  # rotated dims per head (0 = all)
-    qk_gain_init: float = 1.5  # initial learnable per-head query scale
-    tied_embed_init_std: float = knob(0.005, 0.0)  # init std of the tied embedding
-    ln_scale: bool = True  # block inputs scaled by 1/sqrt(layer+1)
-    xsa_last_n: int = knob(4, 0)  # XSA on the last N logical layers ...
-    xsa_by: str = knob("logical", choices=("logical", "physical"))  # ... or on layers run by the last N blocks (#526)
-    bigram_vocab_size: int = knob(1536, 0)  # BigramHash buckets; 0 = off
-    bigram_dim: int = knob(128, 1)  # BigramHash table width
-    smear_gate: bool = True  # SmearGate on the input embedding ...
-    smear_input_dims: int = knob(0, 0)  # ... a per-channel gate, or lam*sigmoid(w x_t[:N]) x_{t-1} from N channels (#1855: 12)
-    ve_layers: tuple[int, ...] = (9, 10)  # logical layers with value embeddings ("" = none)
-    ve_dim: int = knob(128, 1)  # value-embedding table width
-    parallel_start: int = knob(-1, -1)  # first logical layer with parallel attention and MLP (-1 = off), ...
-    parallel_form: str = knob("lane1", choices=("lane1", "gptj"))  # ... on two lanes (#1530) or one stream (#1493)
-    controls_per: str = knob("layer", choices=("layer", "block"))  # scales, mixes, LN scale per logical layer or block
-    skip_gates: bool = False  # U-Net skips as lerp(w*skip, x, sigmoid(g)) with a learned gate g (#1493)
-    value_residual: bool = False  # layers 1.. mix layer 0's values in: v = l0*v0 + l1*v, l init (0.5, 0.5) (#490)
-    attn_gate: str = knob("off", choices=("off", "dense", "sparse"))  # per-head output gate: sigmoid(W x + b) (#490)
+    num_layers: int = knob(11, 1, model=True, help="logical layers of the base schedule")
+    unique_layers: int = knob(
+        0, 0, model=True, help="physical blocks (0 = NUM_LAYERS); layer i runs block i % this"
+    )
+    loop_start: int = knob(
+        -1, -1, model=True, help="extra passes over base layers [LOOP_START, LOOP_END] ..."
+    )
+    loop_end: int = knob(-1, -1, model=True, help="... (inclusive) ...")
+    loop_repeats: int = knob(
+        0, 0, model=True, help="... this many times, inserted after LOOP_END; 0 = no loop"
+    )
+    loop_enable_at: tuple[float, ...] = knob(
+        (0.5,), model=True, help="training fraction at which each pass switches on"
+    )
+    model_dim: int = knob(512, 2, model=True, help="residual width")
+    num_heads: int = knob(8, 1, model=True, help="query heads")
+    num_kv_heads: int = knob(4, 1, model=True, help="key/value heads (GQA)")
+    mlp_mult: float = knob(3.0, 0.0, model=True, help="MLP hidden width / MODEL_DIM")
+    mlp_neg_slope: float = knob(0.5, 0.0, 1.0, model=True, help="LeakyReLU(s)^2; 0 = relu^2 (the baseline)")
+    logit_softcap: float = knob(30.0, 0.0, model=True, help="logits = c * tanh(z / c); 0 = off")
+    rope_base: float = knob(
+        10000 * 2 ** (16 / 14),
+        1.0,
+        model=True,
+        help="RoPE base at TRAIN_SEQ_LEN (R23: 10000 NTK-stretched 1024->2048)",
+    )
+    rope_dims: int = knob(16, 0, model=True, help="rotated dims per head (0 = all)")
+    qk_gain_init: float = knob(1.5, model=True, help="initial learnable per-head query scale")
+    tied_embed_init_std: float = knob(0.005, 0.0, help="init std of the tied embedding")
+    ln_scale: bool = knob(True, model=True, help="block inputs scaled by 1/sqrt(layer+1)")
+    xsa_last_n: int = knob(4, 0, model=True, help="XSA on the last N logical layers ...")
+    xsa_by: str = knob(
+        "logical",
+        choices=("logical", "physical"),
+        model=True,
+        help="... or on layers run by the last N blocks (#526)",
+    )
+    bigram_vocab_size: int = knob(1536, 0, model=True, help="BigramHash buckets; 0 = off")
+    bigram_dim: int = knob(128, 1, model=True, help="BigramHash table width")
+    smear_gate: bool = knob(True, model=True, help="SmearGate on the input embedding ...")
+    smear_input_dims: int = knob(
+        0,
+        0,
+        model=True,
+        help="... a per-channel gate, or lam*sigmoid(w x_t[:N]) x_{t-1} from N channels (#1855: 12)",
+    )
+    ve_layers: tuple[int, ...] = knob(
+        (9, 10), model=True, help='logical layers with value embeddings ("" = none)'
+    )
+    ve_dim: int = knob(128, 1, model=True, help="value-embedding table width")
+    parallel_start: int = knob(
+        -1, -1, model=True, help="first logical layer with parallel attention and MLP (-1 = off), ..."
+    )
+    parallel_form: str = knob(
+        "lane1", choices=("lane1", "gptj"), model=True, help="... on two lanes (#1530) or one stream (#1493)"
+    )
+    controls_per: str = knob(
+        "layer",
+        choices=("layer", "block"),
+        model=True,
+        help="scales, mixes, LN scale per logical layer or block",
+    )
+    skip_gates: bool = knob(
+        False, model=True, help="U-Net skips as lerp(w*skip, x, sigmoid(g)) with a learned gate g (#1493)"
+    )
+    value_residual: bool = knob(
+        False,
+        model=True,
+        help="layers 1.. mix layer 0's values in: v = l0*v0 + l1*v, l init (0.5, 0.5) (#490)",
+    )
+    attn_gate: str = knob(
+        "off",
+        choices=("off", "dense", "sparse"),
+        model=True,
+        help="per-head output gate: sigmoid(W x + b) (#490)",
+    )
     # or sigmoid(0.5 W x[:12]) (#1787)
-    doc_attention: bool = False  # attend only within the document (from its BOS): training and eval
-    attn_kernel: str = knob("auto", choices=("auto", "sdpa", "flex", "fa3"))  # auto: fa3 if installed, flex for docs on CUDA
+    doc_attention: bool = knob(
+        False, model=True, help="attend only within the document (from its BOS): training and eval"
+    )
+    attn_kernel: str = knob(
+        "auto", choices=("auto", "sdpa", "flex", "fa3"), help="auto: fa3 if installed, flex for docs on CUDA"
+    )
     # optimizers
-    matrix_lr: float = knob(0.025, 0.0)  # Muon LR (block matrices)
-    scalar_lr: float = knob(0.025, 0.0)  # AdamW LR of gains, scales and small projections
-    tied_embed_lr: float = knob(0.035, 0.0)  # AdamW LR of the embedding tables
-    muon_momentum: float = knob(0.99, 0.0, 1.0)  # Nesterov momentum after warm-up
-    muon_momentum_warmup_start: float = knob(0.92, 0.0, 1.0)  # ... rising linearly from this ...
-    muon_momentum_warmup_steps: int = knob(1500, 0)  # ... over this many steps
-    muon_backend_steps: int = knob(5, 1)  # Newton-Schulz iterations (Polar Express: the first N of its 5)
-    muon_ns: str = knob("classic", choices=("classic", "polar"))  # NS coefficients: quintic or Polar Express
-    muon_eq_r: bool = False  # row-normalize the update before Newton-Schulz (MuonEq-R)
-    muon_wd: float = knob(0.04, 0.0)  # Muon decoupled weight decay (x scheduled LR), from this fraction of the run ...
-    muon_wd_taper_at: float = knob(1.0, 0.0, 1.0)  # ... tapering linearly (1 = never) ...
-    muon_wd_taper_to: float = knob(1.0, 0.0)  # ... to this multiple of itself at the end (#1729: 0.7 -> 0.5)
-    adam_wd: float = knob(0.04, 0.0)  # AdamW weight decay
-    embed_wd: float = knob(-1.0, -1.0)  # AdamW weight decay of the embedding tables (-1 = ADAM_WD)
-    beta1: float = knob(0.9, 0.0, 1.0)  # AdamW beta1 (also TTT with AdamW)
-    beta2: float = knob(0.95, 0.0, 1.0)  # AdamW beta2
-    adam_eps: float = knob(1e-8, 1e-30)  # AdamW epsilon (0 gives 0/0 = nan on a zero gradient)
+    matrix_lr: float = knob(0.025, 0.0, help="Muon LR (block matrices)")
+    scalar_lr: float = knob(0.025, 0.0, help="AdamW LR of gains, scales and small projections")
+    tied_embed_lr: float = knob(0.035, 0.0, help="AdamW LR of the embedding tables")
+    muon_momentum: float = knob(0.99, 0.0, 1.0, help="Nesterov momentum after warm-up")
+    muon_momentum_warmup_start: float = knob(0.92, 0.0, 1.0, help="... rising linearly from this ...")
+    muon_momentum_warmup_steps: int = knob(1500, 0, help="... over this many steps")
+    muon_backend_steps: int = knob(
+        5, 1, help="Newton-Schulz iterations (Polar Express: the first N of its 5)"
+    )
+    muon_ns: str = knob(
+        "classic", choices=("classic", "polar"), help="NS coefficients: quintic or Polar Express"
+    )
+    muon_eq_r: bool = knob(False, help="row-normalize the update before Newton-Schulz (MuonEq-R)")
+    muon_wd: float = knob(
+        0.04, 0.0, help="Muon decoupled weight decay (x scheduled LR), from this fraction of the run ..."
+    )
+    muon_wd_taper_at: float = knob(1.0, 0.0, 1.0, help="... tapering linearly (1 = never) ...")
+    muon_wd_taper_to: float = knob(
+        1.0, 0.0, help="... to this multiple of itself at the end (#1729: 0.7 -> 0.5)"
+    )
+    adam_wd: float = knob(0.04, 0.0, help="AdamW weight decay")
+    embed_wd: float = knob(-1.0, -1.0, help="AdamW weight decay of the embedding tables (-1 = ADAM_WD)")
+    beta1: float = knob(0.9, 0.0, 1.0, help="AdamW beta1 (also TTT with AdamW)")
+    beta2: float = knob(0.95, 0.0, 1.0, help="AdamW beta2")
+    adam_eps: float = knob(1e-8, 1e-30, help="AdamW epsilon (0 gives 0/0 = nan on a zero gradient)")
     # weight averaging and QAT
-    ema_decay: float = knob(0.997, 0.0, 1.0)  # EMA of the weights every step; 0 = off
-    swa_every: int = knob(0, 0)  # SWA snapshot period (of the EMA when on); 0 = off
-    swa_start_lrmul: float = knob(0.2, 0.0, 1.0)  # SWA collects once the LR multiplier is below this
-    late_qat_threshold: float = knob(0.15, 0.0, 1.0)  # fake-quant once the LR multiplier < this; 0 = off
+    ema_decay: float = knob(0.997, 0.0, 1.0, help="EMA of the weights every step; 0 = off")
+    swa_every: int = knob(0, 0, help="SWA snapshot period (of the EMA when on); 0 = off")
+    swa_start_lrmul: float = knob(0.2, 0.0, 1.0, help="SWA collects once the LR multiplier is below this")
+    late_qat_threshold: float = knob(0.15, 0.0, 1.0, help="fake-quant once the LR multiplier < this; 0 = off")
     # export
-    quant_bits: int = knob(6, 2, 8)  # block matrices (also the QAT grids), unless set per group:
-    quant_bits_attn: int = knob(0, 0, 8)  # attention matrices (0 = QUANT_BITS)
-    quant_bits_mlp: int = knob(0, 0, 8)  # MLP matrices (0 = QUANT_BITS)
-    embed_bits: int = knob(8, 2, 8)  # embedding tables
-    quant_clip: str = knob("sd", choices=("sd", "mse"))  # row clip: k*std(row) (SDClip) or MSE-best of max|w|
-    quant_clip_k: float = knob(12.85, 0.5)  # SDClip k of the block matrices, unless set per group:
-    quant_clip_k_attn: float = knob(0.0, 0.0)  # attention matrices (0 = QUANT_CLIP_K)
-    quant_clip_k_mlp: float = knob(0.0, 0.0)  # MLP matrices (0 = QUANT_CLIP_K; the 1.0611 record: attn 13, MLP 11.5)
-    embed_clip_k: float = knob(20.0, 0.5)  # SDClip k of the embedding tables
-    lqer_rank: int = knob(0, 0)  # LQER: rank-r SVD of the quantization error, int2/int4 factors, added back (0 = off) ...
-    lqer_tensors: int = knob(3, 1)  # ... on the tensors with the largest error (#1797: rank 4, 3 tensors)
-    prune_frac: float = knob(0.0, 0.0, 0.9)  # zero this fraction of smallest |w| of each int tensor first
-    quant_method: str = knob("lite", choices=("lite", "full"))  # row clip alone, or + Hessian GPTQ
-    gptq_calib_batches: int = knob(16, 1)  # training micro-batches per rank for the Hessians (full)
-    gptq_reserve_seconds: float = knob(8.0, 0.0)  # training stops this early to calibrate in budget (full)
-    gptq_damp: float = knob(0.01, 1e-6)  # Hessian damping, relative to its mean diagonal (x10 per failed try)
-    compressor: str = knob("brotli", choices=("zstd", "brotli", "lzma"))  # brotli-11 (smallest), zstd-22 or lzma-9e
-    artifact_path: str = "final_model.int6.ptz"  # where the artifact is written
-    byte_budget: int = knob(15_900_000, 1)  # total-bytes target of rate control (100 KB under the 16,000,000 rule)
-    auto_fit: str = knob("1", choices=("1", "tighten", "0"))  # over: coarser k, fewer bits; 1 also fills spare bytes (finer k)
-    final_model_path: str = "final_model.pt"  # post-EMA float weights saved for EXPORT_FROM; "" = none
-    export_from: str = ""  # path: skip training, export and score this FINAL_MODEL_PATH file
-    eval_only_artifact: str = ""  # path: skip training, score this artifact (what a verifier runs)
+    quant_bits: int = knob(6, 2, 8, help="block matrices (also the QAT grids), unless set per group:")
+    quant_bits_attn: int = knob(0, 0, 8, help="attention matrices (0 = QUANT_BITS)")
+    quant_bits_mlp: int = knob(0, 0, 8, help="MLP matrices (0 = QUANT_BITS)")
+    embed_bits: int = knob(8, 2, 8, help="embedding tables")
+    quant_clip: str = knob(
+        "sd", choices=("sd", "mse"), help="row clip: k*std(row) (SDClip) or MSE-best of max|w|"
+    )
+    quant_clip_k: float = knob(12.85, 0.5, help="SDClip k of the block matrices, unless set per group:")
+    quant_clip_k_attn: float = knob(0.0, 0.0, help="attention matrices (0 = QUANT_CLIP_K)")
+    quant_clip_k_mlp: float = knob(
+        0.0, 0.0, help="MLP matrices (0 = QUANT_CLIP_K; the 1.0611 record: attn 13, MLP 11.5)"
+    )
+    embed_clip_k: float = knob(20.0, 0.5, help="SDClip k of the embedding tables")
+    lqer_rank: int = knob(
+        0, 0, help="LQER: rank-r SVD of the quantization error, int2/int4 factors, added back (0 = off) ..."
+    )
+    lqer_tensors: int = knob(
+        3, 1, help="... on the tensors with the largest error (#1797: rank 4, 3 tensors)"
+    )
+    prune_frac: float = knob(
+        0.0, 0.0, 0.9, help="zero this fraction of smallest |w| of each int tensor first"
+    )
+    quant_method: str = knob("lite", choices=("lite", "full"), help="row clip alone, or + Hessian GPTQ")
+    gptq_calib_batches: int = knob(16, 1, help="training micro-batches per rank for the Hessians (full)")
+    gptq_reserve_seconds: float = knob(
+        8.0, 0.0, help="training stops this early to calibrate in budget (full)"
+    )
+    gptq_damp: float = knob(
+        0.01, 1e-6, help="Hessian damping, relative to its mean diagonal (x10 per failed try)"
+    )
+    compressor: str = knob(
+        "brotli", choices=("zstd", "brotli", "lzma"), help="brotli-11 (smallest), zstd-22 or lzma-9e"
+    )
+    artifact_path: str = knob("final_model.int6.ptz", help="where the artifact is written")
+    byte_budget: int = knob(
+        15_900_000, 1, help="total-bytes target of rate control (100 KB under the 16,000,000 rule)"
+    )
+    auto_fit: str = knob(
+        "1",
+        choices=("1", "tighten", "0"),
+        help="over: coarser k, fewer bits; 1 also fills spare bytes (finer k)",
+    )
+    final_model_path: str = knob(
+        "final_model.pt", help='post-EMA float weights saved for EXPORT_FROM; "" = none'
+    )
+    export_from: str = knob("", help="path: skip training, export and score this FINAL_MODEL_PATH file")
+    eval_only_artifact: str = knob("", help="path: skip training, score this artifact (what a verifier runs)")
     # evaluation
-    eval_seq_len: int = knob(0, 0)  # scoring window (0 = TRAIN_SEQ_LEN)
-    eval_stride: int = knob(64, 1)  # sliding-window stride: new targets per window
-    eval_sliding: bool = True  # the sliding-window pass (TTT's scoring pass is one too)
-    eval_budget_seconds: float = knob(600.0, 0.0)  # timed eval budget; TTT cuts epochs to fit
-    ttt_enabled: bool = True  # legal score-first test-time training
-    ttt_mode: str = knob("chunk", choices=("chunk", "lora", "phased"))  # full-weight chunks, per-document LoRA, + SGD phases
-    ttt_chunk_tokens: int = knob(32768, 1)  # tokens scored, then trained on, per step of the pass
-    ttt_epochs: int = knob(3, 0)  # passes over each scored chunk (the budget guard may lower it)
-    ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"))  # TTT optimizer (one, across chunks)
-    ttt_lr: float = knob(0.002, 0.0)  # peak TTT LR, cosine-decayed across chunks
-    ttt_momentum: float = knob(0.9, 0.0, 1.0)  # SGD momentum
-    ttt_beta2: float = knob(-1.0, -1.0, 1.0)  # AdamW beta2 of TTT (-1 = BETA2; #490 used 0.999)
-    ttt_freeze_blocks: int = knob(0, 0)  # first N logical layers stay fixed
-    ttt_grad_clip: float = knob(1.0, 0.0)  # global-norm clip of TTT gradients; 0 = off
-    ttt_batch_seqs: int = knob(32, 1)  # sequences per TTT step, all ranks together
-    ttt_lora_rank: int = knob(80, 1)  # LoRA TTT: adapter rank on every block matrix and the output head
-    ttt_lora_lr: float = knob(1e-4, 0.0)  # LoRA TTT: Adam LR (beta1 0, TTT_BETA2), one step per scored chunk
-    ttt_lora_alpha: float = knob(0.0, 0.0)  # LoRA TTT: adapters scaled by alpha/rank (0 = rank: by 1; #1787: 144)
-    ttt_lora_wd: float = knob(0.0, 0.0)  # LoRA TTT: decoupled weight decay of the adapters (#1787: 0.5)
-    ttt_lora_warm_a: bool = False  # LoRA TTT: keep each row's A from document to document, reset only B (#1787)
-    ttt_lora_chunk: int = knob(48, 1)  # LoRA TTT: tokens of a document scored, then learned from, per step
-    ttt_docs_per_batch: int = knob(64, 1)  # LoRA TTT: documents adapted side by side on each rank, longest first
-    ttt_phase_docs: int = knob(2500, 1)  # phased: after this many documents (the longest) ...
-    ttt_phases: int = knob(3, 1)  # ... in this many equal steps, base weights take one SGD epoch on all scored docs
+    eval_seq_len: int = knob(0, 0, help="scoring window (0 = TRAIN_SEQ_LEN)")
+    eval_stride: int = knob(64, 1, help="sliding-window stride: new targets per window")
+    eval_sliding: bool = knob(True, help="the sliding-window pass (TTT's scoring pass is one too)")
+    eval_budget_seconds: float = knob(600.0, 0.0, help="timed eval budget; TTT cuts epochs to fit")
+    ttt_enabled: bool = knob(True, help="legal score-first test-time training")
+    ttt_mode: str = knob(
+        "chunk",
+        choices=("chunk", "lora", "phased"),
+        help="full-weight chunks, per-document LoRA, + SGD phases",
+    )
+    ttt_chunk_tokens: int = knob(32768, 1, help="tokens scored, then trained on, per step of the pass")
+    ttt_epochs: int = knob(3, 0, help="passes over each scored chunk (the budget guard may lower it)")
+    ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"), help="TTT optimizer (one, across chunks)")
+    ttt_lr: float = knob(0.002, 0.0, help="peak TTT LR, cosine-decayed across chunks")
+    ttt_momentum: float = knob(0.9, 0.0, 1.0, help="SGD momentum")
+    ttt_beta2: float = knob(-1.0, -1.0, 1.0, help="AdamW beta2 of TTT (-1 = BETA2; #490 used 0.999)")
+    ttt_freeze_blocks: int = knob(0, 0, help="first N logical layers stay fixed")
+    ttt_grad_clip: float = knob(1.0, 0.0, help="global-norm clip of TTT gradients; 0 = off")
+    ttt_batch_seqs: int = knob(32, 1, help="sequences per TTT step, all ranks together")
+    ttt_lora_rank: int = knob(80, 1, help="LoRA TTT: adapter rank on every block matrix and the output head")
+    ttt_lora_lr: float = knob(
+        1e-4, 0.0, help="LoRA TTT: Adam LR (beta1 0, TTT_BETA2), one step per scored chunk"
+    )
+    ttt_lora_alpha: float = knob(
+        0.0, 0.0, help="LoRA TTT: adapters scaled by alpha/rank (0 = rank: by 1; #1787: 144)"
+    )
+    ttt_lora_wd: float = knob(0.0, 0.0, help="LoRA TTT: decoupled weight decay of the adapters (#1787: 0.5)")
+    ttt_lora_warm_a: bool = knob(
+        False, help="LoRA TTT: keep each row's A from document to document, reset only B (#1787)"
+    )
+    ttt_lora_chunk: int = knob(
+        48, 1, help="LoRA TTT: tokens of a document scored, then learned from, per step"
+    )
+    ttt_docs_per_batch: int = knob(
+        64, 1, help="LoRA TTT: documents adapted side by side on each rank, longest first"
+    )
+    ttt_phase_docs: int = knob(2500, 1, help="phased: after this many documents (the longest) ...")
+    ttt_phases: int = knob(
+        3, 1, help="... in this many equal steps, base weights take one SGD epoch on all scored docs"
+    )
 
-    # fmt: on
     @classmethod
     def from_env(cls, env) -> Hyperparameters:
         values = {}
@@ -372,8 +490,9 @@ class Hyperparameters:
         )
 
     def model_config(self) -> dict:
-        """The fields that shape the network: stored in the artifact so a verifier rebuilds it."""
-        return {k: getattr(self, k) for k in MODEL_FIELDS}
+        """The fields that shape the network (knob(model=True)): stored whole in the artifact and the float
+        checkpoint, so a verifier rebuilds it."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["model"]}
 
 
 def knob_names() -> list[str]:
@@ -413,39 +532,6 @@ FOREIGN_ENV_PREFIXES = (
     "XDG_",
     "SLURM_",
 )
-MODEL_FIELDS = (
-    "vocab_size",
-    "num_layers",
-    "unique_layers",
-    "loop_start",
-    "loop_end",
-    "loop_repeats",
-    "loop_enable_at",
-    "model_dim",
-    "num_heads",
-    "num_kv_heads",
-    "mlp_mult",
-    "mlp_neg_slope",
-    "logit_softcap",
-    "rope_base",
-    "rope_dims",
-    "qk_gain_init",
-    "ln_scale",
-    "xsa_last_n",
-    "bigram_vocab_size",
-    "bigram_dim",
-    "smear_gate",
-    "ve_layers",
-    "ve_dim",
-    "parallel_start",
-    "controls_per",
-    "skip_gates",
-    "value_residual",
-    "attn_gate",
-    "doc_attention",
-    "smear_input_dims",
-    "train_seq_len",
-)
 
 
 # =====================================================================================================
@@ -454,6 +540,9 @@ MODEL_FIELDS = (
 # batch is always TRAIN_MICRO_BATCHES micro-batches (8 up to 8 processes), so any number of processes
 # that divides it trains the same model; beyond 8 processes (multi-node) each takes one micro-batch.
 # =====================================================================================================
+
+
+LONG_WAIT_S = 3 * 3600  # the export's wait (Runtime.long_wait_group): far beyond any export, short of forever
 
 
 @dataclasses.dataclass
@@ -465,6 +554,9 @@ class Runtime:
     compile: bool
     micro_batches: int = 8
     backend: str = "inductor"  # torch.compile's (COMPILE_BACKEND)
+    # This rank's host clock in seconds. Tests give each rank its own offset and rate: no decision that gates a
+    # collective or the schedule may depend on it alone (see AgreedClock and agreed()).
+    time: Callable[[], float] = now
 
     @property
     def grad_accum(self) -> int:
@@ -475,9 +567,22 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
     def clock(self) -> float:
-        """now(), once the work queued on the device so far has run (CUDA kernels run asynchronously)."""
+        """time(), once the work queued on the device so far has run (CUDA kernels run asynchronously)."""
         self.sync()
-        return now()
+        return self.time()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def long_wait_group(self):
+        """A gloo group for one barrier that may outlast the process group's timeout (NCCL's default: 10
+        minutes): the other ranks wait in it while rank 0 exports alone (GPTQ, rate control's refits,
+        brotli-11: minutes at record scale). Waiting there holds no NCCL work, so no watchdog fires. Every
+        rank calls this before the wait's work begins."""
+        if self.world_size == 1:
+            return None
+        return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=LONG_WAIT_S))
 
     def autocast(self):
         return (
@@ -494,6 +599,10 @@ class Runtime:
     def reduce(self, numbers: list, op=None) -> list[float]:
         """Python numbers summed (or combined by op) over the ranks, in float64: every rank decides alike."""
         return self.all_reduce(torch.tensor(numbers, dtype=torch.float64, device=self.device), op).tolist()
+
+    def agreed(self, decision: bool) -> bool:
+        """A decision every rank takes alike: true only where it is true on every rank."""
+        return self.reduce([float(decision)], dist.ReduceOp.MIN)[0] > 0
 
 
 def parse_dist_env(env, h: Hyperparameters) -> tuple[int, int, int]:
@@ -637,6 +746,9 @@ class TrainLoader:
     def __init__(self, files: list[str], rt: Runtime):
         self.files, self.rt = files, rt
         self.file_idx, self.pos, self.tokens = 0, 0, load_shard(files[0])
+        self.check_docs = (
+            False  # FA3 document attention: each batch's documents counted here (check_documents)
+        )
 
     def state(self) -> tuple[int, int]:
         return self.file_idx, self.pos
@@ -662,6 +774,10 @@ class TrainLoader:
         local = global_tokens // (self.rt.world_size * self.rt.grad_accum)
         span = self.take((local + 1) * self.rt.world_size)
         mine = span[self.rt.rank * (local + 1) : (self.rt.rank + 1) * (local + 1)]
+        if self.check_docs:  # every row starts a document; each BOS after its first position another
+            rows = mine[:-1].reshape(-1, seq_len)
+            docs = len(rows) + int(np.count_nonzero(rows[:, 1:] == BOS_ID))
+            check_documents(docs, len(rows), seq_len, f"training data ({self.files[self.file_idx]})")
         t = torch.from_numpy(mine.astype(np.int64)).to(self.rt.device, non_blocking=True)
         return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
 
@@ -869,6 +985,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
 
 
+def fa3_doc_capacity(rows: int, seq_len: int) -> int:
+    """Documents a batch may hold under FA3's varlen attention: cu_seqlens has a fixed length (no recompiles),
+    room for documents of 128 tokens on average."""
+    return rows * (1 + -(-seq_len // 128))
+
+
+def check_documents(docs: int, rows: int, seq_len: int, where: str) -> None:
+    """Raise, on the host, if a batch of `rows` sequences holds more documents than fa3_doc_capacity: a
+    device-side assert is dropped inside compiled graphs and fatal in eager."""
+    if docs > fa3_doc_capacity(rows, seq_len):
+        raise RuntimeError(
+            f"{where}: up to {docs} documents in a batch of {rows} x {seq_len} tokens, more than FA3's fixed "
+            f"cu_seqlens holds ({fa3_doc_capacity(rows, seq_len)}: 128 tokens a document on average); set "
+            "ATTN_KERNEL=flex"
+        )
+
+
+def most_documents(ids: np.ndarray, seq_len: int) -> int:
+    """The most documents any window of seq_len tokens of a stream can hold (its first position always starts
+    one): what a scoring batch of windows holds at worst, per row."""
+    bos = np.concatenate([[0], np.cumsum(ids == BOS_ID)])
+    return 1 + int((bos[seq_len:] - bos[1 : len(bos) - seq_len + 1]).max(initial=0))
+
+
 def make_attention(kernel: str, starts: Tensor, doc: bool):
     """One forward's attention, built once for all layers: causal, with `doc` only within each document (`starts`: a
     row's first position and every BOS). sdpa: a dense mask for documents; flex: a block mask that skips blocks
@@ -882,10 +1022,7 @@ def make_attention(kernel: str, starts: Tensor, doc: bool):
             return lambda q, k, v: first(
                 fa3.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
             ).transpose(1, 2)
-        cap = B * (1 + -(-T // 128))  # room for documents of 128 tokens on average (checked on the device)
-        torch._assert_async(
-            starts.sum() <= cap, "ATTN_KERNEL=fa3: more documents in a batch than cu_seqlens holds"
-        )
+        cap = fa3_doc_capacity(B, T)  # checked on the host, where the tokens are batched (check_documents)
         cu = F.pad(
             torch.nonzero_static(starts.flatten(), size=cap, fill_value=B * T).flatten(), (0, 1), value=B * T
         )
@@ -1174,6 +1311,10 @@ class GPT(nn.Module):
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
 
+    def layout(self) -> str:
+        """Which logical layers run XSA and each control's block form: what a config slip changes silently."""
+        return f"xsa:{[i for i, x in enumerate(self.xsa) if x]} forms:{[c.form for c in self.controls]}"
+
     @property
     def n_stages(self) -> int:
         return max(s for _, s in self.slots) + 1
@@ -1310,13 +1451,14 @@ class Muon(torch.optim.Optimizer):
         meanwhile()
         for work in pending:
             work.wait()
-        return sum(G.square().sum() for G in self.shares.values())
+        return torch.stack(torch._foreach_norm(list(self.shares.values()))).square().sum()
 
     @torch.no_grad()
     def step(self):
         lr, mu, wd = (self.param_groups[0][k] for k in ("lr", "momentum", "weight_decay"))
         if not self.shares:  # not reduced by the training step (a single process, a test)
             self.reduce_grads()
+        updates = []
         for (rows, cols), params in self.stacks.items():
             G, buf = (
                 self.shares.pop((rows, cols)).mul_(self.grad_scale),
@@ -1325,16 +1467,26 @@ class Muon(torch.optim.Optimizer):
             U = G.add(buf.mul_(mu).add_(G), alpha=mu)  # Nesterov
             if self.row_normalize:
                 U = U / (U.norm(dim=-1, keepdim=True) + 1e-7)
-            mine = self.orthogonalize(U, self.steps, self.polar)
-            if self.rt.world_size > 1:  # every rank's share, in rank order
-                mine, share = mine.new_empty(len(mine) * self.rt.world_size, rows, cols), mine
-                dist.all_gather_into_tensor(mine, share.contiguous())
+            updates.append(self.orthogonalize(U, self.steps, self.polar))
+        for ((rows, cols), params), update in zip(self.stacks.items(), self.gather(updates)):
             torch._foreach_mul_(params, 1 - lr * wd)
+            # mixed dtypes (bf16 updates, fp32 weights) promote in place: no fp32 copy of the update
             torch._foreach_add_(
-                params,
-                list(mine[: len(params)].to(params[0].dtype).unbind(0)),
-                alpha=-lr * max(1.0, rows / cols) ** 0.5,
+                params, list(update[: len(params)].unbind(0)), alpha=-lr * max(1.0, rows / cols) ** 0.5
             )
+
+    def gather(self, shares: list[Tensor]) -> list[Tensor]:
+        """Every rank's orthogonalized share of every stack, in rank order: one all-gather for all stacks."""
+        world = self.rt.world_size
+        if world == 1:
+            return shares
+        flat = torch.cat([u.reshape(-1) for u in shares])
+        out = flat.new_empty(world * flat.numel())
+        dist.all_gather_into_tensor(out, flat)
+        parts = out.view(world, -1).split(
+            [u.numel() for u in shares], dim=1
+        )  # per stack: (rank, share * rows * cols)
+        return [p.reshape(world * u.size(0), *u.shape[1:]) for p, u in zip(parts, shares)]
 
 
 def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
@@ -1834,13 +1986,16 @@ def fmt_plan(plan: dict) -> str:
 
 
 def without_docstrings(tree: ast.Module) -> ast.Module:
-    """The tree with every module/class/function docstring dropped (a body left empty gets `pass`)."""
+    """The tree with every module/class/function docstring and every knob's help dropped (a body left empty
+    gets `pass`)."""
     for node in ast.walk(tree):
         if (
             isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
             and ast.get_docstring(node, clean=False) is not None
         ):
             node.body = node.body[1:] or [ast.Pass()]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "knob":
+            node.keywords = [k for k in node.keywords if k.arg != "help"]  # the README's, not the run's
     return tree
 
 
@@ -1904,6 +2059,85 @@ def collect_hessians(
 # =====================================================================================================
 
 
+class AgreedClock:
+    """Training time that every rank agrees on, without a host sync per step.
+
+    The schedule (recurrence stage, LR, WD, late QAT) and the stop switch on training time. Read from each
+    rank's own clock they switch on different steps on different ranks: the AdamW buffer then has a different
+    length on each rank (a mismatched collective) and the weights drift apart. So each step's elapsed time is
+    all-reduced (MAX, the slowest rank) without waiting, and read one step later, when it has long arrived:
+    every rank sees the same number at the same step, and the device queue never drains for it. On CUDA the
+    value is copied into pinned host memory behind the all-reduce and read through an event, so the host
+    waits for the previous step's work only. pause() is the exact, synced time (validation, the end)."""
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.paused_ms, self.t0, self.pending = rt, 0.0, 0.0, None
+        self.ms, self.at_step, self.prev = 0.0, 0, (0.0, 0)  # the agreed time, its step, the one before
+        # How many steps the stop looks ahead of the last agreed time: the next step, this one, and on CUDA
+        # up to two more that the host may have queued ahead of the device when it measured.
+        self.lookahead = 4 if rt.device.type == "cuda" else 2
+
+    def start(self) -> None:
+        """(Re)start the timer, every rank at once."""
+        self.rt.sync()
+        self.rt.barrier()
+        self.t0 = self.rt.time()
+
+    def pause(self, step: int) -> float:
+        """Stop the timer: the exact time so far, the slowest rank's."""
+        mine = self.paused_ms + (self.rt.clock() - self.t0) * 1000
+        self.paused_ms = self.rt.reduce([mine], dist.ReduceOp.MAX)[0]
+        self.pending = None
+        self.agree(self.paused_ms, step)
+        return self.paused_ms
+
+    def agree(self, ms: float, step: int) -> None:
+        if step > self.at_step:
+            self.prev = (self.ms, self.at_step)
+        self.ms, self.at_step = ms, step
+
+    def post(self, step: int) -> None:
+        """Send this rank's elapsed time after `step` steps; take in the one sent a step ago."""
+        previous = self.pending
+        self.pending = (step, self.send(self.paused_ms + (self.rt.time() - self.t0) * 1000))
+        if previous is not None:
+            self.agree(self.receive(previous[1]), previous[0])
+
+    def send(self, ms: float) -> tuple:
+        rt, cuda = self.rt, self.rt.device.type == "cuda"
+        src = torch.tensor([ms], dtype=torch.float64)
+        t = src.pin_memory().to(rt.device, non_blocking=True) if cuda else src
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True) if rt.world_size > 1 else None
+        if not cuda:
+            return (work, t, None)
+        if work is not None:
+            work.wait()  # NCCL: the current stream waits for the all-reduce, the host does not
+        host = torch.empty(1, dtype=torch.float64, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return (None, host, event)
+
+    @staticmethod
+    def receive(sent: tuple) -> float:
+        work, value, event = sent
+        if event is not None:
+            event.synchronize()
+        if work is not None:
+            work.wait()
+        return float(value[0])
+
+    def step_ms(self) -> float:
+        """The longer of the mean step and the last measured one, in agreed time."""
+        ms, step = self.ms, self.at_step
+        last = (ms - self.prev[0]) / (step - self.prev[1]) if step > self.prev[1] else 0.0
+        return max(ms / max(step, 1), last)
+
+    def cap_reached(self, cap_ms: float) -> bool:
+        """Whether a step started now might end past the cap (the same answer on every rank)."""
+        return cap_ms > 0 and self.at_step > 0 and self.ms + self.lookahead * self.step_ms() >= cap_ms
+
+
 def compile_model(fn, rt: Runtime):
     """The model (training loss) or its token_nll (scoring), compiled when compiling."""
     return torch.compile(fn, dynamic=False, fullgraph=True, backend=rt.backend) if rt.compile else fn
@@ -1952,7 +2186,8 @@ def train_model(
         muon_sq = optimizers[0].reduce_grads(lambda: all_reduce_grads(adam_params, rt, rt.world_size))
         if h.grad_clip_norm:  # the global norm of the rank-averaged gradients: Muon's shares and the rest
             adam_grads = [p.grad for p in adam_params if p.grad is not None]
-            norm = (rt.all_reduce(muon_sq) + sum(g.square().sum() for g in adam_grads)).sqrt()
+            adam_sq = torch.stack(torch._foreach_norm(adam_grads)).square().sum()
+            norm = (rt.all_reduce(muon_sq) + adam_sq).sqrt()
             optimizers[0].grad_scale = (h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(adam_grads, optimizers[0].grad_scale)
         for opt in optimizers:
@@ -1985,37 +2220,34 @@ def train_model(
         for opt, state in zip(optimizers, snapshot[1]):
             opt.load_state_dict(state)
         loader.restore(snapshot[2])
+        del snapshot  # a copy of the weights and optimizer state: not kept through the run
         model.set_stage(0)
         model.set_qat(None)
         if h.warmup_steps < len(variants):
             log(f"warmup: {len(variants) - h.warmup_steps} graph variants will compile inside the timed run")
 
     averager = WeightAverager(model, h)
-    train_ms, step, stop_after, qat_on, warned_schedule, graphs = (
-        0.0,
-        0,
-        None,
-        False,
-        False,
-        compiled_graphs(rt),
-    )
-    t0 = rt.clock()
+    clock = AgreedClock(rt)
+    step, stop_after, qat_on, warned_schedule, graphs = 0, None, False, False, compiled_graphs(rt)
+    clock.start()
     while True:
         last = step == h.iterations or (stop_after is not None and step >= stop_after)
         if last or (h.val_loss_every and step % h.val_loss_every == 0):
-            train_ms += (rt.clock() - t0) * 1000
+            train_ms = clock.pause(step)
             if h.val_loss_every:  # VAL_LOSS_EVERY=0: no validation while training, not even at the end
                 loss, bpb = val_score()
                 log(
                     f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
                     f"step_avg:{train_ms / max(step, 1):.2f}ms"
                 )
-            t0 = rt.clock()
+            if not last:
+                clock.start()
         if last:
             if stop_after is not None and step < h.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
             break
-        elapsed = train_ms + (now() - t0) * 1000
+        # Every decision below reads the agreed time (the slowest rank's, one step late), never this rank's.
+        elapsed = clock.ms
         progress = elapsed / cap_ms if cap_ms else step / h.iterations
         stage = sum(progress >= f for f in enable_at)
         if stage != model.stage:
@@ -2037,20 +2269,15 @@ def train_model(
         loss = train_step(step, lr_mul, muon_wd_multiplier(progress, h))
         step += 1
         averager.update(step, lr_mul, log)
-        before, elapsed = elapsed, train_ms + (rt.clock() - t0) * 1000
-        next_step_ms = max(elapsed / step, elapsed - before)  # stop if the next step may cross the cap
-        if (
-            rt.reduce([cap_ms > 0 and elapsed + next_step_ms >= cap_ms], dist.ReduceOp.MAX)[0]
-            and stop_after is None
-        ):
+        clock.post(step)
+        if stop_after is None and clock.cap_reached(cap_ms):
             stop_after = step
-        if (
-            step <= 10 or step % h.train_log_every == 0 or stop_after is not None
-        ):  # global mean, any world size
-            loss = rt.all_reduce(loss) / rt.world_size
+        if step <= 10 or step % h.train_log_every == 0 or stop_after is not None:
+            loss = rt.all_reduce(loss) / rt.world_size  # the global mean, any world size
+            mine = clock.paused_ms + (rt.clock() - clock.t0) * 1000  # rank 0's time, for the log only
             log(
-                f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{elapsed:.0f}ms "
-                f"step_avg:{elapsed / step:.2f}ms"
+                f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{mine:.0f}ms "
+                f"step_avg:{mine / step:.2f}ms"
             )
 
     graphs = compiled_graphs(rt) - graphs
@@ -2065,22 +2292,20 @@ def train_model(
     model.set_qat(None)
     weights, hessians = averager.apply_final(log), None
     if h.quant_method == "full":  # calibration reads training data, so it is training time: inside the cap
-        t, reads = now(), []  # the times of granted reads
+        reads = []  # the times of granted reads
         limit_ms = h.max_wallclock_seconds * 1000 if h.max_wallclock_seconds else math.inf
+        clock.start()
 
         def may_read() -> bool:  # room for twice the last batch (the first: a training micro-step, fwd+bwd)
             t_now = rt.clock()
             batch_ms = (t_now - reads[-1]) * 1000 if reads else train_ms / max(step * rt.grad_accum, 1)
-            granted = (
-                rt.reduce([train_ms + (t_now - t) * 1000 + 2 * batch_ms <= limit_ms], dist.ReduceOp.MIN)[0]
-                > 0
-            )
+            granted = rt.agreed(train_ms + (t_now - clock.t0) * 1000 + 2 * batch_ms <= limit_ms)
             if granted:
                 reads.append(t_now)
             return granted
 
         hessians = collect_hessians(model, loader, h, rt, may_read)
-        train_ms += (rt.clock() - t) * 1000
+        train_ms = clock.pause(step)
         log(
             f"gptq:calibrated {len(hessians)} matrices on {len(reads)}/{h.gptq_calib_batches} batches/rank, "
             f"last training-data read at train_time:{train_ms:.0f}ms"
@@ -2249,52 +2474,63 @@ def train_rows(
 
 
 class TTTBudgetGuard:
-    """Chooses each chunk's TTT epochs so the pass ends inside the eval budget. Scoring and epoch times are medians of
-    the last few chunks, chunk 1 excluded (so a compile or a cold cache cannot inflate them); the chunk-epochs that
-    fit are spread over the chunks still to train, using every affordable epoch. When none fit for a while, one epoch
-    is probed if the fastest epoch measured fits: a stale estimate comes down instead of starving TTT."""
+    """Chooses each chunk's TTT epochs so that the pass ends inside the eval budget, at pessimistic rates: what
+    remains to score costs the slowest of the last WINDOW chunks' scoring plus SLACK, and an epoch that scoring
+    time times the highest recent epoch-to-scoring ratio, so a machine that slows down (seen in every chunk's
+    scoring) raises the epoch estimate at once. Chunk 1 never counts (a compile, a cold cache). The chunk-epochs
+    that fit are spread over the chunks still to train. When none fit for PROBE_EVERY chunks, one epoch is
+    probed if twice its cost at the fastest ratio measured fits: a stale ratio comes down instead of starving
+    TTT, and a probe that runs slow still leaves the rest room. Every input is the slowest rank's (eval_ttt),
+    so every rank trains the same epochs."""
 
-    MARGIN, WINDOW, PROBE_EVERY = 0.02, 5, 8
+    MARGIN, SLACK, WINDOW, PROBE_EVERY = 0.05, 0.25, 5, 8
 
     def __init__(self, max_epochs: int, n_chunks: int, budget_s: float):
         self.max_epochs, self.n_chunks, self.budget_s = max_epochs, n_chunks, budget_s
-        self.score_s, self.epoch_s = [], []  # (chunk, seconds) samples
+        self.score_s, self.ratios = [], []  # (chunk, seconds) and (chunk, epoch s / scoring s) samples
+        self.first_epoch_s = None  # chunk 1's time per epoch: the only estimate until a later chunk trains
         self.trained, self.probes, self.last_sample = 0, 0, 0
         self.planned = max_epochs * max(n_chunks - 1, 0)
-
-    def estimate(self, samples: list) -> float:
-        """Median over the last WINDOW chunks that have samples (chunk 1 never counts)."""
-        newest = samples[-1][0]
-        return statistics.median([s for c, s in samples if c > 0 and c > newest - self.WINDOW])
 
     def epochs_for(self, chunk: int, elapsed_s: float, score_s: float, last_epoch_s: float | None) -> int:
         """Epochs to train on `chunk`, just scored in score_s seconds, at elapsed_s seconds into the pass;
         last_epoch_s is the previous chunk's time per epoch (None if it was not trained)."""
         self.score_s.append((chunk, score_s))
         if last_epoch_s is not None:
-            self.epoch_s.append((chunk - 1, last_epoch_s))
-            self.last_sample = chunk - 1
+            self.take_epoch_sample(chunk - 1, last_epoch_s)
         rest = self.n_chunks - 1 - chunk  # chunks still to score, and to train with this one
         if rest == 0 or not self.max_epochs:
             return 0
-        if chunk == 0:  # nothing measured but chunk 1 itself
-            epochs = self.max_epochs
-        else:
-            left = self.budget_s * (1 - self.MARGIN) - elapsed_s - rest * self.estimate(self.score_s)
-            if not any(c > 0 for c, _ in self.epoch_s):  # only chunk 1's epochs timed: this chunk must fit
-                epochs = (
-                    min(self.max_epochs, int(left // self.epoch_s[0][1])) if left > 0 and self.epoch_s else 0
-                )
-            else:
-                fit = int(left // max(self.estimate(self.epoch_s), 1e-9)) if left > 0 else 0
-                epochs = min(self.max_epochs, -(-fit // rest))
-                if (
-                    not epochs
-                    and chunk - self.last_sample > self.PROBE_EVERY
-                    and min(s for _, s in self.epoch_s) <= left
-                ):
-                    epochs, self.probes = 1, self.probes + 1
+        epochs = self.max_epochs  # chunk 1: nothing measured but its own scoring
+        if chunk > 0:
+            score = max(s for c, s in self.score_s[-self.WINDOW :] if c > 0) * (1 + self.SLACK)
+            epochs = self.fit(
+                chunk, self.budget_s * (1 - self.MARGIN) - elapsed_s - rest * score, rest, score
+            )
         self.trained += epochs
+        return epochs
+
+    def take_epoch_sample(self, chunk: int, epoch_s: float) -> None:
+        self.last_sample = chunk
+        if chunk == 0:
+            self.first_epoch_s = epoch_s
+        else:
+            self.ratios.append((chunk, epoch_s / max(dict(self.score_s)[chunk], 1e-9)))
+
+    def fit(self, chunk: int, left_s: float, rest: int, score_s: float) -> int:
+        """Epochs for this chunk out of left_s seconds, with `rest` chunks to train; score_s: the pessimistic
+        scoring time of a chunk."""
+        newest = self.ratios[-1][0] if self.ratios else 0
+        recent = [
+            r for c, r in self.ratios if c > newest - self.WINDOW
+        ]  # the last WINDOW chunks that trained
+        if not recent and self.first_epoch_s is None or left_s <= 0:
+            return 0
+        epoch_s = max(recent) * score_s if recent else self.first_epoch_s * (1 + self.SLACK)
+        epochs = min(self.max_epochs, -(-int(left_s // epoch_s) // rest))
+        fastest_s = min(r for _, r in self.ratios) * score_s if self.ratios else epoch_s
+        if not epochs and chunk - self.last_sample > self.PROBE_EVERY and 2 * fastest_s <= left_s:
+            epochs, self.probes = 1, self.probes + 1
         return epochs
 
 
@@ -2322,10 +2558,10 @@ def eval_ttt(
     log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in params)} frozen={n_frozen}")
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
     guard, epochs, changes, epoch_s = TTTBudgetGuard(h.ttt_epochs, n_chunks, budget_s), h.ttt_epochs, [], -1.0
-    t_start = now()
+    t_start = rt.time()
     model.eval()
     for c in range(n_chunks):
-        t0 = now()
+        t0 = rt.time()
         chunk = rt.all_reduce(
             score_windows(
                 score_fn,
@@ -2342,7 +2578,7 @@ def eval_ttt(
         if int(chunk[2].item()) != min((c + 1) * C, n) - c * C:  # rules, not asserts: they survive python -O
             raise RuntimeError(f"TTT chunk {c}: {int(chunk[2].item())} targets scored, not the whole chunk")
         scored_upto = min((c + 1) * C, n)
-        t1 = now()
+        t1 = rt.time()
         # the slowest rank's timings, so that every rank takes the same decision
         score_s, epoch_s, elapsed = rt.reduce([t1 - t0, epoch_s, t1 - t_start], dist.ReduceOp.MAX)
         chosen = guard.epochs_for(c, elapsed, score_s, epoch_s if epoch_s >= 0 else None)
@@ -2369,7 +2605,7 @@ def eval_ttt(
             epoch_s = (rt.clock() - t1) / chosen
         if (c + 1) % 10 == 0 or c == 0 or c == n_chunks - 1:
             log(
-                f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={loss_and_bpb(totals)[1]:.6f} time={now() - t_start:.1f}s"
+                f"  ttt_chunk [{c + 1}/{n_chunks}] bpb={loss_and_bpb(totals)[1]:.6f} time={rt.time() - t_start:.1f}s"
             )
     model.requires_grad_(True)
     log(
@@ -2441,18 +2677,19 @@ class LoRAAdapters:
 
 
 class LoRABudget:
-    """LoRA TTT's eval-time guard. Adapted scoring costs the measured seconds per document token (median of the last
-    batches). Before a batch: if this rank's remaining documents at that rate would end past the budget, the batch is
+    """LoRA TTT's eval-time guard. Adapted scoring costs the measured seconds per document token (pessimistic: the
+    slowest of the last few batches, plus a slack). Before a batch: if this rank's remaining documents at that rate would end past the budget, the batch is
     scored unadapted (one forward per window, not one step per chunk). Before a global-SGD phase: if the phase (at the
     last phase's rate, else the LoRA rate) on top of the slowest rank's rest would overrun, it is skipped."""
 
-    MARGIN, WINDOW = 0.02, 5
+    MARGIN, SLACK, WINDOW = 0.05, 0.25, 5
 
     def __init__(self, budget_s: float):
         self.budget_s, self.rates, self.sgd_rate = budget_s, [], None
 
     def rate(self) -> float:
-        return statistics.median(self.rates[-self.WINDOW :]) if self.rates else 0.0
+        """Seconds per adapted document token, pessimistic: the slowest of the last WINDOW batches, plus SLACK."""
+        return max(self.rates[-self.WINDOW :]) * (1 + self.SLACK) if self.rates else 0.0
 
     def fits(self, projected_s: float, sgd_tokens: int = 0) -> bool:
         sgd_s = sgd_tokens * (self.rate() if self.sgd_rate is None else self.sgd_rate)
@@ -2586,18 +2823,20 @@ def eval_ttt_lora(
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
     scored_docs = torch.zeros(len(docs), dtype=torch.float64, device=rt.device)  # targets scored, this rank
     guard, adapted, phases = LoRABudget(budget_s), 0, 0
-    t_start = now()
+    t_start = rt.time()
     adapters.attach(True)
     for b, batch in enumerate(batches):
         if b in phase_at:
-            projected = rt.reduce([now() - t_start + rest[b] * guard.rate()], dist.ReduceOp.MAX)[0]
+            projected = rt.reduce([rt.time() - t_start + rest[b] * guard.rate()], dist.ReduceOp.MAX)[0]
             done = rt.all_reduce(scored_docs.clone())[: b * R]
             if not torch.equal(done.cpu(), torch.as_tensor(docs[: b * R, 1], dtype=torch.float64)):
                 raise RuntimeError(f"TTT phase before batch {b}: a document to train on is not fully scored")
             rows = phase_rows(docs[: b * R], h)
-            run_phase = guard.fits(projected, rows.size)
+            run_phase = rt.agreed(
+                guard.fits(projected, rows.size)
+            )  # its steps all-reduce: every rank or none
             if run_phase:
-                t0 = now()
+                t0 = rt.time()
                 adapters.attach(False)
                 params, _ = ttt_params(model, h.ttt_freeze_blocks)
                 model.train()
@@ -2607,11 +2846,11 @@ def eval_ttt_lora(
                 guard.sgd_rate, phases = (rt.clock() - t0) / rows.size, phases + 1
             log(
                 f"ttt_phase: before batch {b}/{len(batches)} docs={b * R} rows={len(rows)} "
-                f"{'trained' if run_phase else 'skipped (budget)'} at {now() - t_start:.1f}s"
+                f"{'trained' if run_phase else 'skipped (budget)'} at {rt.time() - t_start:.1f}s"
             )
         if b % rt.world_size != rt.rank:
             continue
-        t0 = now()
+        t0 = rt.time()
         adapt = guard.fits(t0 - t_start + rest[b] * guard.rate())
         part, done = lora_batch(score_fn, adapters, opt, tokens, batch, b, h, rt, luts, adapt, observer)
         totals += part
@@ -2621,7 +2860,7 @@ def eval_ttt_lora(
             adapted += 1
         if b == mine[0] or b == mine[-1] or len(mine) > 10 and b % (len(batches) // 10) == 0:
             log(
-                f"  ttt_lora [{b + 1}/{len(batches)}] rank0_bpb={loss_and_bpb(totals)[1]:.6f} time={now() - t_start:.1f}s"
+                f"  ttt_lora [{b + 1}/{len(batches)}] rank0_bpb={loss_and_bpb(totals)[1]:.6f} time={rt.time() - t_start:.1f}s"
             )
     adapters.attach(False)
     model.requires_grad_(True)
@@ -2705,12 +2944,14 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         adapters = LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a)
     score_fn = compile_model(model.token_nll, rt)
     if rt.compile:
-        t = now()
+        t = rt.time()
         shapes = warm_up_eval(model, h, rt, n_targets, luts, adapters)
-        log(f"eval_warmup: {shapes} graph shapes compiled in {now() - t:.1f}s (before the eval timer)")
+        log(f"eval_warmup: {shapes} graph shapes compiled in {rt.time() - t:.1f}s (before the eval timer)")
     model.eval()
     graphs_before, results, times = compiled_graphs(rt), {}, {}
-    t_eval = rt.clock()
+    rt.sync()
+    rt.barrier()  # the eval timer starts on every rank at once, after every rank's warm-up
+    t_eval = rt.time()
 
     def record(key: str, name: str, totals: Tensor, t0: float, extra: str = "") -> None:
         times[key] = (rt.clock() - t0) * 1000
@@ -2719,12 +2960,12 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra} eval_time:{times[key]:.0f}ms")
         log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
 
-    t0 = now()
+    t0 = rt.time()
     record(
         "roundtrip", f"final_int{bits}_roundtrip", evaluate(score_fn, val_tokens, L, L, batch, luts, rt), t0
     )
     if h.eval_sliding and h.eval_stride < L:
-        t0 = now()
+        t0 = rt.time()
         record(
             "sliding",
             f"final_int{bits}_sliding_window",
@@ -2734,15 +2975,16 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         )
     ttt_info = None
     if h.ttt_enabled:
-        t0 = now()
-        left = h.eval_budget_seconds - (t0 - t_eval)
+        t0 = rt.time()
+        # TTT's budget sizes its collectives (epochs per chunk, global-SGD phases): the same on every rank
+        left = rt.reduce([h.eval_budget_seconds - (t0 - t_eval)], dist.ReduceOp.MIN)[0]
         totals, ttt_info = (
             eval_ttt(model, val_tokens, h, rt, luts, log, left)
             if adapters is None
             else eval_ttt_lora(model, adapters, val_tokens, h, rt, luts, log, left)
         )
         loss, bpb = loss_and_bpb(totals)
-        log(f"ttt_sliding:done val_loss={loss:.6f} val_bpb={bpb:.6f} elapsed={now() - t0:.1f}s")
+        log(f"ttt_sliding:done val_loss={loss:.6f} val_bpb={bpb:.6f} elapsed={rt.time() - t0:.1f}s")
         record("ttt", "legal_ttt", totals, t0)
     times["total"] = (rt.clock() - t_eval) * 1000
     compiled_inside = compiled_graphs(rt) - graphs_before
@@ -2773,6 +3015,29 @@ RULE_BYTES, RULE_TRAIN_S, RULE_EVAL_S = 16_000_000, 600.0, 600.0
 
 def file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def stored_model_config(stored: dict, where: str) -> tuple[dict, list[str]]:
+    """The whole model config from an artifact's or checkpoint's stored one: every model field, those that an
+    older file lacks at their defaults (listed, so the caller can say so); a field this code does not know
+    is an error (a newer file)."""
+    fields = {f.name: f for f in dataclasses.fields(Hyperparameters) if f.metadata["model"]}
+    unknown = sorted(set(stored) - set(fields))
+    need(
+        not unknown,
+        f"{where} stores model fields this train_gpt.py does not know: {unknown} (a newer version)",
+    )
+    missing = sorted(set(fields) - set(stored))
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+    return {**{k: fields[k].default for k in missing}, **config}, missing
+
+
+def artifact_hparams(h: Hyperparameters, stored: dict, where: str, log: Log) -> Hyperparameters:
+    """The run's settings with the network the artifact was scored with: its stored model config, whole."""
+    config, missing = stored_model_config(stored, where)
+    if missing:
+        log(f"artifact_config: {where} predates {', '.join(k.upper() for k in missing)}: their defaults")
+    return dataclasses.replace(h, **config)
 
 
 def model_from_qstate(qstate: dict[str, QTensor], h: Hyperparameters, rt: Runtime, stage: int) -> GPT:
@@ -2909,11 +3174,12 @@ def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
             f"EXPORT_FROM={path}: not a {CHECKPOINT_FORMAT} checkpoint written by FINAL_MODEL_PATH "
             f"({type(e).__name__}: {e})"
         ) from None
+    stored, _ = stored_model_config(ck["model"], f"EXPORT_FROM={path}")
     for key, value in h.model_config().items():
         need(
-            ck["model"].get(key) == value,
+            stored[key] == value,
             f"EXPORT_FROM={path}: the checkpoint has {key.upper()}="
-            f"{ck['model'].get(key)!r}, this run {key.upper()}={value!r}; run with the training configuration",
+            f"{stored[key]!r}, this run {key.upper()}={value!r}; run with the training configuration",
         )
     need(
         ck["tokenizer_sha256"] == tokenizer_sha,
@@ -3055,6 +3321,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         model = GPT(h).to(rt.device)
         summary["model_params"] = sum(p.numel() for p in model.parameters())
         log(f"model_params:{summary['model_params']}")
+        log(f"model_layout: {model.layout()}")
         schedule = " ".join(f"{i}:{p}" + (f"@s{s}" if s else "") for i, (p, s) in enumerate(model.slots))
         log(
             f"layer_schedule:{len(model.slots)} logical on {len(model.blocks)} physical "
@@ -3075,6 +3342,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         )
         log(f"seed:{h.seed}")
         loader = TrainLoader(train_files[0], rt)
+        loader.check_docs = model.attn_kernel == "fa3" and h.doc_attention
         log.phase("train")
         train_info = train_model(model, h, rt, loader, val_tokens, luts, log)
         hessians = train_info.pop("hessians")
@@ -3109,13 +3377,15 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
                 lqer=[h.lqer_rank, h.lqer_tensors],
             ),
         )
+        waiting = rt.long_wait_group()
         if rt.rank == 0:
             sizes = export_artifact(
                 ck["state"], ck["stage"], h, rt, log, code, meta, ck["hessians"], ck["calib"]
             )
         del ck
-        if rt.world_size > 1:
-            dist.barrier()
+        if waiting is not None:
+            dist.barrier(group=waiting)
+            dist.destroy_process_group(waiting)
     log.phase("eval_load")
     artifact = h.eval_only_artifact or h.artifact_path
     qstate, meta = read_artifact(artifact)  # every rank, from disk
@@ -3124,11 +3394,8 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         f"{artifact} was trained with tokenizer sha256 "
         f"{meta.get('tokenizer_sha256')}, but TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}",
     )
-    eval_h = dataclasses.replace(
-        h,
-        quant_bits=export_bits(qstate),
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()},
-    )
+    eval_h = artifact_hparams(h, meta["model"], artifact, log)
+    eval_h = dataclasses.replace(eval_h, quant_bits=export_bits(qstate))
     if h.eval_only_artifact:
         eval_h.validate()  # the eval settings from the environment must fit the artifact's model
         log(
@@ -3136,7 +3403,14 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
             f"quant {meta['quant']})"
         )
     model = model_from_qstate(qstate, eval_h, rt, meta["stage"])
+    if model.attn_kernel == "fa3" and eval_h.doc_attention:  # the worst window, times a batch's rows
+        rows, most = (
+            eval_batch(eval_h, rt.world_size, eval_h.eval_len),
+            most_documents(val_tokens.cpu().numpy(), eval_h.eval_len),
+        )
+        check_documents(rows * most, rows, eval_h.eval_len, f"the val tokens of {h.data_path}")
     log(f"eval_model: stage {model.stage}, {len(model.active)} of {len(model.slots)} logical layers active")
+    log(f"eval_model_layout: {model.layout()}")  # the verifier's network: equal to the trained model_layout
     log.phase("eval")
     ev = run_evaluations(model, eval_h, rt, val_tokens, luts, log)
     log.phase("done")

@@ -219,9 +219,21 @@ def _spawn_entry(rank, world, port, fn, args, out_dir):
     torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
 
 
-def run_distributed(fn, world: int, tmp_path: Path, *args):
-    """Run fn(rank, world, *args) in `world` gloo processes; return each rank's result."""
+def run_distributed(fn, world: int, tmp_path: Path, *args, timeout: float = 300.0):
+    """Run fn(rank, world, *args) in `world` gloo processes; return each rank's result. A hang (ranks that
+    disagree on a collective wait for each other forever) fails the test after `timeout` seconds."""
+    import time
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_spawn_entry, args=(world, _free_port(), fn, args, str(tmp_path)), nprocs=world, join=True)
+    ctx = mp.spawn(
+        _spawn_entry, args=(world, _free_port(), fn, args, str(tmp_path)), nprocs=world, join=False
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{world} ranks still running after {timeout:.0f}s: a hang (mismatched collectives?)")
     return [torch.load(tmp_path / f"{r}.pt") for r in range(world)]

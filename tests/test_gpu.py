@@ -21,7 +21,9 @@ def test_bf16_compiled_forward_matches_fp32_eager():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     ids = torch.randint(0, h.vocab_size, (4, 2048), device="cuda")
+    kernel, model.attn_kernel = model.attn_kernel, "sdpa"  # the fp32 reference: FA kernels take bf16 only
     reference = model.token_nll(ids, ids)
+    model.attn_kernel = kernel  # the run's kernel (FA3 where installed), fed bf16 under autocast
     compiled = torch.compile(model.token_nll, dynamic=False, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         fast = compiled(ids, ids)

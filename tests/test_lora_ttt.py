@@ -3,6 +3,7 @@ per document, only scored targets learned from (never a document's last chunk), 
 scored documents, the zero-adapter forward equal to the scoring forward, ranks, the budget guard."""
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import SILENT, cpu_runtime, run_distributed, tg
@@ -196,11 +197,14 @@ def test_lora_budget_guard_stops_adapting_and_phases_when_time_runs_out(small_da
     n = tokens.numel() - 1
     assert info["adapted"] == 0 and info["phases"] == 0 and int(totals[2]) == n and len(rec.scores) == n
     guard = tg.LoRABudget(100.0)
-    guard.rates += [1e-3, 1e-3, 5.0, 1e-3]  # a one-off slow batch does not move the median
-    assert guard.fits(50.0 + 40_000 * guard.rate()) and not guard.fits(50.0 + 60_000 * guard.rate())
-    assert guard.fits(50.0, 40_000) and not guard.fits(60.0, 40_000)  # a phase at the LoRA rate ...
+    guard.rates += [1e-3, 1e-3, 1e-3]
+    assert guard.rate() == pytest.approx(1.25e-3)  # the slowest recent batch, plus SLACK
+    assert guard.fits(40.0 + 40_000 * guard.rate()) and not guard.fits(40.0 + 60_000 * guard.rate())
+    assert guard.fits(40.0, 40_000) and not guard.fits(50.0, 40_000)  # a phase at the LoRA rate ...
     guard.sgd_rate = 1e-4
     assert guard.fits(60.0, 300_000)  # ... or at the last phase's
+    guard.rates.append(2e-3)  # a slow batch: what remains is planned at its rate
+    assert not guard.fits(40.0 + 40_000 * guard.rate())
 
 
 def test_compiled_phased_lora_ttt_compiles_nothing_inside_the_timed_eval(small_data, monkeypatch):

@@ -89,3 +89,26 @@ def test_shrunk_preset_runs_end_to_end(name, embedded_data, tmp_path):
         choice = re.search(r"^lqer:(kept|dropped) calib_loss with:(\S+) without:(\S+)", proc.stdout, re.M)
         kept = any(n.endswith(".lqA") for n in tg.read_artifact(env["ARTIFACT_PATH"])[0])
         assert choice and (choice[1] == "kept") == kept == (float(choice[2]) <= float(choice[3]))
+    verify_artifact(env, proc.stdout, embedded_data, tmp_path)
+
+
+def verify_artifact(env: dict, trained_log: str, data: dict, tmp_path) -> None:
+    """A reviewer's check: EVAL_ONLY_ARTIFACT with default settings but the data and the eval's sample (no
+    model knob) rebuilds the network that was scored (the same XSA layers and block forms; the state-dict
+    keys load) and scores the same round trip, bit for bit. The artifact's stored config is the only source
+    of the network: a model knob missing from it (XSA_BY, PARALLEL_FORM once were) fails here."""
+    verifier = dict(
+        data,
+        RUN_ID="verify",
+        EVAL_ONLY_ARTIFACT=env["ARTIFACT_PATH"],
+        VAL_MAX_TOKENS=env["VAL_MAX_TOKENS"],
+        VAL_BATCH_SIZE=env["VAL_BATCH_SIZE"],
+        EVAL_SLIDING=0,
+        TTT_ENABLED=0,
+    )
+    proc = run_script(verifier, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = re.search(r"^model_layout: (.+)$", trained_log, re.M)[1]
+    assert re.search(r"^eval_model_layout: (.+)$", proc.stdout, re.M)[1] == trained
+    exact = r"^final_int\d+_roundtrip_exact .+$"
+    assert re.search(exact, proc.stdout, re.M)[0] == re.search(exact, trained_log, re.M)[0]

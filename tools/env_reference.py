@@ -4,7 +4,7 @@
   python3 tools/env_reference.py            # print the markdown
   python3 tools/env_reference.py --write    # replace the README section between the env-reference markers
 
-Generated from the Hyperparameters class itself (name, default, allowed values, the field's comment),
+Generated from the Hyperparameters class itself (name, default, allowed values, the knob's help),
 so the README cannot drift from the code; tests/test_readme.py checks that it is current.
 """
 
@@ -27,15 +27,17 @@ TORCHRUN = [
 
 
 def fields_with_comments() -> list[tuple[str, str, str]]:
-    """(group, field name, comment) in source order, from the Hyperparameters class body."""
+    """(group, field name, help) in source order: the help from each knob's metadata, the group from the
+    comment line above each group of fields in the Hyperparameters class body."""
     source = (REPO / "train_gpt.py").read_text()
     body = source[source.index("class Hyperparameters:") : source.index("    @classmethod")]
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(tg.Hyperparameters)}
     out, group = [], ""
     for line in body.splitlines():
         if m := re.match(r"    # (.+)$", line):
             group = m.group(1)
-        elif m := re.match(r"    (\w+): [^=]+=.*?(?:  # (.*))?$", line):
-            out.append((group, m.group(1), m.group(2) or ""))
+        elif m := re.match(r"    (\w+): ", line):
+            out.append((group, m.group(1), helps[m.group(1)]))
     return out
 
 
