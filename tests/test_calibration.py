@@ -39,7 +39,9 @@ def test_hessians_one_product_per_input_and_no_read_after_stop(small_data, monke
         return len(asked) <= 2
 
     real_matmul = torch.Tensor.__matmul__
+    real_addmm = torch.Tensor.addmm_
     monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: matmuls.append(1) or real_matmul(a, b))
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda t, a, b: matmuls.append(1) or real_addmm(t, a, b))
     loader = tg.TrainLoader(files, rt)
     hessians = tg.collect_hessians(model, loader, h, rt, may_read)
     monkeypatch.undo()
@@ -47,5 +49,6 @@ def test_hessians_one_product_per_input_and_no_read_after_stop(small_data, monke
     assert set(hessians) == set(expected) | {"tok_emb.weight"}
     for name, H in expected.items():
         assert torch.allclose(hessians[name], H, rtol=1e-5, atol=1e-3), name
-    # c_q, c_k and c_v read the same input: 4 products per layer (+ the head's), not 6
+    # c_q, c_k and c_v read the same input: 4 products per layer (+ the head's), not 6, and one tensor
     assert len(matmuls) == 2 * (4 * h.num_layers + 1)
+    assert hessians["blocks.0.attn.c_k.weight"] is hessians["blocks.0.attn.c_q.weight"]

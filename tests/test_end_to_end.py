@@ -77,18 +77,20 @@ def test_smoke_run_logs_the_official_lines(smoke):
 
 
 def test_budget_accounting_equals_bytes_on_disk(smoke):
+    """The budget counts the bytes a record ships: the model on disk plus the packed train_gpt.py that
+    tools/package_record.py writes by default (CODE_SHIPPED=raw counts the readable source instead)."""
     cwd, env, out = smoke
     model = int(re.search(r"^Serialized model int6\+\w+: (\d+) bytes", out, re.M).group(1))
-    code = int(re.search(r"^Code size: (\d+) bytes", out, re.M).group(1))
+    code, form, raw = re.search(r"^Code size: (\d+) bytes \((\w+): .* raw source (\d+)\)", out, re.M).groups()
     total = int(re.search(r"^Total submission size int6\+\w+: (\d+) bytes", out, re.M).group(1))
-    packed = int(re.search(r"^Code size packed: (\d+) bytes", out, re.M).group(1))
-    assert model == os.path.getsize(env["ARTIFACT_PATH"]) and code == len(
-        (REPO / "train_gpt.py").read_bytes()
-    )
-    assert total == model + code and packed == len(
-        tg.packed_code((REPO / "train_gpt.py").read_text()).encode()
-    )
-    assert summary(cwd, "smoke")["bytes"]["total"] == total
+    source = (REPO / "train_gpt.py").read_text()
+    assert model == os.path.getsize(env["ARTIFACT_PATH"]) and int(raw) == len(source.encode())
+    assert form == "packed" and int(code) == len(tg.packed_code(source).encode())
+    assert total == model + int(code) and summary(cwd, "smoke")["bytes"]["total"] == total
+    h = tg.Hyperparameters.from_env({"CODE_SHIPPED": "raw"})
+    assert tg.shipped_code_bytes(source, h) == (len(source.encode()), "raw")
+    packed = tg.packed_code(source)
+    assert tg.shipped_code_bytes(packed, h) == (len(packed.encode()), "packed (this file)")
 
 
 def test_code_bytes_are_the_files_raw_bytes(tmp_path):

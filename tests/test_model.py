@@ -6,11 +6,12 @@ import math
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tg
+from conftest import cpu_runtime, tg
 
 # every component on: BigramHash, SmearGate, XSA, VE, partial RoPE, recurrence (shared + looped), lanes,
 # gated U-Net skips, Value Residual, attention-output gates
@@ -488,12 +489,26 @@ def test_fa3_kernels_give_sdpa_scores_and_gradients(fake_fa3, doc):
         assert kind == "dense" and rest == [(4, 32, 4, 8), True]
 
 
-def test_fa3_document_attention_refuses_more_documents_than_its_cu_seqlens_hold(fake_fa3):
-    model = full_model(DOC_ATTENTION=1, ATTN_KERNEL="fa3")
-    ids = torch.randint(2, 128, (1, 32))
-    ids[0, ::8] = tg.BOS_ID  # 4 documents in a row of 32: room for 2 (documents of 128 tokens on average)
-    with pytest.raises(RuntimeError, match="more documents in a batch than cu_seqlens holds"):
-        model.token_nll(ids, ids)
+def test_fa3_document_capacity_is_checked_on_the_host(tmp_path):
+    """FA3's fixed-size cu_seqlens holds documents of 128 tokens on average: a batch with more is refused
+    on the host, where it is batched, with a clear error (a device-side assert is dropped inside compiled
+    graphs and fatal in eager); the val stream's worst window is counted once per run."""
+    ids = np.full(32, 7)
+    ids[::8] = tg.BOS_ID  # 4 documents in a row of 32: room for 2
+    assert tg.most_documents(ids, 32) == 4 and tg.most_documents(ids[:9], 8) == 2
+    tg.check_documents(2, 1, 32, "ok")
+    with pytest.raises(RuntimeError, match="set ATTN_KERNEL=flex"):
+        tg.check_documents(4, 1, 32, "training data (x.bin)")
+    shard = tmp_path / "fineweb_train_000000.bin"
+    header = np.zeros(256, np.int32)
+    header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, 64 * 40)
+    tokens = np.tile(ids, 80).astype(np.uint16)
+    shard.write_bytes(header.tobytes() + tokens.tobytes())
+    loader = tg.TrainLoader([str(shard)], cpu_runtime())
+    loader.next_batch(8 * 32, 32)  # unchecked: another kernel (8 micro-batches of one row)
+    loader.check_docs = True
+    with pytest.raises(RuntimeError, match=r"training data \(.*fineweb_train_000000.bin\)"):
+        loader.next_batch(8 * 32, 32)
 
 
 def test_fa3_document_attention_compiles_whole_graph(fake_fa3, monkeypatch):

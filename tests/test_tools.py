@@ -146,7 +146,7 @@ def test_package_writes_a_verified_folder(two_runs, tmp_path, packed):
             "--out",
             str(out),
         ]
-        + (["--packed"] if packed else []),
+        + ([] if packed else ["--raw"]),
         capture_output=True,
         text=True,
     )
@@ -161,6 +161,10 @@ def test_package_writes_a_verified_folder(two_runs, tmp_path, packed):
     folder_sub = json.loads((out / "submission.json").read_text())
     assert folder_sub["bytes_code"] == (out / "train_gpt.py").stat().st_size
     assert (folder_sub["bytes_code"] < 60_000) == packed and "val_bpb" in (out / "README.md").read_text()
+    if packed:  # the default: the folder ships exactly the code bytes the runs' budget counted
+        runs = [json.loads(r.read_text()) for r in two_runs]
+        assert all(r["bytes"]["code"] == folder_sub["bytes_code"] for r in runs)
+        assert folder_sub["bytes_total"] == max(r["bytes"]["total"] for r in runs)
     if (
         packed
     ):  # a packed script must pack the very program the runs used (its log embeds the readable source)
@@ -231,7 +235,7 @@ def test_package_verification_rejects_bad_folders(two_runs, tmp_path):
         "no log for seed 2": lambda f: (f / "train_seed2.log").unlink(),
         "> 16000000": over,
         "not the code the runs used": lambda f: (f / "train_gpt.py").write_text("print(1)\n"),
-        "embedded source": lambda f: (f / "train_seed1.log").write_text("something else\n"),
+        "embedded source": lambda f: (f / "train_seed2.log").write_text("something else\n"),
     }
     for message, change in cases.items():
         with pytest.raises(package_record.Rejected, match=message):

@@ -5,7 +5,7 @@ via ast), then raw LZMA2 + base85 inside a two-line exec wrapper.
 The packed file runs exactly like the source (same env vars, same logs) but pays ~4x fewer code bytes
 against the 16,000,000-byte cap. Checked here: the payload parses to the same AST as the source with its
 docstrings removed (ast.dump), so only comments, docstrings and layout differ. The wrapper format is
-train_gpt.packed_code, the same function the script uses to report "Code size packed", so the logged
+train_gpt.packed_code, the same function the script uses to count its shipped "Code size", so the logged
 number is the size of what this tool writes.
 
   python3 tools/pack_script.py                         # train_gpt.py -> packed/train_gpt.py

@@ -2,11 +2,11 @@
 """Write a records/ submission folder from aggregated runs, and verify folders.
 
   python3 tools/package_record.py --submission submission.json --runs logs/s1.json logs/s2.json logs/s3.json \\
-      --out records/track_10min_16mb/2026-11-22_MyStack [--packed]
+      --out records/track_10min_16mb/2026-11-22_MyStack [--raw]
   python3 tools/package_record.py --verify records/track_10min_16mb/2026-11-22_MyStack
 
-The folder holds README.md (generated), submission.json, train_gpt.py (the source, or with --packed its
-self-extracting form, which then is the counted code) and train_seed{S}.log for every seed. Verification
+The folder holds README.md (generated), submission.json, train_gpt.py (the self-extracting packed form,
+which the runs' budget counted by default; with --raw the readable source, for runs with CODE_SHIPPED=raw) and train_seed{S}.log for every seed. Verification
 (run after writing, and on its own with --verify) rejects a folder with a missing file, a log whose
 embedded source is not the shipped script (or, packed, not the program it packs: same AST without
 docstrings), a seed without a log, or bytes_model + bytes of train_gpt.py over 16,000,000.
@@ -67,7 +67,7 @@ def verify(folder: Path) -> dict:
     if ran[0] is not script and not same_program(script, ran[0]):
         raise Rejected(
             f"{folder}/train_gpt.py does not pack the code the runs used (its AST differs beyond "
-            "docstrings); re-run tools/package_record.py --packed"
+            "docstrings); re-run tools/package_record.py"
         )
     code_bytes = len(script.encode())
     if sub["bytes_code"] != code_bytes or sub["bytes_total"] != sub["bytes_model"] + code_bytes:
@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--submission", type=Path)
     p.add_argument("--runs", nargs="*", type=Path, default=[], help="the runs' logs/{RUN_ID}.json summaries")
     p.add_argument("--out", type=Path)
-    p.add_argument("--packed", action="store_true", help="ship the self-extracting train_gpt.py")
+    p.add_argument("--raw", action="store_true", help="ship the readable source (runs with CODE_SHIPPED=raw)")
     p.add_argument("--verify", type=Path, help="only verify this folder")
     args = p.parse_args()
     try:
@@ -141,7 +141,7 @@ def main() -> None:
                     f"the runs' seeds {[s['seed'] for s in summaries]} are not the submission's {sub['seeds']}"
                 )
             source = (REPO / "train_gpt.py").read_text()
-            script = packed_code(source) if args.packed else source
+            script = source if args.raw else packed_code(source)
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "train_gpt.py").write_text(script)
             for run, summary in zip(args.runs, summaries):
@@ -150,7 +150,7 @@ def main() -> None:
                 sub, bytes_code=len(script.encode()), bytes_total=sub["bytes_model"] + len(script.encode())
             )
             (args.out / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
-            (args.out / "README.md").write_text(readme(sub, args.packed))
+            (args.out / "README.md").write_text(readme(sub, not args.raw))
             verify(args.out)
     except Rejected as e:
         sys.exit(f"rejected: {e}")
