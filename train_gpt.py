@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -205,7 +206,9 @@ class Hyperparameters:
         False, model=True, help="attend only within the document (from its BOS): training and eval"
     )
     attn_kernel: str = knob(
-        "auto", choices=("auto", "sdpa", "flex", "fa3"), help="auto: fa3 if installed, flex for docs on CUDA"
+        "auto",
+        choices=("auto", "sdpa", "flex", "fa3", "fa4", "varlen"),
+        help="auto: the first of fa3, fa4 (then varlen, flex for docs) whose probe runs on CUDA, else sdpa",
     )
     # optimizers
     matrix_lr: float = knob(0.025, 0.0, help="Muon LR (block matrices)")
@@ -420,13 +423,7 @@ class Hyperparameters:
         )
         need(
             self.attn_kernel != "flex" or torch.cuda.is_available(),
-            "ATTN_KERNEL=flex needs CUDA (FlexAttention has no "
-            "backward on CPU); ATTN_KERNEL=auto picks it for DOC_ATTENTION on CUDA, SDPA elsewhere",
-        )
-        need(
-            self.attn_kernel != "fa3" or importlib.util.find_spec("flash_attn_interface"),
-            "ATTN_KERNEL=fa3 needs "
-            "FlashAttention-3 (flash_attn_interface, not installed; Hopper GPUs); auto falls back to flex or sdpa",
+            "ATTN_KERNEL=flex needs CUDA (FlexAttention has no backward on CPU)",
         )
         need(
             self.ttt_mode == "chunk" or self.ttt_lora_chunk <= L,
@@ -1001,9 +998,8 @@ def check_documents(docs: int, rows: int, seq_len: int, where: str) -> None:
     device-side assert is dropped inside compiled graphs and fatal in eager."""
     if docs > fa3_doc_capacity(rows, seq_len):
         raise RuntimeError(
-            f"{where}: up to {docs} documents in a batch of {rows} x {seq_len} tokens, more than FA3's fixed "
-            f"cu_seqlens holds ({fa3_doc_capacity(rows, seq_len)}: 128 tokens a document on average); set "
-            "ATTN_KERNEL=flex"
+            f"{where}: {docs} documents in {rows} rows of {seq_len} tokens, more than the varlen kernels' fixed "
+            f"cu_seqlens hold ({fa3_doc_capacity(rows, seq_len)}); set ATTN_KERNEL=flex"
         )
 
 
@@ -1014,56 +1010,153 @@ def most_documents(ids: np.ndarray, seq_len: int) -> int:
     return 1 + int((bos[seq_len:] - bos[1 : len(bos) - seq_len + 1]).max(initial=0))
 
 
+ATTN_LIBS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute", "varlen": "torch.nn.attention.varlen"}
+
+
+def cu_seqlens(starts: Tensor, doc: bool) -> Tensor:
+    """The varlen kernels' cu_seqlens (int32) for a (B, T) batch: its rows, or with `doc` the documents (`starts`:
+    a row's first position and every BOS) in a fixed length (fa3_doc_capacity + 1: no recompiles; checked on the
+    host, where the tokens are batched: check_documents), the rest empty sequences."""
+    B, T = starts.shape
+    if not doc:
+        return torch.arange(0, B * T + 1, T, device=starts.device, dtype=torch.int32)
+    return F.pad(
+        torch.nonzero_static(starts.flatten(), size=fa3_doc_capacity(B, T), fill_value=B * T).flatten(),
+        (0, 1),
+        value=B * T,
+    ).int()
+
+
+@torch.library.custom_op("train_gpt::fa4", mutates_args=())
+def fa4(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, T: int) -> tuple[Tensor, Tensor]:
+    """FlashAttention-4's varlen kernel (flash_attn.cute: an autograd.Function over CuTe kernels, which
+    torch.compile cannot trace) as a torch op: causal within each sequence of cu, (tokens, heads, dim). Gives
+    (out, LSE (heads, tokens)); its backward is the op fa4_bwd."""
+    from flash_attn.cute import flash_attn_varlen_func as f
+
+    return f(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=T,
+        max_seqlen_k=T,
+        causal=True,
+        return_lse=True,
+    )
+
+
+fa4.register_fake(
+    lambda q, k, v, cu, T: (torch.empty_like(q), q.new_empty(q.shape[1::-1], dtype=torch.float32))
+)
+
+
+@torch.library.custom_op("train_gpt::fa4_bwd", mutates_args=())
+def fa4_bwd(
+    g: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu: Tensor, T: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FA4's backward, as its autograd.Function calls it: dq, dk, dv."""
+    from flash_attn.cute.interface import _flash_attn_bwd as f
+
+    return f(
+        q, k, v, out, g, lse, None, True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T
+    )
+
+
+fa4_bwd.register_fake(lambda g, q, k, v, *_: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
+
+
+fa4.register_autograd(  # setup_context saves what fa4_bwd reads: q, k, v, out, LSE, cu; and T
+    lambda ctx, g, _: (*fa4_bwd(g, *ctx.saved_tensors, ctx.T), None, None),
+    setup_context=lambda ctx, inputs, output: (
+        ctx.save_for_backward(*inputs[:3], *output, inputs[3]),
+        setattr(ctx, "T", inputs[4]),
+    ),
+)
+
+
+def flash_attention(kernel: str, starts: Tensor, doc: bool):
+    """fa3 (FlashAttention-3, flash_attn_interface), fa4 (FlashAttention-4, flash_attn.cute) and varlen (torch's
+    varlen_attn, torch >= 2.12): their varlen kernels over (tokens, heads, dim), causal within each sequence of
+    cu_seqlens (the rows, or the documents). Each is a torch op: the forward compiles as one graph."""
+    B, T = starts.shape
+    cu = cu_seqlens(starts, doc)
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        x = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)]  # (B, heads, T, dim) -> (B * T, heads, dim)
+        if kernel == "fa4":
+            out = fa4(*x, cu, T)
+        elif kernel == "varlen":
+            from torch.nn.attention.varlen import varlen_attn
+
+            out = varlen_attn(*x, cu, cu, T, T, window_size=(-1, 0), enable_gqa=True)  # (-1, 0): causal
+        else:
+            import flash_attn_interface as fa3
+
+            out = fa3.flash_attn_varlen_func(
+                *x, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, causal=True
+            )
+        out = out[0] if isinstance(out, tuple) else out  # FA4 and some FA3 versions also return the LSE
+        return out.unflatten(0, (B, T)).transpose(1, 2)
+
+    return attend
+
+
+def probe_attention(kernel: str, doc: bool, heads: tuple) -> None:
+    """A forward and backward of `kernel` on this GPU, in bf16 at the model's heads, three documents a row: what the
+    run will call (the same make_attention), at a tiny length. Raises what the kernel raises. (Called where
+    gradients are on: a model is built outside no_grad.)"""
+    q, k, v = (
+        torch.ones(2, n, 256, heads[3], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for n in heads[:3]
+    )
+    starts = torch.arange(512, device="cuda").view(2, 256) % 100 == 0
+    make_attention(kernel, starts, doc)(q, k, v).sum().backward()
+
+
+@functools.cache
+def pick_attention(kernel: str, doc: bool, heads: tuple) -> tuple[str, dict]:
+    """ATTN_KERNEL resolved, once a process: auto tries fa3, fa4, then for documents on CUDA varlen (in order of
+    expected speed), else takes flex (documents on CUDA) or sdpa. Returns the kernel and why each one tried before
+    it was passed over: not installed, a placeholder (a module without the function: PyPI's flash-attn-interface
+    0.0.1 is one), no CUDA, or a failed probe, each with its error. A kernel asked for by name that cannot run is a
+    ConfigError naming it and why."""
+    cuda = torch.cuda.is_available()
+    reasons = {}
+    for k in (
+        ["fa3", "fa4"] + (["varlen", "flex"] if doc and cuda else ["sdpa"]) if kernel == "auto" else [kernel]
+    ):
+        why = "not installed"  # what failed, if the next step raises
+        try:
+            if k in ATTN_LIBS:
+                lib = importlib.import_module(ATTN_LIBS[k])
+                why = "placeholder"  # a module without the function this script calls
+                getattr(lib, "varlen_attn" if k == "varlen" else "flash_attn_varlen_func")
+                why = "failed probe" if cuda else "no CUDA"
+                probe_attention(k, doc, heads)
+            return k, reasons
+        except Exception as e:
+            reasons[k] = f"{why}: {e!r}"
+            need(kernel == "auto", f"ATTN_KERNEL={k}: {reasons[k]}")
+
+
 def make_attention(kernel: str, starts: Tensor, doc: bool):
     """One forward's attention, built once for all layers: causal, with `doc` only within each document (`starts`: a
     row's first position and every BOS). sdpa: a dense mask for documents; flex: a block mask that skips blocks
-    across documents (fused when compiled: CUDA); fa3: FlashAttention-3, varlen, cu_seqlens of a fixed length."""
+    across documents (fused when compiled: CUDA); fa3, fa4, varlen: flash_attention."""
+    if kernel in ATTN_LIBS:
+        return flash_attention(kernel, starts, doc)
     B, T = starts.shape
-    if kernel == "fa3":
-        import flash_attn_interface as fa3  # installed: validate and ATTN_KERNEL=auto check
-
-        first = lambda out: out[0] if isinstance(out, tuple) else out  # some FA3 versions also return the LSE
-        if not doc:
-            return lambda q, k, v: first(
-                fa3.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
-            ).transpose(1, 2)
-        cap = fa3_doc_capacity(B, T)  # checked on the host, where the tokens are batched (check_documents)
-        cu = F.pad(
-            torch.nonzero_static(starts.flatten(), size=cap, fill_value=B * T).flatten(), (0, 1), value=B * T
-        )
-        cu, flat = (
-            cu.int(),
-            lambda t: t.transpose(1, 2).reshape(B * T, t.size(1), t.size(3)),
-        )  # the rest: empty
-        return lambda q, k, v: (
-            first(
-                fa3.flash_attn_varlen_func(
-                    flat(q),
-                    flat(k),
-                    flat(v),
-                    cu_seqlens_q=cu,
-                    cu_seqlens_k=cu,
-                    max_seqlen_q=T,
-                    max_seqlen_k=T,
-                    causal=True,
-                )
-            )
-            .view(B, T, q.size(1), -1)
-            .transpose(1, 2)
-        )
-    if kernel == "sdpa" and not doc:
-        return lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1)
-        )
     docs = starts.cumsum(1) * doc
     if kernel == "flex":
         block = create_block_mask(
             lambda b, _, q, k: (docs[b, q] == docs[b, k]) & (q >= k), B, None, T, T, device=docs.device
         )
         return lambda q, k, v: flex_attention(q, k, v, block_mask=block, enable_gqa=k.size(1) != q.size(1))
-    mask = (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)
+    mask = (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1) if doc else None  # None: is_causal
     return lambda q, k, v: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1)
+        q, k, v, attn_mask=mask, is_causal=not doc, enable_gqa=k.size(1) != q.size(1)
     )
 
 
@@ -1297,19 +1390,9 @@ class GPT(nn.Module):
         self.rotary = Rotary(h.rope_dims or dim // h.num_heads, h.rope_base, h.train_seq_len, h.eval_len)
         self.softcap, self.doc_attention = h.logit_softcap, h.doc_attention
         self.head_lora = None  # LoRA TTT's adapter of the tied output head
-        cuda, fa3 = (
-            torch.cuda.is_available(),
-            importlib.util.find_spec("flash_attn_interface"),
-        )  # ATTN_KERNEL=auto:
-        self.attn_kernel = (
-            h.attn_kernel
-            if h.attn_kernel != "auto"
-            else "fa3"
-            if cuda and fa3
-            else "flex"
-            if (cuda and h.doc_attention)
-            else "sdpa"
-        )  # FA3 where installed, FlexAttention for documents on CUDA, SDPA
+        self.attn_kernel, self.attn_reasons = pick_attention(
+            h.attn_kernel, h.doc_attention, (h.num_heads, h.num_kv_heads, h.num_kv_heads, dim // h.num_heads)
+        )
         self.set_stage(0)
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
         for m in self.modules():
@@ -1991,9 +2074,21 @@ def fmt_plan(plan: dict) -> str:
 
 
 def without_docstrings(tree: ast.Module) -> ast.Module:
-    """The tree with every module/class/function docstring and every knob's help dropped (a body left empty
-    gets `pass`)."""
+    """The tree with every module/class/function docstring, every knob's help and every function's argument
+    and return annotations dropped (a body left empty gets `pass`): documentation, which nothing reads at run
+    time (`from __future__ import annotations` keeps them unevaluated strings). torch.library.custom_op reads
+    its function's annotations (the op's schema): those stay, as do dataclass fields (Hyperparameters parses
+    by them)."""
     for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and not any(
+            "custom_op" in ast.unparse(d) for d in node.decorator_list
+        ):
+            args = node.args
+            for a in (
+                args.posonlyargs + args.args + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
+            ):
+                a.annotation = None
+            node.returns = None
         if (
             isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
             and ast.get_docstring(node, clean=False) is not None
@@ -3351,7 +3446,8 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
         log(
             f"attention_mode:{'gqa' if h.num_kv_heads < h.num_heads else 'mha'} num_heads:{h.num_heads} "
-            f"num_kv_heads:{h.num_kv_heads} kernel:{model.attn_kernel} (ATTN_KERNEL={h.attn_kernel})"
+            f"num_kv_heads:{h.num_kv_heads} kernel:{model.attn_kernel} (ATTN_KERNEL={h.attn_kernel}) "
+            f"passed_over:{model.attn_reasons}"  # the kernels auto tried first, and why each did not run
         )
         log(
             f"tie_embeddings:True embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} scalar_lr:{h.scalar_lr}"
@@ -3362,7 +3458,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         )
         log(f"seed:{h.seed}")
         loader = TrainLoader(train_files[0], rt)
-        loader.check_docs = model.attn_kernel == "fa3" and h.doc_attention
+        loader.check_docs = model.attn_kernel in ATTN_LIBS and h.doc_attention
         log.phase("train")
         train_info = train_model(model, h, rt, loader, val_tokens, luts, log)
         hessians, on_cpu = train_info.pop("hessians"), {}
@@ -3425,7 +3521,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
             f"quant {meta['quant']})"
         )
     model = model_from_qstate(qstate, eval_h, rt, meta["stage"])
-    if model.attn_kernel == "fa3" and eval_h.doc_attention:  # the worst window, times a batch's rows
+    if model.attn_kernel in ATTN_LIBS and eval_h.doc_attention:  # the worst window, times a batch's rows
         rows, most = (
             eval_batch(eval_h, rt.world_size, eval_h.eval_len),
             most_documents(val_tokens.cpu().numpy(), eval_h.eval_len),

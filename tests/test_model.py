@@ -1,17 +1,12 @@
 """The model: causality with every component on, document boundaries, attention kernels, recurrence schedules,
 counts."""
 
-import importlib.machinery
 import math
-import sys
-import types
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import cpu_runtime, tg
+from conftest import tg
 
 # every component on: BigramHash, SmearGate, XSA, VE, partial RoPE, recurrence (shared + looped), lanes,
 # gated U-Net skips, Value Residual, attention-output gates
@@ -426,115 +421,3 @@ def test_input_dependent_smeargate_starts_as_identity_and_stops_at_a_bos():
     changed = ids.clone()
     changed[0, 1:16] = (changed[0, 1:16] + 5) % 126 + 2
     assert torch.equal(model.logits(ids)[0, 16:], model.logits(changed)[0, 16:])
-
-
-def fa3_stand_in() -> types.ModuleType:
-    """FlashAttention-3's interface (flash_attn_interface) in plain torch, as documented: (B, T, heads, head dim)
-    tensors, or the varlen form (tokens, heads, head dim) with int32 cu_seqlens; GQA by head count; causal within
-    each sequence; the output, or (output, LSE) as some versions return. `calls` records what it was given."""
-    fa3 = types.ModuleType("flash_attn_interface")
-    fa3.__spec__, fa3.calls = importlib.machinery.ModuleSpec("flash_attn_interface", None), []
-
-    def flash_attn_func(q, k, v, causal=False):
-        fa3.calls.append(("dense", tuple(q.shape), causal))
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
-        )
-        return out.transpose(1, 2), None
-
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
-        fa3.calls.append(("varlen", cu_seqlens_q.dtype, cu_seqlens_q.tolist(), max_seqlen_q, causal))
-        assert torch.equal(cu_seqlens_q, cu_seqlens_k) and q.dim() == 3
-        out = torch.zeros_like(q)
-        bounds = cu_seqlens_q.tolist()
-        for lo, hi in zip(bounds, bounds[1:]):
-            if hi > lo:
-                seg = [t[lo:hi].transpose(0, 1)[None] for t in (q, k, v)]
-                out[lo:hi] = F.scaled_dot_product_attention(*seg, is_causal=causal, enable_gqa=True)[
-                    0
-                ].transpose(0, 1)
-        return out
-
-    fa3.flash_attn_func, fa3.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
-    return fa3
-
-
-@pytest.fixture
-def fake_fa3(monkeypatch):
-    fa3 = fa3_stand_in()
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", fa3)
-    return fa3
-
-
-@pytest.mark.parametrize("doc", [0, 1])
-def test_fa3_kernels_give_sdpa_scores_and_gradients(fake_fa3, doc):
-    """ATTN_KERNEL=fa3's plumbing (layouts, GQA, cu_seqlens from the BOS positions, padded to a fixed length)
-    through a stand-in with FA3's documented interface: the scores and gradients of SDPA's path."""
-    model = full_model(DOC_ATTENTION=doc, ATTN_KERNEL="fa3")
-    ids = torch.randint(2, 128, (4, 33))
-    ids[0, 7], ids[0, 19], ids[1, 1] = tg.BOS_ID, tg.BOS_ID, tg.BOS_ID
-    out = {}
-    for kernel in ("fa3", "sdpa"):
-        model.attn_kernel = kernel
-        model.zero_grad(set_to_none=True)
-        nll = model.token_nll(ids[:, :-1], ids[:, 1:])
-        nll.sum().backward()
-        out[kernel] = nll.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    assert torch.allclose(out["fa3"][0], out["sdpa"][0], atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out["fa3"][1], out["sdpa"][1]))
-    kind, *rest = fake_fa3.calls[0]
-    if doc:  # each row and BOS starts a sequence; the fixed length (room for 2 a row) ends in an empty one
-        assert kind == "varlen" and rest == [torch.int32, [0, 7, 19, 32, 33, 64, 96, 128, 128], 32, True]
-    else:
-        assert kind == "dense" and rest == [(4, 32, 4, 8), True]
-
-
-def test_fa3_document_capacity_is_checked_on_the_host(tmp_path):
-    """FA3's fixed-size cu_seqlens holds documents of 128 tokens on average: a batch with more is refused
-    on the host, where it is batched, with a clear error (a device-side assert is dropped inside compiled
-    graphs and fatal in eager); the val stream's worst window is counted once per run."""
-    ids = np.full(32, 7)
-    ids[::8] = tg.BOS_ID  # 4 documents in a row of 32: room for 2
-    assert tg.most_documents(ids, 32) == 4 and tg.most_documents(ids[:9], 8) == 2
-    tg.check_documents(2, 1, 32, "ok")
-    with pytest.raises(RuntimeError, match="set ATTN_KERNEL=flex"):
-        tg.check_documents(4, 1, 32, "training data (x.bin)")
-    shard = tmp_path / "fineweb_train_000000.bin"
-    header = np.zeros(256, np.int32)
-    header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, 64 * 40)
-    tokens = np.tile(ids, 80).astype(np.uint16)
-    shard.write_bytes(header.tobytes() + tokens.tobytes())
-    loader = tg.TrainLoader([str(shard)], cpu_runtime())
-    loader.next_batch(8 * 32, 32)  # unchecked: another kernel (8 micro-batches of one row)
-    loader.check_docs = True
-    with pytest.raises(RuntimeError, match=r"training data \(.*fineweb_train_000000.bin\)"):
-        loader.next_batch(8 * 32, 32)
-
-
-def test_fa3_document_attention_compiles_whole_graph(fake_fa3, monkeypatch):
-    """FA3 registers its kernels as torch ops; with one such stand-in, the varlen path (fixed-size cu_seqlens from
-    nonzero_static, the device-side check) compiles as one graph, the way the training step runs it."""
-
-    @torch.library.custom_op("fa3_stand_in::varlen", mutates_args=())
-    def varlen(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int
-    ) -> torch.Tensor:
-        return fa3_stand_in().flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
-
-    varlen.register_fake(lambda q, k, v, cu, max_len: torch.empty_like(q))
-    monkeypatch.setattr(
-        fake_fa3,
-        "flash_attn_varlen_func",
-        lambda q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal: varlen(
-            q, k, v, cu_seqlens_q, max_seqlen_q
-        ),
-    )
-    model = full_model(DOC_ATTENTION=1, ATTN_KERNEL="fa3")
-    ids = torch.randint(2, 128, (2, 32))
-    ids[0, 9] = tg.BOS_ID
-    with torch.no_grad():
-        eager = model.token_nll(ids, ids)
-        compiled = torch.compile(model.token_nll, fullgraph=True, dynamic=False, backend="aot_eager")(
-            ids, ids
-        )
-    assert torch.allclose(eager, compiled, atol=1e-5)

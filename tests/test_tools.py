@@ -279,6 +279,7 @@ def test_gpu_report_runs_end_to_end_on_cpu(small_data, tmp_path):
     attn = {row["attn"]: row for row in b["attention"]}  # every kernel: timed, or why it cannot run on a CPU
     assert attn["sdpa"]["fwd_bwd_ms"] > 0 and attn["sdpa-flash"]["fwd_bwd_ms"] > 0
     assert "not installed" in attn["fa3"]["error"] and "backward on CPU" in attn["flex"]["error"]
+    assert "not installed" in attn["fa4"]["error"] and "no CUDA" in attn["varlen"]["error"]
     prof = r["profile"]
     assert (
         prof["rc"] == 0

@@ -3,7 +3,7 @@
 
   python3 tools/bench_speed.py                  # record + naive-baseline configs (meant for one H100)
   python3 tools/bench_speed.py --tiny           # a small config that runs on a CPU in a minute
-  python3 tools/bench_speed.py --configs record --attn sdpa,sdpa-flash,sdpa-cudnn,flex,fa3   # + attention kernels
+  python3 tools/bench_speed.py --configs record --attn sdpa,sdpa-flash,sdpa-cudnn,flex,fa3,fa4,varlen   # + kernels
 
 Per config: compile time; training micro-batch tokens/s and step time at the record's per-GPU
 micro-batch (48 x 2048 tokens; the baseline's 64 x 1024), model FLOPs utilization, peak memory;
@@ -13,8 +13,10 @@ not depend on them. CPU numbers are for keeping the tool working, never a speed 
 
 --attn adds, per config, one layer's attention (forward + backward, compiled, at the training shapes) under each
 kernel: ATTN_KERNEL=sdpa (torch picks the backend), sdpa-flash / sdpa-cudnn (SDPA held to one backend), flex,
-fa3 (FlashAttention-3, if installed); times the config's layer count is its cost per micro-step. A kernel that
-cannot run here is listed with its error. `--doc` times them with DOC_ATTENTION=1 (documents of ~1,000 tokens).
+fa3 (FlashAttention-3), fa4 (FlashAttention-4, pip install flash-attn-4), varlen (torch's varlen_attn, torch >=
+2.12), each resolved as train_gpt resolves ATTN_KERNEL (pick_attention: installed, not a placeholder, its probe
+runs); times the config's layer count is its cost per micro-step. A kernel that cannot run here is listed with its
+error (train_gpt's reason: not installed, placeholder, no CUDA, failed probe). `--doc` times them with DOC_ATTENTION=1 (documents of ~1,000 tokens).
 """
 
 import argparse
@@ -93,13 +95,16 @@ ATTN = {
     "sdpa-cudnn": ("sdpa", SDPBackend.CUDNN_ATTENTION),
     "flex": ("flex", None),
     "fa3": ("fa3", None),
+    "fa4": ("fa4", None),
+    "varlen": ("varlen", None),
 }
 
 
 def attention_row(name: str, over: dict, variant: str, rt: tg.Runtime, steps: int) -> dict:
     """One layer's attention at the config's training shapes (micro-batch, heads, GQA, head dim; bf16 on a GPU),
     forward + backward, compiled, under one kernel: what a kernel change saves per layer and micro-step. A kernel
-    train_gpt.py refuses here (validate: FA3 not installed, FlexAttention off CUDA) or that fails gives its error."""
+    train_gpt.py refuses here (validate: FlexAttention off CUDA; pick_attention: an FA/varlen kernel not installed, a
+    placeholder, no CUDA, its probe failing) or that fails gives its error."""
     over = dict(over, ATTN_KERNEL=ATTN[variant][0])
     micro_seqs, backend = over.pop("micro_seqs"), ATTN[variant][1]
     row = dict(config=name, attn=variant)
@@ -107,6 +112,9 @@ def attention_row(name: str, over: dict, variant: str, rt: tg.Runtime, steps: in
         h = tg.Hyperparameters.from_env({k: str(v) for k, v in over.items()})
         row.update(doc_attention=int(h.doc_attention), layers=h.logical_layers)
         T, D = h.train_seq_len, h.model_dim // h.num_heads
+        kernel, _ = tg.pick_attention(
+            h.attn_kernel, h.doc_attention, (h.num_heads, h.num_kv_heads, h.num_kv_heads, D)
+        )
         dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
         q, k, v = (
             torch.randn(micro_seqs, n, T, D, device=rt.device, dtype=dtype, requires_grad=True)
@@ -117,7 +125,7 @@ def attention_row(name: str, over: dict, variant: str, rt: tg.Runtime, steps: in
         starts = (ids == tg.BOS_ID) | (torch.arange(T, device=rt.device) == 0)
 
         def layer(q, k, v):
-            return tg.make_attention(h.attn_kernel, starts, h.doc_attention)(q, k, v)
+            return tg.make_attention(kernel, starts, h.doc_attention)(q, k, v)
 
         attend = (
             torch.compile(layer, fullgraph=True, dynamic=False, backend=rt.backend) if rt.compile else layer

@@ -175,7 +175,7 @@ def bench(out: Path, tiny: bool) -> dict:
         "--configs",
         "tiny" if tiny else "record",
         "--attn",
-        "sdpa,sdpa-flash,sdpa-cudnn,flex,fa3",
+        "sdpa,sdpa-flash,sdpa-cudnn,flex,fa3,fa4,varlen",  # each where it installs and runs
         "--json",
         str(out / "bench_speed.json"),
     ] + (["--tiny"] if tiny else [])
