@@ -422,8 +422,9 @@ class Hyperparameters:
             f"EVAL_STRIDE={self.eval_stride} and, if longer, of the eval length {L}",
         )
         need(
-            self.attn_kernel != "flex" or torch.cuda.is_available(),
-            "ATTN_KERNEL=flex needs CUDA (FlexAttention has no backward on CPU)",
+            self.attn_kernel in ("auto", "sdpa") or torch.cuda.is_available(),
+            f"ATTN_KERNEL={self.attn_kernel} needs CUDA (FlexAttention has no CPU backward; FA and varlen kernels "
+            "are CUDA-only): use sdpa or auto",
         )
         need(
             self.ttt_mode == "chunk" or self.ttt_lora_chunk <= L,
