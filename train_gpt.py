@@ -578,6 +578,12 @@ class Runtime:
         if self.world_size > 1:
             dist.barrier()
 
+    def start_together(self) -> float:
+        """time() on every rank at once: once this rank's queued work has run and every rank got here."""
+        self.sync()
+        self.barrier()
+        return self.time()
+
     def long_wait_group(self):
         """A gloo group for one barrier that may outlast the process group's timeout (NCCL's default: 10
         minutes): the other ranks wait in it while rank 0 exports alone (GPTQ, rate control's refits,
@@ -2197,17 +2203,19 @@ class AgreedClock:
 
     def start(self) -> None:
         """(Re)start the timer, every rank at once."""
-        self.rt.sync()
-        self.rt.barrier()
-        self.t0 = self.rt.time()
+        self.t0 = self.rt.start_together()
 
     def pause(self, step: int) -> float:
         """Stop the timer: the exact time so far, the slowest rank's."""
-        mine = self.paused_ms + (self.rt.clock() - self.t0) * 1000
+        mine = self.local_ms(synced=True)
         self.paused_ms = self.rt.reduce([mine], dist.ReduceOp.MAX)[0]
         self.pending = None
         self.agree(self.paused_ms, step)
         return self.paused_ms
+
+    def local_ms(self, synced: bool = False) -> float:
+        """This rank's own training time (synced: once its queued work has run): never a decision's input."""
+        return self.paused_ms + ((self.rt.clock() if synced else self.rt.time()) - self.t0) * 1000
 
     def agree(self, ms: float, step: int) -> None:
         if step > self.at_step:
@@ -2217,7 +2225,7 @@ class AgreedClock:
     def post(self, step: int) -> None:
         """Send this rank's elapsed time after `step` steps; take in the one sent a step ago."""
         previous = self.pending
-        self.pending = (step, self.send(self.paused_ms + (self.rt.time() - self.t0) * 1000))
+        self.pending = (step, self.send(self.local_ms()))
         if previous is not None:
             self.agree(self.receive(previous[1]), previous[0])
 
@@ -2392,7 +2400,7 @@ def train_model(
             stop_after = step
         if step <= 10 or step % h.train_log_every == 0 or stop_after is not None:
             loss = rt.all_reduce(loss) / rt.world_size  # the global mean, any world size
-            mine = clock.paused_ms + (rt.clock() - clock.t0) * 1000  # rank 0's time, for the log only
+            mine = clock.local_ms(synced=True)  # rank 0's time, for the log only
             log(
                 f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{mine:.0f}ms "
                 f"step_avg:{mine / step:.2f}ms"
@@ -2633,7 +2641,8 @@ class TTTBudgetGuard:
         if chunk == 0:
             self.first_epoch_s = epoch_s
         else:
-            self.ratios.append((chunk, epoch_s / max(dict(self.score_s)[chunk], 1e-9)))
+            score_s = next(s for c, s in reversed(self.score_s) if c == chunk)
+            self.ratios.append((chunk, epoch_s / max(score_s, 1e-9)))
 
     def fit(self, chunk: int, left_s: float, rest: int, score_s: float) -> int:
         """Epochs for this chunk out of left_s seconds, with `rest` chunks to train; score_s: the pessimistic
@@ -3067,9 +3076,7 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         log(f"eval_warmup: {shapes} graph shapes compiled in {rt.time() - t:.1f}s (before the eval timer)")
     model.eval()
     graphs_before, results, times = compiled_graphs(rt), {}, {}
-    rt.sync()
-    rt.barrier()  # the eval timer starts on every rank at once, after every rank's warm-up
-    t_eval = rt.time()
+    t_eval = rt.start_together()  # after every rank's warm-up
 
     def record(key: str, name: str, totals: Tensor, t0: float, extra: str = "") -> None:
         times[key] = (rt.clock() - t0) * 1000
