@@ -331,6 +331,9 @@ class Hyperparameters:
     ttt_docs_per_batch: int = knob(
         64, 1, help="LoRA TTT: documents adapted side by side on each rank, longest first"
     )
+    ttt_lora_rows_per_pass: int = knob(
+        0, 0, help="LoRA TTT: documents per forward and backward (0 = all; bounds the saved activations)"
+    )
     ttt_phase_docs: int = knob(2500, 1, help="phased: after this many documents (the longest) ...")
     ttt_phases: int = knob(
         3, 1, help="... in this many equal steps, base weights take one SGD epoch on all scored docs"
@@ -369,6 +372,11 @@ class Hyperparameters:
     @property
     def eval_len(self) -> int:
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def lora_rows(self) -> int:
+        """LoRA TTT's documents per forward and backward: one pass's saved activations scale with them."""
+        return min(self.ttt_lora_rows_per_pass or self.ttt_docs_per_batch, self.ttt_docs_per_batch)
 
     @property
     def logical_layers(self) -> int:
@@ -429,6 +437,11 @@ class Hyperparameters:
         need(
             self.ttt_mode == "chunk" or self.ttt_lora_chunk <= L,
             f"TTT_LORA_CHUNK={self.ttt_lora_chunk} exceeds the eval length {L} (TTT_MODE={self.ttt_mode})",
+        )
+        need(
+            self.ttt_docs_per_batch % self.lora_rows == 0,
+            f"TTT_LORA_ROWS_PER_PASS={self.ttt_lora_rows_per_pass} must divide "
+            f"TTT_DOCS_PER_BATCH={self.ttt_docs_per_batch} (every pass one compiled shape)",
         )
         need(
             self.quant_bits_attn != 1 and self.quant_bits_mlp != 1,
@@ -1110,16 +1123,18 @@ def flash_attention(kernel: str, starts: Tensor, doc: bool):
     return attend
 
 
-def probe_attention(kernel: str, doc: bool, heads: tuple) -> None:
+def probe_attention(kernel: str, doc: bool, heads: tuple, device: str = "cuda") -> None:
     """A forward and backward of `kernel` on this GPU, in bf16 at the model's heads, three documents a row: what the
-    run will call (the same make_attention), at a tiny length. Raises what the kernel raises. (Called where
-    gradients are on: a model is built outside no_grad.)"""
-    q, k, v = (
-        torch.ones(2, n, 256, heads[3], device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for n in heads[:3]
-    )
-    starts = torch.arange(512, device="cuda").view(2, 256) % 100 == 0
-    make_attention(kernel, starts, doc)(q, k, v).sum().backward()
+    run will call (the same make_attention), at a tiny length. Raises what the kernel raises. Gradients on, whatever
+    the caller's mode: the first model may be built under no_grad or inference mode (a verifier's), and a backward
+    there would fail for every kernel, passing the fastest over for a reason that is not the kernel's."""
+    with torch.inference_mode(False), torch.enable_grad():
+        q, k, v = (
+            torch.ones(2, n, 256, heads[3], device=device, dtype=torch.bfloat16, requires_grad=True)
+            for n in heads[:3]
+        )
+        starts = torch.arange(512, device=device).view(2, 256) % 100 == 0
+        make_attention(kernel, starts, doc)(q, k, v).sum().backward()
 
 
 @functools.cache
@@ -2771,35 +2786,49 @@ class LoRAAdapters:
     """LoRA TTT's adapters A (rows, in, rank) and B (rows, rank, out) on every block matrix and the tied output head,
     row r for document r of a batch. Not model parameters (the artifact's weights stay as they are); reset in place
     per batch, A seeded-random (warm_a: at the first batch only, then kept), B zero: a fresh adapter adds exactly zero
-    and compiled graphs see the same tensors. A kept has learned only from documents scored before: legal."""
+    and compiled graphs see the same tensors. A kept has learned only from documents scored before: legal.
+    Held in groups of `per_pass` rows, each group its own tensors: a pass attaches one group (the same shapes, so the
+    same compiled graph), and only that group's activations are saved for its backward."""
 
-    def __init__(self, model: GPT, rows: int, rank: int, seed: int, warm_a: bool = False):
+    def __init__(self, model: GPT, rows: int, rank: int, seed: int, warm_a: bool = False, per_pass: int = 0):
         self.model, self.seed, self.warm_a, self.drawn = model, seed, warm_a, False
+        self.per_pass = per_pass or rows
         self.linears = [m for m in model.blocks.modules() if isinstance(m, CastedLinear)]
         dev = model.tok_emb.weight.device
-        shapes = [(m.in_features, m.out_features) for m in self.linears] + [model.tok_emb.weight.shape[::-1]]
-        self.pairs = [
-            (
-                torch.zeros(rows, i, rank, device=dev, requires_grad=True),
-                torch.zeros(rows, rank, o, device=dev, requires_grad=True),
-            )
-            for i, o in shapes
+        self.shapes = [(m.in_features, m.out_features) for m in self.linears] + [
+            model.tok_emb.weight.shape[::-1]
         ]
-        self.params = [t for pair in self.pairs for t in pair]
+        self.groups = [
+            [
+                (
+                    torch.zeros(self.per_pass, i, rank, device=dev, requires_grad=True),
+                    torch.zeros(self.per_pass, rank, o, device=dev, requires_grad=True),
+                )
+                for i, o in self.shapes
+            ]
+            for _ in range(rows // self.per_pass)
+        ]
+        self.params = [t for group in self.groups for pair in group for t in pair]
         self.gen = torch.Generator(dev)
 
-    def attach(self, on: bool) -> None:
-        for m, pair in zip(self.linears, self.pairs):
+    def attach(self, on: bool, group: int = 0) -> None:
+        pairs = self.groups[group]
+        for m, pair in zip(self.linears, pairs):
             m.lora = pair if on else None
-        self.model.head_lora = self.pairs[-1] if on else None
+        self.model.head_lora = pairs[-1] if on else None
 
     @torch.no_grad()
     def reset(self, batch: int) -> None:
         self.gen.manual_seed(self.seed + batch)
-        for a, b in self.pairs:
+        for j, (i, _) in enumerate(self.shapes):
             if not (self.warm_a and self.drawn):
-                a.uniform_(-1, 1, generator=self.gen).mul_(a.size(1) ** -0.5)
-            b.zero_()
+                # drawn for all rows at once: the same adapters whatever the rows per pass
+                a = torch.empty(len(self.groups) * self.per_pass, i, self.groups[0][j][0].size(2))
+                a = a.to(self.gen.device).uniform_(-1, 1, generator=self.gen).mul_(i**-0.5)
+                for group, rows in zip(self.groups, a.split(self.per_pass)):
+                    group[j][0].copy_(rows)
+            for group in self.groups:
+                group[j][1].zero_()
         self.drawn = True
 
 
@@ -2861,9 +2890,15 @@ def lora_batch(
         valid_t, score_t, learn_t = (torch.as_tensor(m, device=rt.device) for m in (valid, score, learn))
         x = torch.where(valid_t, tokens[pos], 0).long()
         y = torch.where(valid_t, tokens[pos + 1], 0).long()
-        with torch.enable_grad(), rt.autocast():
-            nll = score_fn(x, y).float()
-        scored = nll.detach()
+        done += score.sum(1)
+        if learn.any():  # rules, not asserts: only targets scored, never a document's last chunk
+            if (learn & (at >= done[:, None])).any() or (learn.any(1) & (done >= length)).any():
+                raise RuntimeError(
+                    f"LoRA TTT batch {index}: a step would learn from unscored targets or a last chunk"
+                )
+        scored = torch.cat(
+            [lora_pass(score_fn, adapters, x, y, learn, g, rt) for g in range(len(adapters.groups))]
+        )
         totals += torch.stack(
             (
                 (scored.double() * score_t).sum(),
@@ -2871,15 +2906,12 @@ def lora_batch(
                 score_t.sum().double(),
             )
         )
-        done += score.sum(1)
         if observer is not None:
             observer("score", pos[score_t], scored[score_t])
-        if learn.any():  # rules, not asserts: only targets scored, never a document's last chunk
-            if (learn & (at >= done[:, None])).any() or (learn.any(1) & (done >= length)).any():
-                raise RuntimeError(
-                    f"LoRA TTT batch {index}: a step would learn from unscored targets or a last chunk"
-                )
-            ((nll * learn_t).sum(1) / learn_t.sum(1).clamp(min=1)).sum().backward()
+        if learn.any():
+            for p in adapters.params:  # a group with nothing to learn: zero, as one pass of all rows gives
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if observer is not None:
@@ -2887,6 +2919,21 @@ def lora_batch(
     if (done != length).any():
         raise RuntimeError(f"LoRA TTT batch {index}: targets scored per document {done}, lengths {length}")
     return totals, done
+
+
+def lora_pass(
+    score_fn, adapters: LoRAAdapters, x: Tensor, y: Tensor, learn: np.ndarray, group: int, rt: Runtime
+):
+    """One group of rows through the model under its adapters: their NLLs, fixed before the backward, and (where
+    learn marks targets) the backward of the mean NLL per document, which touches only this group's adapters."""
+    rows = slice(group * adapters.per_pass, (group + 1) * adapters.per_pass)
+    adapters.attach(True, group)
+    with torch.enable_grad(), rt.autocast():
+        nll = score_fn(x[rows].clone(), y[rows].clone()).float()
+    if learn[rows].any():
+        mask = torch.as_tensor(learn[rows], device=rt.device)
+        ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
+    return nll.detach()
 
 
 def phase_rows(docs: np.ndarray, h: Hyperparameters) -> np.ndarray:
@@ -3040,7 +3087,7 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
     if widths:
         adapters.attach(True)
         for w in widths:
-            x = noise[:w].long().repeat(h.ttt_docs_per_batch, 1)  # contiguous, as the pass's
+            x = noise[:w].long().repeat(h.lora_rows, 1)  # contiguous, as the pass's
             with torch.enable_grad(), rt.autocast():
                 score_fn(x, x.flip(1)).float().sum().backward()
         adapters.attach(False)
@@ -3059,6 +3106,18 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
     return len(score_shapes) + len(train_shapes) + len(widths)
 
 
+def sliding_fits(h: Hyperparameters, rt: Runtime, elapsed_s: float, roundtrip_ms: float) -> bool:
+    """The whole eval's budget, before the sliding pass. With TTT on, that pass is a diagnostic: TTT's pass scores
+    the same windows and gives the final score, and its guard can cut training, never scoring. So the sliding pass
+    runs only if it and TTT's scoring fit in what is left, each estimated pessimistically at the round trip's rate
+    times the windows per target (EVAL_SEQ_LEN/EVAL_STRIDE) plus the guard's slack; all ranks agree (it gates
+    collectives). A loaded machine then keeps its time for the score that counts."""
+    if not h.ttt_enabled:
+        return True
+    pass_s = roundtrip_ms / 1000 * h.eval_len / h.eval_stride * (1 + TTTBudgetGuard.SLACK)
+    return rt.agreed(elapsed_s + 2 * pass_s <= h.eval_budget_seconds * (1 - TTTBudgetGuard.MARGIN))
+
+
 def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Tensor, luts, log: Log) -> dict:
     """The timed evaluation of the dequantized artifact: compile warm-up on random tokens (never val tokens) runs
     before the timer, as the contest counts it; scoring and TTT run inside (graphs compiled there are logged: 0)."""
@@ -3068,7 +3127,9 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         ttt_params(model, h.ttt_freeze_blocks)  # a requires_grad change
     elif h.ttt_enabled:  # LoRA TTT: the model's weights are fixed (but in global-SGD phases)
         model.requires_grad_(False)
-        adapters = LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a)
+        adapters = LoRAAdapters(
+            model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a, h.lora_rows
+        )
     score_fn = compile_model(model.token_nll, rt)
     if rt.compile:
         t = rt.time()
@@ -3089,7 +3150,15 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
     record(
         "roundtrip", f"final_int{bits}_roundtrip", evaluate(score_fn, val_tokens, L, L, batch, luts, rt), t0
     )
-    if h.eval_sliding and h.eval_stride < L:
+    if (
+        h.eval_sliding
+        and h.eval_stride < L
+        and not sliding_fits(h, rt, rt.time() - t_eval, times["roundtrip"])
+    ):
+        log(
+            f"sliding_window: skipped (budget) after {rt.time() - t_eval:.1f}s: TTT's pass scores its windows"
+        )
+    elif h.eval_sliding and h.eval_stride < L:
         t0 = rt.time()
         record(
             "sliding",

@@ -277,3 +277,32 @@ def test_ttt_adamw_takes_its_own_beta2(small_data, monkeypatch):
         )
         tg.eval_ttt(model, tokens, h, rt, luts, SILENT, 1e9)
         assert seen[-1] == betas
+
+
+@pytest.mark.parametrize(
+    "roundtrip_s, ttt, sliding",
+    [(1.0, True, True), (3.0, True, False), (3.0, False, True)],
+)
+def test_the_sliding_pass_gives_way_to_ttts_when_both_cannot_fit(
+    small_data, monkeypatch, roundtrip_s, ttt, sliding
+):
+    """A 10-s eval whose round trip takes 1 or 3 s (a loaded machine): the sliding pass (a diagnostic beside TTT,
+    whose pass scores the same windows) would take ~2x that (EVAL_SEQ_LEN/EVAL_STRIDE windows per target), and TTT's
+    scoring as much again. At 1 s both fit; at 3 s the sliding pass is skipped and TTT still gives the final
+    score. Without TTT the sliding score is the final one and always runs."""
+    h, model, rt, tokens, luts = tiny_setup(
+        small_data, VAL_MAX_TOKENS=1024, EVAL_BUDGET_SECONDS=10, TTT_ENABLED=int(ttt), TTT_EPOCHS=1
+    )
+    clock = [0.0]
+    rt.time = lambda: clock[0]
+    evaluate = tg.evaluate
+
+    def timed(score_fn, val, L, stride, *rest):
+        clock[0] += roundtrip_s * L / stride
+        return evaluate(score_fn, val, L, stride, *rest)
+
+    monkeypatch.setattr(tg, "evaluate", timed)
+    lines = []
+    ev = tg.run_evaluations(model, h, rt, tokens, luts, lines.append)
+    assert ("sliding" in ev["results"]) == sliding and ev["final"] == ("ttt" if ttt else "sliding")
+    assert any(line.startswith("sliding_window: skipped (budget)") for line in lines) != sliding

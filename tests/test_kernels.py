@@ -254,6 +254,15 @@ def test_auto_tries_the_kernels_in_order_of_speed_and_says_why_it_passed_each_ov
     )
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_the_probe_runs_its_backward_whatever_the_callers_grad_mode(mode):
+    """The first model may be built under no_grad or inference mode (a verifier's): the probe's backward still runs
+    there, so auto never passes a working kernel over as a "failed probe" for the caller's mode."""
+    with mode():
+        tg.probe_attention("sdpa", True, HEADS, device="cpu")
+        tg.probe_attention("sdpa", False, HEADS, device="cpu")
+
+
 def test_placeholder_packages_are_passed_over(monkeypatch):
     """PyPI's flash-attn-interface 0.0.1 is an empty module: `import flash_attn_interface` works, its functions do
     not exist. auto passes it over (and an empty flash_attn.cute) as a placeholder, never probing it; asked for by

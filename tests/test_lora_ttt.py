@@ -28,7 +28,9 @@ def lora_run(data, tokens=None, world=(0, 1), budget=1e9, **over):
     h, model, rt, val, luts = tiny_setup(data, **{**LORA, **over})
     rt = cpu_runtime(*world)
     model.requires_grad_(False)
-    adapters = tg.LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a)
+    adapters = tg.LoRAAdapters(
+        model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a, h.lora_rows
+    )
     rec = Recorder()
     totals, info = tg.eval_ttt_lora(
         model, adapters, val if tokens is None else tokens, h, rt, luts, SILENT, budget, rec
@@ -70,7 +72,7 @@ def test_zero_adapters_leave_the_scoring_forward_exact(small_data):
         adapters.reset(5)
         adapters.attach(True)
         adapted = model.token_nll(x, y)
-        adapters.pairs[0][1][1].normal_()  # document 1's adapter on the first matrix
+        adapters.groups[0][0][1][1].normal_()  # document 1's adapter on the first matrix
         moved = model.token_nll(x, y)
     assert torch.equal(plain, adapted)
     assert (
@@ -207,6 +209,22 @@ def test_lora_budget_guard_stops_adapting_and_phases_when_time_runs_out(small_da
     assert not guard.fits(40.0 + 40_000 * guard.rate())
 
 
+@pytest.mark.parametrize("mode", ["lora", "phased"])
+def test_rows_per_pass_bound_a_pass_and_change_no_score(small_data, mode):
+    """TTT_LORA_ROWS_PER_PASS=1: each document goes through its own forward and backward (what bounds LoRA TTT's
+    memory), with weight decay on the adapters and A kept: the same scores, events and phases as all rows in one
+    pass. A group without a learning row still takes its (zero-gradient) decay step, as in one pass of all rows."""
+    over = dict(TTT_MODE=mode, TTT_LORA_WD=0.5, TTT_LORA_WARM_A=1)
+    _, _, rec_all, all_rows, info_all = lora_run(small_data, **over)
+    _, _, rec_one, one_row, info_one = lora_run(small_data, **over, TTT_LORA_ROWS_PER_PASS=1)
+    assert info_one == info_all and info_all["adapted"] == 3
+    assert torch.allclose(one_row, all_rows, rtol=1e-12, atol=1e-9)
+    assert rec_one.events == rec_all.events and rec_one.scores.keys() == rec_all.scores.keys()
+    assert np.allclose([rec_one.scores[i] for i in rec_all.scores], list(rec_all.scores.values()), atol=1e-5)
+    with pytest.raises(tg.ConfigError, match="TTT_LORA_ROWS_PER_PASS=3 must divide TTT_DOCS_PER_BATCH=4"):
+        tg.Hyperparameters.from_env({"TTT_DOCS_PER_BATCH": "4", "TTT_LORA_ROWS_PER_PASS": "3"}).validate()
+
+
 def test_compiled_phased_lora_ttt_compiles_nothing_inside_the_timed_eval(small_data, monkeypatch):
     """Compiled, with document attention: the warm-up on random tokens builds the scoring graph, the LoRA
     width with adapters (forward and backward; one width keeps this affordable) and the phases' training
@@ -214,7 +232,7 @@ def test_compiled_phased_lora_ttt_compiles_nothing_inside_the_timed_eval(small_d
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 32)  # as setup_runtime sets it
     h, model, _, tokens, luts = tiny_setup(
         small_data,
-        **{**LORA, "TTT_MODE": "phased", "TTT_LORA_CHUNK": 64},
+        **{**LORA, "TTT_MODE": "phased", "TTT_LORA_CHUNK": 64, "TTT_LORA_ROWS_PER_PASS": 1},
         DOC_ATTENTION=1,
         EVAL_SLIDING=0,
         NUM_LAYERS=2,

@@ -6,6 +6,7 @@
   python3 tools/bench_quant.py --layouts             # int8 stream layouts x codecs on a record-shape slice
   python3 tools/bench_quant.py --fit 1493-shape      # AUTO_FIT's search on a trained-like record-scale model
   python3 tools/bench_quant.py --fit record --fit-start-bytes 11685974   # ... sizes estimated, nothing compressed
+  python3 tools/bench_quant.py --fit record --fit-start-bytes 11685974 --code raw   # ... the raw source budgeted
   python3 tools/bench_quant.py --train-seconds 30 --bits 6
 
 Quality mode, per bit width and method (block matrices; embeddings int8, small tensors fp16): quant gap
@@ -163,11 +164,12 @@ def record_mode(args) -> None:
 
 def fit_mode(args) -> None:
     """train_gpt's rate control on a trained-like record-scale model: the default plan, AUTO_FIT's search
-    against BYTE_BUDGET (the script's default) minus train_gpt.py, with real compression by the default codec, or with
+    against BYTE_BUDGET (the script's default) minus train_gpt.py as shipped (--code: packed, the default, or
+    raw, the budget before CODE_SHIPPED), with real compression by the default codec, or with
     --fit-start-bytes N (a measured size of the default plan) every size estimated as entropy x the ratio N
     gives. No data here, so the calibration loss is the relative reconstruction error of the int tensors."""
-    h, state = trained_like(SHAPES[args.fit])
-    code = len((REPO / "train_gpt.py").read_bytes())
+    h, state = trained_like({**SHAPES[args.fit], "CODE_SHIPPED": args.code})
+    code, _ = tg.shipped_code_bytes((REPO / "train_gpt.py").read_text(), h)
     pack = lambda q: tg.pack_artifact(q, {"model": h.model_config()}, h.compressor)
     if args.fit_start_bytes:
         ratio = args.fit_start_bytes / tg.entropy_bytes(tg.quantize_state(state, tg.quant_plan(h)))
@@ -192,6 +194,7 @@ def fit_mode(args) -> None:
         codec=h.compressor,
         model_bytes=len(blob),
         code_bytes=code,
+        code_shipped=args.code,
         estimated_from_start_bytes=args.fit_start_bytes,
         total=len(blob) + code,
         **symbol_stats(qstate, state),
@@ -336,6 +339,9 @@ def main() -> None:
         "--fit-start-bytes",
         type=int,
         help="--fit without compressing: sizes from this measured default-plan size",
+    )
+    p.add_argument(
+        "--code", choices=("packed", "raw"), default="packed", help="--fit: the code bytes budgeted"
     )
     p.add_argument("--train-seconds", type=float, default=150)
     p.add_argument("--bits", default="6,5")

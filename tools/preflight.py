@@ -387,7 +387,9 @@ def trace_eval(t: Trace) -> None:
     adapters = None
     if h.ttt_enabled and h.ttt_mode != "chunk":
         model.requires_grad_(False)
-        adapters = tg.LoRAAdapters(model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a)
+        adapters = tg.LoRAAdapters(
+            model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a, h.lora_rows
+        )
         t.tracer.label("lora adapters", adapters.params)
     elif h.ttt_enabled:
         tg.ttt_params(model, h.ttt_freeze_blocks)
@@ -426,7 +428,8 @@ def trace_ttt_rows(t: Trace, model, name: str) -> None:
 
 def trace_lora(t: Trace, model, adapters) -> None:
     """lora_batch on TTT_DOCS_PER_BATCH documents of 2 x EVAL_SEQ_LEN + 1 tokens at chunk = EVAL_SEQ_LEN:
-    two adapted steps of rows x EVAL_SEQ_LEN (the widest of lora_widths), the second with Adam's state."""
+    two adapted steps of rows x EVAL_SEQ_LEN (the widest of lora_widths), the second with Adam's state. A pass
+    (forward and backward) holds TTT_LORA_ROWS_PER_PASS rows' activations: the saved bytes are one pass's."""
     h, rt = t.h, t.rt
     L, R = h.eval_len, h.ttt_docs_per_batch
     wide = dataclasses.replace(h, ttt_lora_chunk=L)
@@ -439,7 +442,7 @@ def trace_lora(t: Trace, model, adapters) -> None:
     model.eval()
     t.tracer.phase()
     counter = SavedBytes(t.tracer)
-    x = tokens[:L].long().repeat(R, 1)
+    x = tokens[:L].long().repeat(h.lora_rows, 1)  # one pass: TTT_LORA_ROWS_PER_PASS of the batch's rows
     with torch.enable_grad(), counter.hooks(), t.autocast():
         nll = model.token_nll(x, x.flip(1)).float()
     saved = counter.total()
@@ -451,7 +454,7 @@ def trace_lora(t: Trace, model, adapters) -> None:
         tg.lora_batch(model.token_nll, adapters, opt, tokens, batch, 0, wide, rt, fake_luts(h), True)
     state = [v for s in opt.state.values() for v in s.values()]
     t.notes["lora_adapters_grads_adam_gib"] = (2 * sum_bytes(adapters.params) + sum_bytes(state)) / GIB
-    t.record("LoRA TTT lora_batch", saved, rows=R, width=L)
+    t.record("LoRA TTT lora_batch", saved, rows=h.lora_rows, docs=R, width=L)
     adapters.attach(False)
 
 
