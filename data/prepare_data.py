@@ -570,6 +570,36 @@ def read_datafile(path: Path, magics: tuple[int, ...] = (DATAFILE_MAGIC,)) -> np
     return np.fromfile(path, dtype="<u2", offset=HEADER_INTS * 4)
 
 
+def check_shard(data_dir: Path, name: str, recorded: dict | None, manifest_path: Path, first: bool) -> tuple:
+    """One token shard's byte sidecar against check_sidecar's rules (recorded: the manifest's sidecars of the
+    split, None without a manifest; first: no token of the split before it). Returns (tokens, bytes, docs)."""
+    side = data_dir / sidecar_name(name)
+    if not side.is_file():
+        raise SidecarError(
+            f"{side} is missing: CaseOps bits per byte need the byte sidecar of every "
+            f"token shard ({name}); rebuild with `python data/prepare_data.py --caseops`"
+        )
+    tokens, nbytes = read_datafile(data_dir / name), read_datafile(side, SIDECAR_MAGICS)
+    if len(nbytes) != len(tokens):
+        raise SidecarError(f"{side} has {len(nbytes):,} byte counts but {name} has {len(tokens):,} tokens")
+    if first and len(tokens) and tokens[0] != BOS_ID:
+        raise SidecarError(
+            f"{data_dir / name} does not start with BOS (id {BOS_ID}): documents cannot be found"
+        )
+    bos = tokens == BOS_ID
+    if nbytes[bos].any():
+        raise SidecarError(
+            f"{side} gives bytes to the BOS at position {int(np.flatnonzero(bos & (nbytes > 0))[0])}"
+        )
+    if recorded is not None and recorded.get(side.name, {}).get("sha256") != sha256_file(side):
+        raise SidecarError(
+            f"{side} differs from the sidecar recorded in {manifest_path} (sha256)"
+            if side.name in recorded
+            else f"{side} is not listed in {manifest_path}"
+        )
+    return len(tokens), int(nbytes.sum(dtype=np.int64)), int(bos.sum())
+
+
 def check_sidecar(data_dir: Path, splits: tuple[str, ...] = ("val",)) -> dict:
     """Refuse a CaseOps shard set whose byte sidecars are missing or do not match its tokens.
 
@@ -601,35 +631,12 @@ def check_sidecar(data_dir: Path, splits: tuple[str, ...] = ("val",)) -> dict:
         }
         tokens_total = bytes_total = docs = 0
         for name in shards:
-            side = data_dir / sidecar_name(name)
-            if not side.is_file():
-                raise SidecarError(
-                    f"{side} is missing: CaseOps bits per byte need the byte sidecar of every "
-                    f"token shard ({name}); rebuild with `python data/prepare_data.py --caseops`"
-                )
-            tokens, nbytes = read_datafile(data_dir / name), read_datafile(side, SIDECAR_MAGICS)
-            if len(nbytes) != len(tokens):
-                raise SidecarError(
-                    f"{side} has {len(nbytes):,} byte counts but {name} has {len(tokens):,} tokens"
-                )
-            if tokens_total == 0 and len(tokens) and tokens[0] != BOS_ID:
-                raise SidecarError(
-                    f"{data_dir / name} does not start with BOS (id {BOS_ID}): documents cannot be found"
-                )
-            bos = tokens == BOS_ID
-            if nbytes[bos].any():
-                raise SidecarError(
-                    f"{side} gives bytes to the BOS at position {int(np.flatnonzero(bos & (nbytes > 0))[0])}"
-                )
-            if manifest and recorded.get(side.name, {}).get("sha256") != sha256_file(side):
-                raise SidecarError(
-                    f"{side} differs from the sidecar recorded in {manifest_path} (sha256)"
-                    if side.name in recorded
-                    else f"{side} is not listed in {manifest_path}"
-                )
-            tokens_total += len(tokens)
-            bytes_total += int(nbytes.sum(dtype=np.int64))
-            docs += int(bos.sum())
+            n_tokens, n_bytes, n_docs = check_shard(
+                data_dir, name, recorded if manifest else None, manifest_path, tokens_total == 0
+            )
+            tokens_total += n_tokens
+            bytes_total += n_bytes
+            docs += n_docs
         want_bytes, want_docs = manifest.get("text_bytes", {}).get(split), manifest.get(f"{split}_docs")
         if want_bytes is not None and bytes_total != want_bytes:
             raise SidecarError(
@@ -893,21 +900,11 @@ def manifest_is_current(plan: Plan) -> tuple[bool, str]:
 # --------------------------------------------------------------------------- main
 
 
-def prepare(plan: Plan) -> dict:
+def tokenizer_for(plan: Plan, scan: Scan, sentences) -> tuple:
+    """The SentencePiece model: trained on the scan's train docs (written to plan.tokenizer_model), or the given one
+    (the scan still runs to its end: it hashes the docs and splits val from train). Returns it and what was done."""
     import sentencepiece as spm
 
-    t0 = time.perf_counter()
-    if plan.sidecar and plan.docs.name.endswith(".xz") and plan.sidecar.get("xz_sha256"):
-        if sha256_file(plan.docs) != plan.sidecar["xz_sha256"]:
-            raise PrepareError(
-                f"{plan.docs} does not match xz_sha256 in {sidecar_path(plan.docs)}; "
-                "rebuild the corpus (data/build_corpus.py) or restore the file"
-            )
-    plan.dataset_dir.mkdir(parents=True, exist_ok=True)
-    (plan.dataset_dir / "manifest.json").unlink(missing_ok=True)  # written again only on success
-
-    scan = Scan(val_docs=plan.val_docs)
-    sentences = scan_docs(plan.docs, scan, plan.tokenizer_train_docs, plan.caseops)
     if plan.tokenizer_in is None:
         model_bytes = train_tokenizer(
             sentences, plan.vocab_size, CASEOPS_SP_RECIPE if plan.caseops else SP_RECIPE
@@ -930,6 +927,36 @@ def prepare(plan: Plan) -> dict:
             pass
         sp = spm.SentencePieceProcessor(model_file=str(plan.tokenizer_model))
         what = "scanned docs"
+    return sp, what
+
+
+def check_written(plan: Plan, scan: Scan, writer: ShardWriter) -> None:
+    """What was written matches what was scanned: a BOS per doc, and (CaseOps) sidecars summing to the text's bytes."""
+    for split, text_bytes in (("val", scan.bytes_val), ("train", scan.bytes_train)):
+        if writer.bos[split] != writer.docs[split]:  # each doc is [BOS] + ids, and no id is BOS
+            raise PrepareError(
+                f"{writer.bos[split]:,} BOS tokens in the {split} shards for {writer.docs[split]:,} docs"
+            )
+        if plan.caseops and sum(s["bytes"] for s in writer.sidecars[split]) != text_bytes:
+            raise PrepareError(
+                f"the {split} byte sidecars do not sum to the {text_bytes:,} bytes of the {split} text"
+            )
+
+
+def prepare(plan: Plan) -> dict:
+    t0 = time.perf_counter()
+    if plan.sidecar and plan.docs.name.endswith(".xz") and plan.sidecar.get("xz_sha256"):
+        if sha256_file(plan.docs) != plan.sidecar["xz_sha256"]:
+            raise PrepareError(
+                f"{plan.docs} does not match xz_sha256 in {sidecar_path(plan.docs)}; "
+                "rebuild the corpus (data/build_corpus.py) or restore the file"
+            )
+    plan.dataset_dir.mkdir(parents=True, exist_ok=True)
+    (plan.dataset_dir / "manifest.json").unlink(missing_ok=True)  # written again only on success
+
+    scan = Scan(val_docs=plan.val_docs)
+    sentences = scan_docs(plan.docs, scan, plan.tokenizer_train_docs, plan.caseops)
+    sp, what = tokenizer_for(plan, scan, sentences)
     if plan.caseops:
         check_caseops_tokenizer(sp, plan.tokenizer_model)
     t1 = time.perf_counter()
@@ -956,15 +983,7 @@ def prepare(plan: Plan) -> dict:
         f"({writer.tokens['val']:,} + {writer.tokens['train']:,} tokens"
         f"{', with byte sidecars' if plan.caseops else ''}) in {t2 - t1:.1f}s"
     )
-    for split, text_bytes in (("val", scan.bytes_val), ("train", scan.bytes_train)):
-        if writer.bos[split] != writer.docs[split]:  # each doc is [BOS] + ids, and no id is BOS
-            raise PrepareError(
-                f"{writer.bos[split]:,} BOS tokens in the {split} shards for {writer.docs[split]:,} docs"
-            )
-        if plan.caseops and sum(s["bytes"] for s in writer.sidecars[split]) != text_bytes:
-            raise PrepareError(
-                f"the {split} byte sidecars do not sum to the {text_bytes:,} bytes of the {split} text"
-            )
+    check_written(plan, scan, writer)
 
     manifest = build_manifest(plan, scan, writer, sha256_file(plan.docs), sp)
     manifest_path = plan.dataset_dir / "manifest.json"

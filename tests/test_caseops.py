@@ -284,7 +284,10 @@ def test_the_scorer_counts_the_original_bytes_from_the_sidecar(caseops_data, tmp
     tokens = tg.load_val_tokens(h, rt)
     luts = tg.byte_counter(h, sp, tokens, rt)
     manifest = json.loads((Path(caseops_data["DATA_PATH"]) / "manifest.json").read_text())
-    fake = lambda x, y: torch.zeros(x.shape)
+
+    def fake(x, y):
+        return torch.zeros(x.shape)
+
     for stride in (64, 17):  # every target once: the byte sum is the original text's, minus the first BOS's 0
         totals = tg.evaluate(fake, tokens, 64, stride, 16, luts, rt)
         assert int(totals[1]) == manifest["text_bytes"]["val"] and int(totals[2]) == tokens.numel() - 1

@@ -38,7 +38,10 @@ def test_scored_count_equals_val_targets(small_data):
     rt = cpu_runtime()
     tokens = tg.load_val_tokens(h, rt)
     luts = tg.build_byte_luts(tg.load_tokenizer(h), "cpu")
-    fake = lambda x, y: torch.zeros(x.shape)
+
+    def fake(x, y):
+        return torch.zeros(x.shape)
+
     for stride in (64, 17):
         assert int(tg.evaluate(fake, tokens, 64, stride, 16, luts, rt)[2]) == tokens.numel() - 1
 
@@ -70,13 +73,13 @@ class Recorder:
 def sliding_scores(model, tokens, h, rt, luts):
     rec = Recorder()
     w = tg.plan_windows(tokens.numel() - 1, h.eval_len, h.eval_stride)
-    tg.score_windows(model.token_nll, tokens, w, h.eval_len, 8, luts, rt, rec)
+    tg.score_windows(tg.EvalContext(h, rt, luts, observer=rec), model.token_nll, tokens, w, h.eval_len, 8)
     return rec.scores
 
 
 def ttt_scores(model, tokens, h, rt, luts):
     rec = Recorder()
-    totals, info = tg.eval_ttt(model, tokens, h, rt, luts, SILENT, 1e9, rec)
+    totals, info = tg.eval_ttt(tg.EvalContext(h, rt, luts, SILENT, rec), model, tokens, 1e9)
     return rec, totals, info
 
 
@@ -122,7 +125,7 @@ def test_c1_and_c3_in_ttt_across_chunks(small_data):
 def test_ttt_with_zero_epochs_is_sliding_eval(small_data):
     h, model, rt, tokens, luts = tiny_setup(small_data, VAL_MAX_TOKENS=3000, TTT_EPOCHS=0)
     sliding = tg.evaluate(model.token_nll, tokens, h.eval_len, h.eval_stride, 8, luts, rt)
-    totals, _ = tg.eval_ttt(model, tokens, h, rt, luts, SILENT, 1e9)
+    totals, _ = tg.eval_ttt(tg.EvalContext(h, rt, luts, SILENT), model, tokens, 1e9)
     assert torch.equal(totals[1:], sliding[1:])
     assert torch.allclose(totals, sliding, rtol=1e-10)
 
@@ -133,7 +136,7 @@ def ttt_rank(rank, world, data):
     h, model, _, tokens, luts = tiny_setup(
         data, VAL_MAX_TOKENS=3000, TTT_EPOCHS=2, TTT_LR=0.05, TTT_BATCH_SEQS=3
     )
-    totals, _ = tg.eval_ttt(model, tokens, h, cpu_runtime(rank, world), luts, SILENT, 1e9)
+    totals, _ = tg.eval_ttt(tg.EvalContext(h, cpu_runtime(rank, world), luts, SILENT), model, tokens, 1e9)
     return totals, [p.detach().clone() for p in model.parameters()]
 
 
@@ -165,7 +168,7 @@ def test_ttt_lowers_bpb_of_a_trained_model(small_data):
     tokens = tg.load_val_tokens(h, rt)
     tg.train_model(model, h, rt, tg.TrainLoader(tg.find_shards(h, "train")[0], rt), tokens, luts, SILENT)
     _, sliding = tg.loss_and_bpb(tg.evaluate(model.token_nll, tokens, h.eval_len, h.eval_stride, 8, luts, rt))
-    _, ttt = tg.loss_and_bpb(tg.eval_ttt(model, tokens, h, rt, luts, SILENT, 1e9)[0])
+    _, ttt = tg.loss_and_bpb(tg.eval_ttt(tg.EvalContext(h, rt, luts, SILENT), model, tokens, 1e9)[0])
     assert sliding < 3.5 and ttt < sliding - 0.003
 
 
@@ -207,7 +210,7 @@ def guarded_ttt(data, monkeypatch, clock, budget, **over):
         data, VAL_MAX_TOKENS=32 * 256, TTT_CHUNK_TOKENS=256, TTT_EPOCHS=3, **over
     )
     rt.time = clock
-    _, info = tg.eval_ttt(model, tokens, h, rt, luts, SILENT, budget, clock.observe)
+    _, info = tg.eval_ttt(tg.EvalContext(h, rt, luts, SILENT, clock.observe), model, tokens, budget)
     assert info["chunks"] == 32 and info["planned"] == 31 * 3
     assert info["trained"] == sum(clock.epochs_by_chunk.values())
     return info
@@ -275,7 +278,7 @@ def test_ttt_adamw_takes_its_own_beta2(small_data, monkeypatch):
         h, model, rt, tokens, luts = tiny_setup(
             small_data, VAL_MAX_TOKENS=2048, TTT_OPTIMIZER="adamw", **over
         )
-        tg.eval_ttt(model, tokens, h, rt, luts, SILENT, 1e9)
+        tg.eval_ttt(tg.EvalContext(h, rt, luts, SILENT), model, tokens, 1e9)
         assert seen[-1] == betas
 
 

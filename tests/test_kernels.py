@@ -48,7 +48,9 @@ def module(name: str, calls: list, **functions) -> types.ModuleType:
 
 
 def install_fa3(monkeypatch, calls: list) -> None:
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
+    def flash_attn_varlen_func(  # noqa: PLR0913 (FA3's signature)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False
+    ):
         calls.append(("fa3", cu_seqlens_q.dtype, cu_seqlens_q.tolist(), max_seqlen_q, causal))
         assert torch.equal(cu_seqlens_q, cu_seqlens_k) and q.dim() == 3
         return varlen_sdpa(q, k, v, cu_seqlens_q, causal), None  # some versions also return the LSE
@@ -61,7 +63,7 @@ def install_fa4(monkeypatch, calls: list) -> None:
     """flash_attn.cute as FlashAttention-4 4.0.0b36 documents it: qv is the fourth positional parameter (so every
     other argument goes by keyword), the result is (out, lse); lse only with return_lse (or a grad)."""
 
-    def flash_attn_varlen_func(
+    def flash_attn_varlen_func(  # noqa: PLR0913 (FA4's signature)
         q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, **kw
     ):
         calls.append(("fa4", cu_seqlens_q.dtype, cu_seqlens_q.tolist(), max_seqlen_q, kw.get("causal")))
@@ -69,7 +71,9 @@ def install_fa4(monkeypatch, calls: list) -> None:
         lse = q.new_zeros(q.size(1), q.size(0), dtype=torch.float32) if kw.get("return_lse") else None
         return varlen_sdpa(q, k, v, cu_seqlens_q, kw["causal"]), lse
 
-    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0, **kw):
+    def _flash_attn_bwd(  # noqa: PLR0913 (FA4's signature)
+        q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0, **kw
+    ):
         calls.append(("fa4_bwd", kw["cu_seqlens_q"].tolist(), kw["max_seqlen_q"], causal, tuple(lse.shape)))
         _, vjp = torch.func.vjp(lambda *qkv: varlen_sdpa(*qkv, kw["cu_seqlens_q"], causal), q, k, v)
         return vjp(dout)  # (inside an op autograd is off: functorch's vjp, not torch.autograd.grad)
@@ -88,7 +92,7 @@ def install_fa4(monkeypatch, calls: list) -> None:
 
 
 def install_varlen(monkeypatch, calls: list) -> None:
-    def varlen_attn(
+    def varlen_attn(  # noqa: PLR0913 (torch's signature)
         query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False
     ):
         calls.append(("varlen", cu_seq_q.dtype, cu_seq_q.tolist(), max_q, window_size, enable_gqa))

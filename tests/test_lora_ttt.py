@@ -32,9 +32,8 @@ def lora_run(data, tokens=None, world=(0, 1), budget=1e9, **over):
         model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a, h.lora_rows
     )
     rec = Recorder()
-    totals, info = tg.eval_ttt_lora(
-        model, adapters, val if tokens is None else tokens, h, rt, luts, SILENT, budget, rec
-    )
+    ctx = tg.EvalContext(h, rt, luts, SILENT, rec)
+    totals, info = tg.eval_ttt_lora(ctx, model, adapters, val if tokens is None else tokens, budget)
     return h, val, rec, totals, info
 
 

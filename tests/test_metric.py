@@ -74,7 +74,10 @@ def test_uniform_model_gives_log2_vocab_bits_per_token(small_data):
     sp = tg.load_tokenizer(h)
     luts = tg.build_byte_luts(sp, "cpu")
     tokens = tg.load_val_tokens(h, rt)
-    uniform = lambda x, y: torch.full(x.shape, math.log(h.vocab_size))
+
+    def uniform(x, y):
+        return torch.full(x.shape, math.log(h.vocab_size))
+
     totals = tg.evaluate(uniform, tokens, 64, 64, 8, luts, rt)
     loss, bpb = tg.loss_and_bpb(totals)
     n = tokens.numel() - 1

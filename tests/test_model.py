@@ -203,7 +203,10 @@ def test_lane1_form_runs_the_mlp_on_lane_one_alone():
     """#1530's lanes: lane 1's MLP reads neither lane 0 nor x0, so with the attention write-back into lane 1 at 0,
     new lane 1 ignores both entirely; lane 0 and (through that write-back) lane 1 see attention's output."""
     block, c, ctx, x = parallel_layer("lane1")
-    run = lambda lane0, x0: block((lane0, x + 1.0), x0, c, ctx, 0.5, False)
+
+    def run(lane0, x0):
+        return block((lane0, x + 1.0), x0, c, ctx, 0.5, False)
+
     with torch.no_grad():
         c.resid_mix[1].normal_()
         base, other = run(x, torch.randn_like(x)), run(torch.randn_like(x), torch.randn_like(x))

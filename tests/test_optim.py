@@ -44,9 +44,7 @@ def muon_run(rank, world, row_normalize):
         lr=0.05,
         momentum=0.9,
         weight_decay=0.1,
-        steps=5,
-        polar=False,
-        row_normalize=row_normalize,
+        ns=tg.MuonNS(5, False, row_normalize),
         rt=rt,
     )
     for _ in range(3):
@@ -74,9 +72,7 @@ def test_muon_update_is_scaled_orthogonal_with_decay():
     p = torch.nn.Parameter(torch.randn(24, 8))
     before = p.detach().clone()
     p.grad = torch.randn(24, 8)
-    tg.Muon(
-        [p], lr=0.1, momentum=0.0, weight_decay=0.5, steps=5, polar=True, row_normalize=False, rt=rt
-    ).step()
+    tg.Muon([p], lr=0.1, momentum=0.0, weight_decay=0.5, ns=tg.MuonNS(5, True, False), rt=rt).step()
     update = (before * (1 - 0.1 * 0.5) - p.detach()) / (0.1 * 3**0.5)  # sqrt(rows/cols) = sqrt(3)
     s = torch.linalg.svdvals(update)
     assert s.min() > 0.8 and s.max() < 1.2
@@ -90,9 +86,7 @@ def test_muon_momentum_buffer_is_made_once_and_steps_nesterov(monkeypatch):
         lr=0.05,
         momentum=0.9,
         weight_decay=0.1,
-        steps=5,
-        polar=False,
-        row_normalize=False,
+        ns=tg.MuonNS(5, False, False),
         rt=cpu_runtime(),
     )
     buf = opt.state[p]["momentum_buffer"]

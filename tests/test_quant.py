@@ -118,7 +118,10 @@ def test_gptq_beats_round_to_nearest_on_layer_output():
     rtn = tg.round_to_grid(w, scale, 7)
     gptq = tg.gptq_round(w, H_, scale, 7, damp=0.01)
     assert gptq.abs().max() <= 7 and torch.equal(gptq, gptq.round())
-    out_err = lambda q: (x @ (w - q * scale[:, None]).T).square().sum().item()
+
+    def out_err(q):
+        return (x @ (w - q * scale[:, None]).T).square().sum().item()
+
     assert out_err(gptq) < 0.7 * out_err(rtn)
 
 
@@ -137,8 +140,11 @@ def test_sdclip_grid_spans_k_std_and_round_trips(tmp_path):
     )
     for name, q in qstate.items():  # nothing is clipped at k = 12.85 / 20 on Gaussian rows: error <= step / 2
         assert ((q.dequantize() - state[name]).abs() <= q.scale.float()[:, None] / 2 + 1e-7).all()
+
     # the step (0.41 std) is coarser than the MSE clip's, so the symbols carry fewer bits
-    ent = lambda q: tg.entropy_bytes({"x": q}) - 2 * q.scale.numel()
+    def ent(q):
+        return tg.entropy_bytes({"x": q}) - 2 * q.scale.numel()
+
     mse = tg.quantize_state(state, MSE)
     assert ent(qstate["blocks.0.mlp.fc.weight"]) < 0.8 * ent(mse["blocks.0.mlp.fc.weight"])
     tg.write_atomic(str(tmp_path / "a.ptz"), tg.pack_artifact(qstate, {}, "brotli"))
@@ -172,9 +178,16 @@ def rate_control_setup():
             ("tok_emb.weight", 1024, 96),
         )
     }
-    quantize = lambda plan: tg.quantize_state(state, plan)
-    pack = lambda q: tg.pack_artifact(q, {}, "zstd")
-    attn_matters = lambda q: 1.0 if q["blocks.0.attn.c_q.weight"].bits < 6 else 0.0  # a calibration loss
+
+    def quantize(plan):
+        return tg.quantize_state(state, plan)
+
+    def pack(q):
+        return tg.pack_artifact(q, {}, "zstd")
+
+    def attn_matters(q):
+        return 1.0 if q["blocks.0.attn.c_q.weight"].bits < 6 else 0.0  # a calibration loss
+
     return quantize, pack, attn_matters, len(pack(quantize(PLAN))), state
 
 
@@ -197,9 +210,10 @@ def test_rate_control_hits_a_budget_and_refuses_an_impossible_one():
 
 def test_rate_control_spends_spare_bytes_on_a_finer_grid():
     quantize, pack, _, full, state = rate_control_setup()
-    error = lambda q: sum(
-        (v.dequantize() - state[n]).square().sum().item() for n, v in q.items()
-    )  # a calib loss
+
+    def error(q):
+        return sum((v.dequantize() - state[n]).square().sum().item() for n, v in q.items())  # a calib loss
+
     calls, lines = {"quantize": 0, "pack": 0}, []
 
     def counted(name, fn):
@@ -231,8 +245,11 @@ def test_rate_control_spends_spare_bytes_on_a_finer_grid():
     plan, qstate, blob = tg.fit_to_budget(quantize, pack, PLAN, 3 * full, error, SILENT)
     finest = {g: (b, k / 4) for g, (b, k) in PLAN.items()}
     assert plan == min((finest, MSE), key=lambda p: error(quantize(p))) and len(blob) <= 3 * full
+
     # exactly at the start size, with a loss that does not fall, or with fill off: the plan as given
-    no_gain = lambda q: 0.0
+    def no_gain(q):
+        return 0.0
+
     for limit, loss, fill in ((full, error, True), (3 * full, no_gain, True), (3 * full, error, False)):
         plan, _, blob = tg.fit_to_budget(quantize, pack, PLAN, limit, loss, SILENT, fill=fill)
         assert plan == PLAN and len(blob) == full
@@ -242,13 +259,22 @@ def test_rate_control_never_returns_a_miss():
     """Codecs whose real size outgrows the estimates: a mild one (a tenth of every byte over the start
     again) is met by correcting the ratio and trying again; one that misses always gives the plan as is."""
     quantize, pack, _, full, state = rate_control_setup()
-    error = lambda q: sum((v.dequantize() - state[n]).square().sum().item() for n, v in q.items())
+
+    def error(q):
+        return sum((v.dequantize() - state[n]).square().sum().item() for n, v in q.items())
+
     limit, lines = int(1.3 * full), []
-    mild = lambda q: pack(q) + bytes(max(0, len(pack(q)) - full) // 10)
+
+    def mild(q):
+        return pack(q) + bytes(max(0, len(pack(q)) - full) // 10)
+
     plan, qstate, blob = tg.fit_to_budget(quantize, mild, PLAN, limit, error, lines.append)
     assert full < len(blob) <= limit and blob == mild(qstate) and plan != PLAN
     assert sum(" fill plan:" in line for line in lines) >= 2
-    always = lambda q: pack(q) + bytes(limit * (len(pack(q)) > full))
+
+    def always(q):
+        return pack(q) + bytes(limit * (len(pack(q)) > full))
+
     plan, qstate, blob = tg.fit_to_budget(quantize, always, PLAN, limit, error, SILENT)
     assert plan == PLAN and len(blob) == full
 

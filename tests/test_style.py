@@ -1,8 +1,13 @@
-"""The layout belongs to the formatter and the size is counted where the artifact counts it.
+"""The layout belongs to the formatter, the shape to a few rules, and the size is counted where the artifact
+counts it.
 
 There is no line cap: a line count measures layout, which `ruff format` owns, while the artifact pays for
-the packed script (comments and docstrings stripped, LZMA-compressed). These tests hold both rules."""
+the packed script (comments and docstrings stripped, brotli-compressed). The shape: ruff's complexity, branch,
+argument and statement limits and no named lambdas (ruff.toml), and two rules ruff has no check for, held on
+the AST: no conditional expression inside another, and no tuple of three or more names bound from a tuple of
+values (`a, b, c = x, y, z`: one statement per name reads and diffs better). These tests hold all of it."""
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -41,3 +46,37 @@ def test_the_packed_script_fits_its_byte_budget():
     source = (REPO / "train_gpt.py").read_text()
     packed = len(tg.packed_code(source).encode())
     assert packed <= PACKED_BYTES_LIMIT, f"packed train_gpt.py is {packed:,} bytes > {PACKED_BYTES_LIMIT:,}"
+
+
+def test_functions_keep_the_shape_rules():
+    result = subprocess.run([*ruff(), "check", *FORMATTED], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"ruff check {' '.join(FORMATTED)} (ruff.toml's [lint]):\n{result.stdout}"
+
+
+def shape_breaks(source: str) -> list[str]:
+    """Nested conditional expressions and tuple-packed assignments of 3+ names, by line."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.IfExp) and any(
+            isinstance(n, ast.IfExp) for part in (node.body, node.orelse, node.test) for n in ast.walk(part)
+        ):
+            found.append(f"{node.lineno}: a conditional expression inside another (write an if statement)")
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Tuple)
+            and len(node.targets[0].elts) >= 3
+            and isinstance(node.value, ast.Tuple)
+        ):
+            found.append(
+                f"{node.lineno}: {len(node.targets[0].elts)} names bound from a tuple (one per line)"
+            )
+    return sorted(found, key=lambda line: int(line.split(":")[0]))
+
+
+def test_no_nested_conditional_expressions_and_no_wide_tuple_packing():
+    assert shape_breaks("a = 1 if x else 2 if y else 3\nb, c, d = 1, 2, 3\ne, f = 1, 2\ng, h, i = t\n") == [
+        "1: a conditional expression inside another (write an if statement)",
+        "2: 3 names bound from a tuple (one per line)",
+    ]
+    breaks = shape_breaks((REPO / "train_gpt.py").read_text())  # the file people adopt; tools/ not yet
+    assert not breaks, "train_gpt.py:\n" + "\n".join(breaks)

@@ -91,7 +91,9 @@ def finite(obj):
 
 
 def table(summary: dict) -> str:
-    fmt = lambda spec, v: "nan" if math.isnan(v) else spec.format(v)
+    def fmt(spec, v):
+        return "nan" if math.isnan(v) else spec.format(v)
+
     width = 10
     lines = [f"{'':12}" + "".join(f"{title:>{width}}" for _, title, _ in COLUMNS) + "   (mean over seeds)"]
     for side, m in summary["mean"].items():
@@ -101,7 +103,10 @@ def table(summary: dict) -> str:
             f"{label:12}" + "".join(f"{fmt(spec, m[k]):>{width}}" for k, _, spec in COLUMNS) + f"   n={n}"
         )
     if "diff" in summary:
-        signed = lambda spec, v: "nan" if math.isnan(v) else ("+" if v >= 0 else "") + spec.format(v)
+
+        def signed(spec, v):
+            return "nan" if math.isnan(v) else ("+" if v >= 0 else "") + spec.format(v)
+
         d = summary["diff"]
         lines.append(
             f"{'ours-record':12}" + "".join(f"{signed(spec, d[k]):>{width}}" for k, _, spec in COLUMNS)

@@ -73,7 +73,9 @@ def main() -> None:
             env.update(kv.split("=", 1) for kv in args.set)
             t = time.time()
             s = run_train(env, Path(tmp))
-            res, ttt, ms = s["eval"]["results"], s["eval"]["ttt"], s["eval"]["times_ms"]
+            res = s["eval"]["results"]
+            ttt = s["eval"]["ttt"]
+            ms = s["eval"]["times_ms"]
             row = dict(
                 row=name,
                 model=model,

@@ -99,12 +99,12 @@ def record_mode(args) -> None:
     """Rows in order of importance (the default plan first), the JSON rewritten after each one: brotli-11
     and lzma need minutes per 27 MB on a shared 2-core CPU."""
     code = len((REPO / "train_gpt.py").read_bytes())
-    rows, layout_rows, codecs = [], [], args.codecs.split(",")
-    default, int5, mse = (
-        ("sd", 0, "sd int6 k=12.85 (default)"),
-        ("sd", 5, "sd int5 MLP + int6 attn"),
-        ("mse", 0, "mse int6 (old default)"),
-    )
+    rows = []
+    layout_rows = []
+    codecs = args.codecs.split(",")
+    default = ("sd", 0, "sd int6 k=12.85 (default)")
+    int5 = ("sd", 5, "sd int5 MLP + int6 attn")
+    mse = ("mse", 0, "mse int6 (old default)")
     jobs = [
         ("record", default, codecs, False),
         ("1493-shape", default, codecs[:2], False),
@@ -170,15 +170,24 @@ def fit_mode(args) -> None:
     gives. No data here, so the calibration loss is the relative reconstruction error of the int tensors."""
     h, state = trained_like({**SHAPES[args.fit], "CODE_SHIPPED": args.code})
     code, _ = tg.shipped_code_bytes((REPO / "train_gpt.py").read_text(), h)
-    pack = lambda q: tg.pack_artifact(q, {"model": h.model_config()}, h.compressor)
+
+    def pack(q):
+        return tg.pack_artifact(q, {"model": h.model_config()}, h.compressor)
+
     if args.fit_start_bytes:
         ratio = args.fit_start_bytes / tg.entropy_bytes(tg.quantize_state(state, tg.quant_plan(h)))
-        pack = lambda q: bytes(round(ratio * tg.entropy_bytes(q)))
+
+        def pack(q):
+            return bytes(round(ratio * tg.entropy_bytes(q)))
+
     ref = sum(state[n].float().square().sum().item() for n in state if tg.quant_group(n, state[n]))
-    err = lambda q: sum(
-        (v.dequantize() - state[n].float()).square().sum().item() for n, v in q.items() if v.bits
-    )
-    rel_err = lambda q: (err(q) / ref) ** 0.5
+
+    def err(q):
+        return sum((v.dequantize() - state[n].float()).square().sum().item() for n, v in q.items() if v.bits)
+
+    def rel_err(q):
+        return (err(q) / ref) ** 0.5
+
     t = time.time()
     plan, qstate, blob = tg.fit_to_budget(
         lambda p: tg.quantize_state(state, p),
@@ -244,9 +253,12 @@ def quality_mode(args) -> None:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
     batch = tg.eval_batch(h, 1, h.train_seq_len)
-    bpb_of = lambda m: tg.loss_and_bpb(
-        tg.evaluate(m.token_nll, val, h.train_seq_len, h.train_seq_len, batch, luts, rt)
-    )[1]
+
+    def bpb_of(m):
+        return tg.loss_and_bpb(
+            tg.evaluate(m.token_nll, val, h.train_seq_len, h.train_seq_len, batch, luts, rt)
+        )[1]
+
     float_bpb = bpb_of(model)
     calib = [c for c in info["calib"]]
 
@@ -281,8 +293,13 @@ def quality_mode(args) -> None:
         for gptq, hess in (("lite", None), ("full", hessians)):
             mse_bytes = measure(bits, f"mse {gptq}", plan_for(h, "mse", bits), hess)
             measure(bits, f"sd {gptq}", plan_for(h, "sd", bits), hess)
-            quantize = lambda p, hess=hess: tg.quantize_state(state, p, hess, h.gptq_damp)
-            pack = lambda q: tg.pack_artifact(q, {}, "brotli")
+
+            def quantize(p, hess=hess):
+                return tg.quantize_state(state, p, hess, h.gptq_damp)
+
+            def pack(q):
+                return tg.pack_artifact(q, {}, "brotli")
+
             plan, q, _ = tg.fit_to_budget(
                 quantize,
                 pack,

@@ -201,14 +201,16 @@ def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -
     score = tg.compile_model(eval_model.token_nll, rt)
     batch = tg.eval_batch(h, rt.world_size, L)
     windows = tg.plan_windows(eval_tokens, L, h.eval_stride)
-    tg.score_windows(score, val, windows[:batch], L, batch, luts, rt)  # compile warm-up
-    sliding_s = timed(lambda: tg.score_windows(score, val, windows, L, batch, luts, rt), rt, 1)
+    tg.score_windows(tg.EvalContext(None, rt, luts), score, val, windows[:batch], L, batch)  # compile warm-up
+    sliding_s = timed(
+        lambda: tg.score_windows(tg.EvalContext(None, rt, luts), score, val, windows, L, batch), rt, 1
+    )
     row["sliding_tokens_per_s"] = round(eval_tokens / sliding_s)
     h3 = tg.dataclasses.replace(h, ttt_epochs=3)
     tg.eval_ttt(
-        eval_model, val[: 2 * h.ttt_chunk_tokens + 1], h3, rt, luts, tg.Log(None), 1e9
+        tg.EvalContext(h3, rt, luts), eval_model, val[: 2 * h.ttt_chunk_tokens + 1], 1e9
     )  # compile warm-up
-    ttt_s = timed(lambda: tg.eval_ttt(eval_model, val, h3, rt, luts, tg.Log(None), 1e9), rt, 1)
+    ttt_s = timed(lambda: tg.eval_ttt(tg.EvalContext(h3, rt, luts), eval_model, val, 1e9), rt, 1)
     row["ttt3_tokens_per_s"] = round(eval_tokens / ttt_s)
     row["sliding_8gpu_full_val_s"] = round(FINEWEB_VAL_TARGETS / (8 * row["sliding_tokens_per_s"]), 1)
     row["ttt3_8gpu_full_val_s"] = round(FINEWEB_VAL_TARGETS / (8 * row["ttt3_tokens_per_s"]), 1)

@@ -77,7 +77,9 @@ def run_train(env: dict, workdir: Path) -> dict:
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)

@@ -587,7 +587,7 @@ def write_report(out: Path, r: dict) -> None:
     (out / "report.json").write_text(json.dumps(r, indent=1, default=str))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU-sized: tiny config, a few seconds of training")
     p.add_argument("--out", type=Path, help="output folder (default results/gpu_report_<date>[_tiny])")
@@ -615,6 +615,11 @@ def main() -> None:
     )
     p.add_argument("--tar", type=Path, help="also pack the output folder into this .tar.gz (a device's $OUT)")
     p.add_argument("--profile-only", help=argparse.SUPPRESS)  # internal: the profiler's own process
+    return p
+
+
+def main() -> None:
+    p = parser()
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     if args.profile_only:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Write the self-extracting form of train_gpt.py: the source minified (comments and docstrings dropped,
-via ast), then raw LZMA2 + base85 inside a two-line exec wrapper.
+via ast), then brotli-11 + base85 inside a two-line exec wrapper.
 
 The packed file runs exactly like the source (same env vars, same logs) but pays ~4x fewer code bytes
 against the 16,000,000-byte cap. Checked here: the payload parses to the same AST as the source with its
@@ -14,14 +14,13 @@ number is the size of what this tool writes.
 
 import argparse
 import ast
-import lzma
 import re
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from train_gpt import packed_code, without_docstrings  # noqa: E402
+from train_gpt import decompress, packed_code, without_docstrings  # noqa: E402
 
 
 def unpack(packed: str) -> str:
@@ -31,9 +30,7 @@ def unpack(packed: str) -> str:
         raise ValueError("not a packed train_gpt.py (no b85 payload)")
     import base64
 
-    return lzma.decompress(
-        base64.b85decode(match.group(1)), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]
-    ).decode()
+    return decompress(base64.b85decode(match.group(1)), "brotli").decode()
 
 
 def same_program(packed: str, source: str) -> bool:

@@ -23,7 +23,7 @@ from pack_script import same_program
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from train_gpt import RULE_BYTES, packed_code  # noqa: E402
+from train_gpt import PACKED_PREFIX, RULE_BYTES, packed_code  # noqa: E402
 
 REQUIRED_FIELDS = (
     "name",
@@ -57,7 +57,7 @@ def verify(folder: Path) -> dict:
     script = (folder / "train_gpt.py").read_text()
     forms = [script]
     first = folder / f"train_seed{sub['seeds'][0]}.log" if sub["seeds"] else None
-    if script.startswith("import lzma as L,base64 as B\nexec(") and first and first.is_file():
+    if script.startswith(PACKED_PREFIX) and first and first.is_file():
         forms.append(first.read_text().partition("\n" + "=" * 100 + "\n")[0])  # the source its log embeds
     ran = [f for f in forms if hashlib.sha256(f.encode()).hexdigest() == sub["code_sha256"]]
     if not ran:  # the runs may have executed the readable source or the packed file itself

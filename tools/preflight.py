@@ -278,7 +278,9 @@ def build_training(t: Trace):
     snapshot = None
     if t.h.warmup_steps:
         # copy.deepcopy as train_model does; fake storages cannot be deep-copied, so each tensor is cloned
-        clone = lambda obj: tree_map_only(torch.Tensor, torch.clone, obj)
+        def clone(obj):
+            return tree_map_only(torch.Tensor, torch.clone, obj)
+
         snapshot = (clone(model.state_dict()), [clone(o.state_dict()) for o in optimizers])
         t.tracer.label("warm-up snapshot", list(snapshot[0].values()))
         for sd in snapshot[1]:
@@ -362,7 +364,14 @@ def score(t: Trace, model, seq_len: int, name: str) -> None:
     model.eval()
     fn = model.token_nll
     with patched_autocast(rt, t):
-        tg.score_windows(fn, tokens, np.array([[0, 0, seq_len]] * batch), seq_len, batch, fake_luts(h), rt)
+        tg.score_windows(
+            tg.EvalContext(h, rt, fake_luts(h)),
+            fn,
+            tokens,
+            np.array([[0, 0, seq_len]] * batch),
+            seq_len,
+            batch,
+        )
     t.record(name, None, rows=batch, seq_len=seq_len)
 
 
@@ -416,10 +425,10 @@ def trace_ttt_rows(t: Trace, model, name: str) -> None:
     tokens = torch.randint(0, h.vocab_size, (int(rows.max()) + 2,), dtype=torch.int32)
     model.train()
     with patched_autocast(rt, t):
-        tg.train_rows(model, tokens, rows, params, opt, h, rt)
+        tg.train_rows(tg.EvalContext(h, rt, None), model, tokens, rows, params, opt)
         label_optimizer_state(t, [opt])
         t.tracer.phase()
-        tg.train_rows(model, tokens, rows, params, opt, h, rt)
+        tg.train_rows(tg.EvalContext(h, rt, None), model, tokens, rows, params, opt)
     per_rank = len(rows[:: rt.world_size]) if len(rows) else 0
     t.record(name, None, rows_per_rank=per_rank, seq_len=L)
     model.eval()
@@ -451,7 +460,9 @@ def trace_lora(t: Trace, model, adapters) -> None:
     for p in adapters.params:
         p.grad = None
     with patched_autocast(rt, t):
-        tg.lora_batch(model.token_nll, adapters, opt, tokens, batch, 0, wide, rt, fake_luts(h), True)
+        tg.lora_batch(
+            tg.EvalContext(wide, rt, fake_luts(h)), model.token_nll, adapters, opt, tokens, batch, 0
+        )
     state = [v for s in opt.state.values() for v in s.values()]
     t.notes["lora_adapters_grads_adam_gib"] = (2 * sum_bytes(adapters.params) + sum_bytes(state)) / GIB
     t.record("LoRA TTT lora_batch", saved, rows=h.lora_rows, docs=R, width=L)

@@ -27,7 +27,9 @@ class Refused(Exception):
 
 def _betacf(a: float, b: float, x: float) -> float:
     """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    tiny = 1e-300
+    c = 1.0
+    d = 1.0 - (a + b) * x / (a + 1.0)
     d = 1.0 / (d if abs(d) > tiny else tiny)
     result = d
     for m in range(1, 500):
@@ -67,7 +69,9 @@ def significance(ours: list[float], sota: list[float], margin: float) -> dict:
     var = statistics.variance(ours) if n > 1 else 0.0
     target = statistics.fmean(sota) - margin
     if len(sota) == 1:
-        se, df, test = math.sqrt(var / n), n - 1, "one-sample t"
+        se = math.sqrt(var / n)
+        df = n - 1
+        test = "one-sample t"
     else:
         va, vb = var / n, statistics.variance(sota) / len(sota)
         se, test = math.sqrt(va + vb), "Welch"

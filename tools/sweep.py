@@ -167,7 +167,10 @@ def run_points(points: list[dict], out: Path, nproc: int) -> None:
         if n_gpus >= nproc
         else [None]
     )
-    free, running, t0, finished = list(slots), [], time.time(), 0
+    free = list(slots)
+    running = []
+    t0 = time.time()
+    finished = 0
     while todo or running:
         while todo and free:
             point, gpus = todo.pop(0), free.pop(0)
