@@ -211,7 +211,10 @@ def test_ranks_agree_fails_on_a_rank_that_logged_another_loss_or_trained_other_w
         ["eval_compiles: 0 graphs compiled inside the timed eval", 6],
         ["compliance:eval_time PASS 1.0s, limit 600s", 6],
     ]
-    rank = lambda r, lines, sha="a": dict(rank=r, lines=lines, state_sha256=sha)
+
+    def rank(r, lines, sha="a"):
+        return dict(rank=r, lines=lines, state_sha256=sha)
+
     other_time = [[m.replace("10ms", "99ms"), g] for m, g in lines]
     ok = preflight.read_shrunk([rank(0, lines), rank(1, other_time)], {}, 2)
     assert ok["verdict"] == "PASS" and ok["graphs"] == dict(

@@ -580,6 +580,15 @@ def verdicts(phases: list, calibration: float) -> None:
             row[gpu] = "/".join("PASS" if row[k] <= limit else "FAIL" for k in ("peak_gib", "calibrated_gib"))
 
 
+@dataclasses.dataclass
+class Extras:
+    """preflight()'s optional parts: the shrunk run (and its timeout) and where measured GPU runs are."""
+
+    shrunk: bool = False
+    shrunk_timeout: float = 900
+    measurements: Path | None = None
+
+
 def preflight(
     name: str,
     env: dict,
@@ -587,22 +596,21 @@ def preflight(
     calibration: float,
     with_bytes: bool,
     parts=("train", "eval"),
-    shrunk: bool = False,
-    shrunk_timeout: float = 900,
-    measurements: Path | None = None,
+    extras: Extras | None = None,
 ) -> dict:
     """One config: the traced phases (verdicts at `calibration`), the artifact estimate (with_bytes), the
-    projected timeline (measurements: MEASUREMENTS by default) and, with `shrunk`, the shrunk run (run_shrunk)."""
+    projected timeline (extras.measurements: MEASUREMENTS by default) and, with extras.shrunk, the shrunk run."""
+    extras = extras or Extras()
     h = tg.Hyperparameters.from_env(env)
     t0 = time.time()
     result = dict(config=name, **trace_config(h, world, parts))
     if with_bytes:
         result["bytes"] = artifact_bytes(env)
     verdicts(result["phases"], calibration)
-    result["timeline"] = timeline(h, result["params"], measurements or MEASUREMENTS, world)
+    result["timeline"] = timeline(h, result["params"], extras.measurements or MEASUREMENTS, world)
     result["seconds"] = round(time.time() - t0, 1)
-    if shrunk:
-        result["shrunk"] = run_shrunk(name, env, timeout=shrunk_timeout)
+    if extras.shrunk:
+        result["shrunk"] = run_shrunk(name, env, timeout=extras.shrunk_timeout)
     return result
 
 
@@ -639,8 +647,13 @@ def step_shape(hp: dict, world: int) -> dict:
     micro-batch's tokens and whether late QAT fake-quantizes. Knobs a measurement's log predates read as
     today's default (the component was not there yet: off)."""
     defaults = dataclasses.asdict(tg.Hyperparameters.from_env({}))
-    get = lambda k: hp.get(k, defaults[k])
-    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+
+    def get(k):
+        return hp.get(k, defaults[k])
+
+    def norm(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
     micro = hp.get("train_micro_batches") or 0
     shape = {k: norm(get(k)) for k in tg.Hyperparameters.from_env({}).model_config() if k not in VALUE_ONLY}
     shape["micro_batch_tokens"] = get("train_batch_tokens") // (micro or max(8, world))
@@ -675,7 +688,10 @@ def timeline(h: tg.Hyperparameters, params: int, folder: Path = MEASUREMENTS, wo
         )
         return dict(status="not measured", why=why)
     run = max(same, key=lambda r: r["steps"])
-    per_rank = lambda hp, w: (hp.get("train_micro_batches") or max(8, w)) // w
+
+    def per_rank(hp, w):
+        return (hp.get("train_micro_batches") or max(8, w)) // w
+
     ms = run["step_ms"] * per_rank(dataclasses.asdict(h), world) / per_rank(run["hp"], run["world"])
     reserve = h.gptq_reserve_seconds if h.quant_method == "full" else 0.0
     train_s = max((h.max_wallclock_seconds or tg.RULE_TRAIN_S) - reserve, 0.0)
@@ -844,6 +860,23 @@ def agreed_lines(lines: list[str]) -> list[str]:
     return [m[1] for m in map(AGREED.match, lines) if m]
 
 
+def read_compliance(lines: list, env: dict, failed: list) -> dict:
+    """Every compliance line of rank 0's log; a FAIL goes to `failed` unless it is full_val on a val sample."""
+    compliance = {}
+    for m, _ in lines:
+        if c := re.match(r"compliance:(\w+) (\w+) ?(.*)$", m):
+            compliance[c[1]] = dict(status=c[2], detail=c[3])
+    sample = env.get("VAL_MAX_TOKENS", "0") not in ("", "0")
+    for name, c in compliance.items():
+        if c["status"] == "FAIL" and name == "full_val" and sample:
+            c["excused"] = f"the shrunk run scores a sample (VAL_MAX_TOKENS={env['VAL_MAX_TOKENS']})"
+        elif c["status"] == "FAIL":
+            failed.append(f"compliance:{name} FAIL {c['detail']}")
+    if not compliance:
+        failed.append("compliance: no compliance lines")
+    return compliance
+
+
 def read_shrunk(ranks: list[dict], env: dict, nproc: int) -> dict:
     """From each rank's lines (rank 0's are its log): graphs compiled per phase (the compile warm-up, training
     after it, the diagnostic eval, the eval's warm-up, inside the timed eval), every compliance line, and whether
@@ -852,8 +885,13 @@ def read_shrunk(ranks: list[dict], env: dict, nproc: int) -> dict:
     if len(ranks) < nproc or not ranks[0]["lines"]:
         return dict(verdict="FAIL", failed=[f"ranks reported: {len(ranks)} of {nproc}"], compliance={})
     lines = ranks[0]["lines"]
-    at = lambda prefix: next((g for m, g in reversed(lines) if m.startswith(prefix)), None)
-    first = lambda pattern: next((mm for m, _ in lines if (mm := re.match(pattern, m))), None)
+
+    def at(prefix):
+        return next((g for m, g in reversed(lines) if m.startswith(prefix)), None)
+
+    def first(pattern):
+        return next((mm for m, _ in lines if (mm := re.match(pattern, m))), None)
+
     train, evaled = first(r"train_compiles: (\d+)"), first(r"eval_compiles: (\d+)")
     warm = first(r"eval_warmup: (\d+) graph shapes compiled in ([\d.]+)s")
     marks = [at("warmup_step:") or 0, at("train_compiles:"), at("DIAGNOSTIC"), at("eval_warmup:")]
@@ -871,18 +909,7 @@ def read_shrunk(ranks: list[dict], env: dict, nproc: int) -> dict:
         ]
     else:
         failed.append("graph counts: no train_compiles/eval_compiles/eval_warmup line (compile off?)")
-    compliance = {}
-    for m, _ in lines:
-        if c := re.match(r"compliance:(\w+) (\w+) ?(.*)$", m):
-            compliance[c[1]] = dict(status=c[2], detail=c[3])
-    sample = env.get("VAL_MAX_TOKENS", "0") not in ("", "0")
-    for name, c in compliance.items():
-        if c["status"] == "FAIL" and name == "full_val" and sample:
-            c["excused"] = f"the shrunk run scores a sample (VAL_MAX_TOKENS={env['VAL_MAX_TOKENS']})"
-        elif c["status"] == "FAIL":
-            failed.append(f"compliance:{name} FAIL {c['detail']}")
-    if not compliance:
-        failed.append("compliance: no compliance lines")
+    compliance = read_compliance(lines, env, failed)
     per_rank = [agreed_lines([m for m, _ in r["lines"]]) for r in ranks]
     hashes = [r.get("state_sha256") for r in ranks]
     agree = all(p == per_rank[0] for p in per_rank) and None not in hashes and len(set(hashes)) == 1
@@ -1087,9 +1114,11 @@ def main() -> None:
                 args.world,
                 calibration,
                 not args.no_bytes,
-                shrunk=name in args.shrunk_only.split(",") if args.shrunk_only else args.shrunk,
-                shrunk_timeout=args.shrunk_timeout,
-                measurements=args.measurements,
+                extras=Extras(
+                    shrunk=name in args.shrunk_only.split(",") if args.shrunk_only else args.shrunk,
+                    shrunk_timeout=args.shrunk_timeout,
+                    measurements=args.measurements,
+                ),
             )
         )
         print("\n".join(summary_lines(results[-1])), flush=True)
