@@ -105,7 +105,9 @@ def table(summary: dict) -> str:
     if "diff" in summary:
 
         def signed(spec, v):
-            return "nan" if math.isnan(v) else ("+" if v >= 0 else "") + spec.format(v)
+            if math.isnan(v):
+                return "nan"
+            return ("+" if v >= 0 else "") + spec.format(v)
 
         d = summary["diff"]
         lines.append(

@@ -366,25 +366,15 @@ def main() -> None:
     p.add_argument("--codecs", default="zstd,brotli,lzma")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    name = (
-        "bench_quant_record"
-        if args.record
-        else "bench_quant_layouts"
-        if args.layouts
-        else f"bench_quant_fit_{args.fit}"
-        if args.fit
-        else "bench_quant"
-    )
+    name, mode = "bench_quant", quality_mode
+    if args.record:
+        name, mode = "bench_quant_record", record_mode
+    elif args.layouts:
+        name, mode = "bench_quant_layouts", layouts_mode
+    elif args.fit:
+        name, mode = f"bench_quant_fit_{args.fit}", fit_mode
     args.json = args.json or REPO / "results" / f"{name}.json"
-    (
-        record_mode
-        if args.record
-        else layouts_mode
-        if args.layouts
-        else fit_mode
-        if args.fit
-        else quality_mode
-    )(args)
+    mode(args)
 
 
 if __name__ == "__main__":

@@ -255,7 +255,9 @@ def main() -> None:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch._dynamo.config.cache_size_limit = 32
-    names = args.configs.split(",") if args.configs else ["tiny"] if args.tiny else ["record", "baseline"]
+    names = ["tiny"] if args.tiny else ["record", "baseline"]
+    if args.configs:
+        names = args.configs.split(",")
     rows = []
     for name in names:
         chunk = int(CONFIGS[name].get("TTT_CHUNK_TOKENS", 32768))

@@ -113,7 +113,7 @@ def main() -> None:
     full = next((r for r in rows if r["variant"] == "full"), None)
     if full:
         for r in rows:
-            best = r["ttt"] if r["ttt"] != "" else r["sliding"] if r["sliding"] != "" else r["roundtrip"]
+            best = next(r[k] for k in ("ttt", "sliding", "roundtrip") if r[k] != "" or k == "roundtrip")
             r["final_vs_full"] = f"{best - full['ttt']:+.4f}"
     args.json.parent.mkdir(exist_ok=True)
     args.json.write_text(

@@ -59,10 +59,11 @@ def markdown() -> str:
             group = g
         f = fields[name]
         lo, hi, choices = (f.metadata.get(k) for k in ("lo", "hi", "choices"))
-        allowed = (
-            "/".join(choices) if choices else (f"{lo}..{'' if hi is None else hi}" if lo is not None else "")
-        )
-        allowed = f" ({allowed})" if allowed else ""
+        allowed = ""
+        if choices:
+            allowed = " (" + "/".join(choices) + ")"
+        elif lo is not None:
+            allowed = f" ({lo}..{'' if hi is None else hi})"
         rows.append(f"| `{name.upper()}` | `{default_text(f)}`{allowed} | {comment.replace('|', '/')} |")
     rows.append("| **distributed** | | |")
     rows += [f"| `{n}` | `{d}` | {c} |" for n, d, c in TORCHRUN]

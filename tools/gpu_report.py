@@ -638,7 +638,8 @@ def main() -> None:
         or REPO / "results" / f"gpu_report_{datetime.date.today().isoformat()}{'_tiny' if args.tiny else ''}"
     )
     out.mkdir(parents=True, exist_ok=True)
-    seconds = args.train_seconds if args.train_seconds is not None else 3.0 if args.tiny else 120.0
+    default_seconds = 3.0 if args.tiny else 120.0
+    seconds = default_seconds if args.train_seconds is None else args.train_seconds
     r = dict(
         command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         tiny=args.tiny,

@@ -90,11 +90,12 @@ def readme(sub: dict, packed: bool) -> str:
         f"| {seed} | {r['val_loss']:.5f} | {r['val_bpb']:.5f} |" for seed, r in sub["seed_results"].items()
     )
     sig = sub.get("significance")
+    verdict = "significant" if sig and sig["beats_sota"] else "NOT significant"
     sig_line = (
         (
             f"\n{sig['test']} test against SOTA val_loss {sig['sota_val_loss']:.5f} - {sig['margin_nats']} nats: "
             f"t = {sig['t']:.3f}, df = {sig['df']:.1f}, p = {sig['p_value']:.3g} "
-            f"({'significant' if sig['beats_sota'] else 'NOT significant'} at {sig['alpha']}).\n"
+            f"({verdict} at {sig['alpha']}).\n"
         )
         if sig
         else ""

@@ -626,7 +626,11 @@ VALUE_ONLY = {"mlp_neg_slope", "logit_softcap", "rope_base", "qk_gain_init"}
 def read_measured_run(path: Path) -> dict | None:
     """A train_gpt.py log on a GPU (lines optionally prefixed by a clock time): its hyperparameters, device,
     world size and the last step_avg; None for any other file."""
-    hp, device, world, step, step_ms = None, None, None, 0, None
+    hp = None
+    device = None
+    world = None
+    step = 0
+    step_ms = None
     for raw in path.read_text(errors="replace").splitlines():
         line = re.sub(r"^\d\d:\d\d:\d\d ", "", raw)
         if line.startswith("hyperparameters:"):

@@ -75,7 +75,8 @@ def significance(ours: list[float], sota: list[float], margin: float) -> dict:
     else:
         va, vb = var / n, statistics.variance(sota) / len(sota)
         se, test = math.sqrt(va + vb), "Welch"
-        df = (va + vb) ** 2 / ((va**2 / (n - 1) if n > 1 else 0) + vb**2 / (len(sota) - 1)) if va + vb else 0
+        own = va**2 / (n - 1) if n > 1 else 0
+        df = (va + vb) ** 2 / (own + vb**2 / (len(sota) - 1)) if va + vb else 0
     if n < 2 or se == 0 or df <= 0:
         raise Refused(f"a t-test needs at least 2 runs with different losses (got {n})")
     t = (mean - target) / se
