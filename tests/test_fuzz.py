@@ -94,6 +94,7 @@ TINY = dict(
     ttt_lora_lr=0.1,
     ttt_lora_chunk=40,
     ttt_docs_per_batch=3,
+    ttt_lora_rows_per_pass=3,
     ttt_phase_docs=4,
     ttt_phases=3,
     smear_input_dims=8,
@@ -157,6 +158,7 @@ def drawn_env(seed: int) -> dict:
         step = math.lcm(v["eval_stride"], length)
         v["ttt_chunk_tokens"] = step * (-(-128 // step) + r.int(0, 1))  # at most ~8 chunks
         v["ttt_lora_chunk"] = r.int(1, length)
+        v["ttt_lora_rows_per_pass"] = r.choice([0, 1, v["ttt_docs_per_batch"]])  # each divides the batch
         layers = v["num_layers"]
         v["unique_layers"] = r.int(0, layers)
         if v["loop_repeats"]:
