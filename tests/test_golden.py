@@ -4,8 +4,8 @@ tests/golden/, bit for bit.
 
 Kept from each log: every line that says what the run computed (training losses, the diagnostic and final
 scores, stage and QAT switches, rate control's candidates and plan, the model's bytes, the phases of TTT), each
-stripped of what time or the code's own size decide (train_time, step_avg, eval_time, elapsed, the byte limit,
-which counts the packed script). Time decides nothing else here: no wallclock cap, and an eval budget that no
+stripped of what time or the code's own size decide (train_time, step_avg, eval_time, elapsed, the byte limit
+and LQER's fitted-to bytes, which count the packed script). Time decides nothing else here: no wallclock cap, and an eval budget that no
 guard comes near.
 
 Floats are compared exactly on the platform the goldens were written on (torch version and CPU capability, kept
@@ -30,7 +30,9 @@ KEEP = re.compile(
     r"^(step:\d+/\d+ (train_loss|val_loss)|DIAGNOSTIC |final_\S+_exact |legal_ttt_exact |recurrence:|late_qat:"
     r"|quant:plan |Serialized model|auto_fit:(candidate|step)|lqer:|ttt_phase:|model_layout:|sliding_window:)"
 )
-TIMED = re.compile(r" (train_time|step_avg|eval_time|elapsed|limit):\S+| \(export: [^)]*\)| at [\d.]+s")
+TIMED = re.compile(
+    r" (train_time|step_avg|eval_time|elapsed|limit):\S+| \(export: [^)]*\)| at [\d.]+s| \(each fitted to \d+ bytes\)"
+)
 NUMBER = re.compile(r"-?\d+\.?\d*(?:e-?\d+)?")
 UNTIMED = dict(MAX_WALLCLOCK_SECONDS=0, EVAL_BUDGET_SECONDS=100_000, FINAL_MODEL_PATH="", VAL_MAX_TOKENS=4096)
 # name -> (data fixture, preset or None, settings over it)
