@@ -925,6 +925,17 @@ def target_bytes(prev: Tensor, tgt: Tensor, luts, idx: Tensor | None = None) -> 
     return base[tgt] + (leading_space[tgt] & ~is_control[prev]).int()
 
 
+def scored_totals(nll: Tensor, mask: Tensor, x: Tensor, y: Tensor, pos: Tensor, luts) -> Tensor:
+    """(NLL sum, byte sum, target count) in float64 over the targets that mask marks as scored."""
+    return torch.stack(
+        (
+            (nll.double() * mask).sum(),
+            (target_bytes(x, y, luts, pos) * mask).sum().double(),
+            mask.sum().double(),
+        )
+    )
+
+
 def loss_and_bpb(totals: Tensor) -> tuple[float, float]:
     nll, n_bytes, count = totals.tolist()
     return nll / count, nll / (math.log(2) * n_bytes)
@@ -2650,13 +2661,7 @@ def score_windows(
             x, y = tokens[idx].long(), tokens[idx + 1].long()
             with rt.autocast():
                 nll = score_fn(x, y).float()
-            totals += torch.stack(
-                (
-                    (nll.double() * mask).sum(),
-                    (target_bytes(x, y, ctx.luts, idx) * mask).sum().double(),
-                    mask.sum().double(),
-                )
-            )
+            totals += scored_totals(nll, mask, x, y, idx, ctx.luts)
             if ctx.observer is not None:
                 ctx.observer("score", idx[mask], nll[mask])
     return totals
@@ -3016,13 +3021,7 @@ def lora_batch(
         scored = torch.cat(
             [lora_pass(score_fn, adapters, x, y, learn, g, rt) for g in range(len(adapters.groups))]
         )
-        totals += torch.stack(
-            (
-                (scored.double() * score_t).sum(),
-                (target_bytes(x, y, ctx.luts, pos) * score_t).sum().double(),
-                score_t.sum().double(),
-            )
-        )
+        totals += scored_totals(scored, score_t, x, y, pos, ctx.luts)
         if ctx.observer is not None:
             ctx.observer("score", pos[score_t], scored[score_t])
         if learn.any():
@@ -3627,8 +3626,10 @@ def load_data(h: Hyperparameters, rt: Runtime, log: Log) -> RunData:
     return RunData(tokenizer_sha, manifest, train_files, val_tokens, luts)
 
 
-def log_model(model: GPT, h: Hyperparameters, rt: Runtime, log: Log) -> None:
-    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+def log_model(model: GPT, h: Hyperparameters, rt: Runtime, log: Log) -> int:
+    """The model's lines of the log header; returns its parameter count."""
+    params = sum(p.numel() for p in model.parameters())
+    log(f"model_params:{params}")
     log(f"model_layout: {model.layout()}")
     schedule = " ".join(f"{i}:{p}" + (f"@s{s}" if s else "") for i, (p, s) in enumerate(model.slots))
     log(
@@ -3650,21 +3651,24 @@ def log_model(model: GPT, h: Hyperparameters, rt: Runtime, log: Log) -> None:
         f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}"
     )
     log(f"seed:{h.seed}")
+    return params
 
 
-def train_phase(h: Hyperparameters, rt: Runtime, data: RunData, run_id: str, log: Log) -> tuple[dict, dict]:
-    """Build and train the model; returns the training info and what the export reads (the float weights, their
-    stage and averaging, the Hessians and calibration tokens moved to the host), saved first as FINAL_MODEL_PATH."""
+def train_phase(
+    h: Hyperparameters, rt: Runtime, data: RunData, run_id: str, log: Log
+) -> tuple[dict, dict, int]:
+    """Build and train the model; returns the training info, what the export reads (the float weights, their
+    stage and averaging, the Hessians and calibration tokens moved to the host), saved first as FINAL_MODEL_PATH,
+    and the parameter count."""
     log.phase("model")
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     model = GPT(h).to(rt.device)
-    log_model(model, h, rt, log)
+    params = log_model(model, h, rt, log)
     loader = TrainLoader(data.train_files[0], rt)
     loader.check_docs = model.attn_kernel in ATTN_LIBS and h.doc_attention
     log.phase("train")
     train_info = train_model(model, h, rt, loader, data.val_tokens, data.luts, log)
-    train_info["model_params"] = sum(p.numel() for p in model.parameters())
     hessians = train_info.pop("hessians")
     on_cpu = {}
     ck = dict(
@@ -3684,7 +3688,7 @@ def train_phase(h: Hyperparameters, rt: Runtime, data: RunData, run_id: str, log
             f"final_model: {h.final_model_path} (post-{train_info['weights'].split('(')[0]} float weights; "
             f"EXPORT_FROM={h.final_model_path} re-exports them)"
         )
-    return train_info, ck
+    return train_info, ck, params
 
 
 def export_phase(h: Hyperparameters, rt: Runtime, ck: dict, code: str, log: Log) -> dict | None:
@@ -3796,8 +3800,7 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
             f"export_from: {h.export_from} (run {ck['run_id']}, weights {ck['weights']}, stage {ck['stage']})"
         )
     elif not h.eval_only_artifact:
-        summary["train"], ck = train_phase(h, rt, data, run_id, log)
-        summary["model_params"] = summary["train"].pop("model_params")
+        summary["train"], ck, summary["model_params"] = train_phase(h, rt, data, run_id, log)
     if not h.eval_only_artifact:
         summary["bytes"] = export_phase(h, rt, ck, code, log)
         del ck  # the float weights and Hessians: not kept through the eval
