@@ -3,6 +3,7 @@ schedule is made from values all ranks agree on. Each rank here runs its own clo
 its own, as eight machines' host clocks and loads differ); the runs must take the same decisions on every
 rank, with bitwise-equal weights, and never hang (run_distributed's hard timeout fails a hang)."""
 
+import re
 import sys
 import time
 
@@ -113,20 +114,23 @@ def eval_skewed(rank, world, data, mode, budget_s):
     ev = tg.run_evaluations(model, h, rt, tg.load_val_tokens(h, rt), luts, log)
     info = ev["ttt"]
     decisions = {k: v for k, v in info.items() if k not in ("adapted",)}  # adapted: rank-local batches
-    return decisions, [line.split(" at ")[0] for line in lines_with(log, "ttt_phase:", "ttt_budget:")]
+    passes = sorted(ev["results"])  # the sliding pass runs or gives way to TTT's (sliding_fits): agreed too
+    kept = lines_with(log, "ttt_phase:", "ttt_budget:", "sliding_window:")
+    return decisions, passes, [re.split(" at | after ", line)[0] for line in kept]
 
 
 @pytest.mark.parametrize("world", [2, 8])
 @pytest.mark.parametrize("mode, budget_s", [("chunk", 0.5), ("phased", 4.0)])
 def test_skewed_clocks_take_the_same_ttt_decisions(small_data, tmp_path, world, mode, budget_s):
-    """Chunk TTT's epochs per chunk and phased LoRA TTT's global-SGD phases gate all-reduces: under a budget
-    that must cut them and clocks that disagree, every rank takes the same decisions and finishes."""
+    """Chunk TTT's epochs per chunk, phased LoRA TTT's global-SGD phases and whether the sliding pass runs
+    (chunk mode) gate all-reduces: under a budget that must cut them and clocks that disagree, every rank takes
+    the same decisions and finishes."""
     results = run_distributed(eval_skewed, world, tmp_path, small_data, mode, budget_s, timeout=300)
-    decisions, lines = results[0]
+    decisions, _, lines = results[0]
     if mode == "chunk":  # the budget bit: only chunk 1 (nothing measured yet) takes every epoch
         assert decisions["trained"] < decisions["planned"], decisions
     for other in results[1:]:
-        assert other == (decisions, lines)
+        assert other == results[0]
 
 
 def long_wait(rank, world):
