@@ -4,11 +4,14 @@
   python3 tools/bench_anchor.py                          # 300 steps, seeds 1337 42 (~25 min on 2 cores)
   python3 tools/bench_anchor.py --steps 100 --seeds 1337 # a short check
   python3 tools/bench_anchor.py --table-only --out DIR   # the table of an earlier run's logs
+  python3 tools/bench_anchor.py --profile --seeds 1337   # both sides' training steps under torch.profiler
 
 Runs the shared anchor's r23_side_by_side.sh (the record's script ported to CPU by its r23_cpu_port.py, and
 this checkout's train_gpt.py, on one laptop-scale config: same data, seeds and step count), then reads both
 sides' logs and prints, per side (mean over seeds) and as ours - record: params, raw val_bpb at the last step,
 post-EMA val_bpb, int6 round trip, int6 sliding window, ms/step; per-seed figures and the means go to JSON.
+With --profile, both sides run through tools/profile_step.py (same config, same schedule, stopped after
+the profiled steps): the table lists the ops with the most self CPU time per step on either side, side by side.
 The anchor is a comparator only: nothing of its code is imported or copied here, it runs as a subprocess.
 Run it alone on the machine (two runs at once distort ms/step); CPU ms/step is noisy, never a speed claim
 from one run. Needs data/datasets/pdmix_sp1024 (built with data/prepare_data.py --if-missing when missing).
@@ -121,6 +124,47 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def profile_wrapper(outdir: Path, python: str) -> Path:
+    """A stand-in for SBS_PY that runs each side's train_gpt.py through tools/profile_step.py."""
+    wrapper = outdir / "profile_python.sh"
+    wrapper.write_text(f'#!/bin/sh\nexec "{python}" "{REPO / "tools" / "profile_step.py"}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def profile_table(outdir: Path, top: int) -> str:
+    """The ops with the most self CPU ms per step on either side (mean over seeds), record beside ours."""
+    sides = {}
+    for side in SIDES:
+        runs = [json.loads(p.read_text()) for p in sorted(outdir.glob(f"sbs_{side}_*.json"))]
+        if runs:
+            sides[side] = runs
+    if set(sides) != set(SIDES):
+        return f"no profiles of both sides in {outdir}"
+
+    def per_op(side: str, key: str) -> dict:
+        names = {name for run in sides[side] for name in run["ops"]}
+        return {n: mean([run["ops"].get(n, {}).get(key, 0.0) for run in sides[side]]) for n in names}
+
+    ms = {side: per_op(side, "self_ms_per_step") for side in SIDES}
+    calls = {side: per_op(side, "calls_per_step") for side in SIDES}
+    names = sorted(
+        set(ms["r23"]) | set(ms["ours"]), key=lambda n: -max(ms["r23"].get(n, 0), ms["ours"].get(n, 0))
+    )
+    lines = [f"{'op (self CPU ms/step)':40}{'record':>10}{'ours':>10}{'ours-rec':>10}{'calls r/o':>14}"]
+    for n in names[:top]:
+        r, o = ms["r23"].get(n, 0.0), ms["ours"].get(n, 0.0)
+        c = f"{calls['r23'].get(n, 0):.0f}/{calls['ours'].get(n, 0):.0f}"
+        lines.append(f"{n[:39]:40}{r:10.1f}{o:10.1f}{o - r:+10.1f}{c:>14}")
+    for key, title in (
+        ("self_ms_per_step", "all ops (profiled)"),
+        ("unprofiled_wall_ms_per_step", "wall, unprofiled"),
+    ):
+        r, o = (mean([run[key] for run in sides[side]]) for side in SIDES)
+        lines.append(f"{title:40}{r:10.1f}{o:10.1f}{o - r:+10.1f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -136,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, help="write the figures here (default: OUT/bench_anchor.json)")
     p.add_argument("--table-only", action="store_true", help="no runs: the table of the logs already in OUT")
+    p.add_argument("--profile", action="store_true", help="profile both sides' training steps instead")
+    p.add_argument("--top", type=int, default=20, help="ops in the --profile table")
     args = p.parse_args(argv)
     script, record = args.anchor / "r23_side_by_side.sh", args.record or args.anchor / "r23_train_gpt.py"
     if not args.table_only:
@@ -150,10 +196,20 @@ def main(argv: list[str] | None = None) -> int:
             for log in args.out.glob(f"{side}_seed*.txt"):
                 log.unlink()
         env = {**os.environ, "SBS_EXTRA": args.extra, "SBS_PY": args.python}
+        if args.profile:
+            for stale in args.out.glob("sbs_*.json"):
+                stale.unlink()
+            env.update(SBS_PY=str(profile_wrapper(args.out, args.python)), PROFILE_OUT=str(args.out))
         cmd = ["bash", str(script), str(REPO), str(record), str(args.out), str(args.steps)]
         cmd += [str(s) for s in args.seeds]
         print("+ SBS_EXTRA=" + repr(args.extra) + " " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, env=env, check=True)  # prints each run's rc, then the anchor's own table
+        subprocess.run(
+            cmd, env=env, check=not args.profile
+        )  # prints each run's rc, then the anchor's own table
+    if args.profile:
+        print()
+        print(profile_table(args.out, args.top))
+        return 0
     runs = collect(args.out)
     if not runs:
         print(f"no side-by-side logs in {args.out}", file=sys.stderr)
