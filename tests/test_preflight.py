@@ -122,6 +122,25 @@ def test_table_and_summary_name_every_phase(record):
     assert any("warmup_snapshot_gib" in line for line in preflight.summary_lines(record))
 
 
+def test_artifact_estimate_goes_through_rate_control():
+    """pr1539_legal's default plan is over the budget; AUTO_FIT's plan (estimated sizes) fits, and with
+    AUTO_FIT=0 the estimate is the default plan's, a FAIL: the export would write an artifact over 16 MB."""
+    env = read_env_file(REPO / "configs" / "pr1539_legal.env")
+    fitted = preflight.artifact_bytes(env)
+    assert fitted["default_total_bytes_est"] > fitted["limit"] >= fitted["total_bytes_est"]
+    assert fitted["verdict"] == "PASS" and fitted["plan"] != fitted["default_plan"]
+    assert fitted["limit"] - fitted["total_bytes_est"] < 50_000  # fitted close to the budget, not far under
+    off = preflight.artifact_bytes({**env, "AUTO_FIT": "0"})
+    assert off["verdict"] == "FAIL" and off["plan"] == off["default_plan"]
+    assert off["total_bytes_est"] == fitted["default_total_bytes_est"]
+    line = next(x for x in preflight.summary_lines(dict(record_stub(), bytes=off)) if "artifact" in x)
+    assert "FAIL (as planned (AUTO_FIT=0)" in line
+
+
+def record_stub() -> dict:
+    return dict(config="stub", params=1, world=8, seconds=0, phases=[], notes={})
+
+
 # ----------------------------------------------------------------------------------------------------
 # The projected timeline
 # ----------------------------------------------------------------------------------------------------
