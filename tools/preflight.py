@@ -599,12 +599,16 @@ def artifact_bytes(env: dict) -> dict:
     default_plan = tg.quant_plan(h)
     default_q = quantize(default_plan)
     default_bytes = len(pack(default_q))
-    plan, qstate, blob = default_plan, default_q, default_bytes
+    plan = default_plan
+    qstate = default_q
+    blob = default_bytes
     if h.auto_fit != "0":
-        plan, qstate, blob = tg.fit_to_budget(
+        fitted = tg.fit_to_budget(
             quantize, pack, default_plan, limit - code, rel_err, lambda msg: None, fill=h.auto_fit == "1"
         )
-        blob = len(blob)
+        plan = fitted[0]
+        qstate = fitted[1]
+        blob = len(fitted[2])
     return dict(
         codec=h.compressor,
         ratio=ratio,
