@@ -3041,15 +3041,25 @@ def lora_pass(
     score_fn, adapters: LoRAAdapters, x: Tensor, y: Tensor, learn: np.ndarray, group: int, rt: Runtime
 ):
     """One group of rows through the model under its adapters: their NLLs, fixed before the backward, and (where
-    learn marks targets) the backward of the mean NLL per document, which touches only this group's adapters."""
+    learn marks targets) the backward of the mean NLL per document, which touches only this group's adapters.
+    A group with nothing to learn (an unadapted batch, or every row on its last chunk) scores under inference
+    mode: no activations saved, as the sliding pass (warm_up_eval compiles both modes of every width)."""
     rows = slice(group * adapters.per_pass, (group + 1) * adapters.per_pass)
     adapters.attach(True, group)
-    with torch.enable_grad(), rt.autocast():
+    learning = bool(learn[rows].any())
+    with lora_grad_mode(learning), rt.autocast():
         nll = score_fn(x[rows].clone(), y[rows].clone()).float()
-    if learn[rows].any():
+    if learning:
         mask = torch.as_tensor(learn[rows], device=rt.device)
         ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
     return nll.detach()
+
+
+def lora_grad_mode(learning: bool):
+    """The autograd mode of a LoRA TTT forward: grad for a pass that learns, inference mode for one that only scores."""
+    if learning:
+        return torch.enable_grad()
+    return torch.inference_mode()
 
 
 def phase_rows(docs: np.ndarray, h: Hyperparameters) -> np.ndarray:
@@ -3212,8 +3222,11 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
         adapters.attach(True)
         for w in widths:
             x = noise[:w].long().repeat(h.lora_rows, 1)  # contiguous, as the pass's
-            with torch.enable_grad(), rt.autocast():
+            with lora_grad_mode(True), rt.autocast():
                 score_fn(x, x.flip(1)).float().sum().backward()
+            with lora_grad_mode(False), rt.autocast():
+                # inputs made under inference mode, as the pass's: dynamo guards on their dispatch keys
+                score_fn(x.clone(), x.flip(1))
         adapters.attach(False)
         for t in adapters.params:
             t.grad = None
@@ -3227,7 +3240,8 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
         model.eval()
         if h.ttt_mode == "phased":
             model.requires_grad_(False)
-    return len(score_shapes) + len(train_shapes) + len(widths)
+    # each LoRA width twice: learning and scoring only
+    return len(score_shapes) + len(train_shapes) + 2 * len(widths)
 
 
 def sliding_fits(h: Hyperparameters, rt: Runtime, elapsed_s: float, roundtrip_ms: float) -> bool:

@@ -224,9 +224,41 @@ def test_rows_per_pass_bound_a_pass_and_change_no_score(small_data, mode):
         tg.Hyperparameters.from_env({"TTT_DOCS_PER_BATCH": "4", "TTT_LORA_ROWS_PER_PASS": "3"}).validate()
 
 
+@pytest.mark.parametrize("budget", [1e9, 0.0])
+def test_a_pass_that_learns_nothing_scores_under_inference_mode(small_data, monkeypatch, budget):
+    """A group of rows with nothing to learn (a document's last chunk, one row per pass; or every batch
+    unadapted, budget 0) runs its forward under inference mode, which saves no activations; a pass that learns
+    runs with grad. The scores are those of every pass under grad, bit for bit."""
+    over = dict(TTT_LORA_ROWS_PER_PASS=1, budget=budget)
+    grad_mode = tg.lora_grad_mode
+    token_nll = tg.GPT.token_nll
+    monkeypatch.setattr(tg, "lora_grad_mode", lambda learning: torch.enable_grad())
+    _, _, rec_grad, with_grad, info_grad = lora_run(small_data, **over)  # every pass under grad
+    asked = []
+    modes = []
+
+    def recorded_grad_mode(learning):
+        asked.append(learning)
+        return grad_mode(learning)
+
+    def recorded_token_nll(self, x, y):
+        modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return token_nll(self, x, y)
+
+    monkeypatch.setattr(tg, "lora_grad_mode", recorded_grad_mode)
+    monkeypatch.setattr(tg.GPT, "token_nll", recorded_token_nll)
+    _, _, rec, totals, info = lora_run(small_data, **over)
+    assert len(asked) == len(modes) > 0
+    assert modes == [(not learning, learning) for learning in asked]
+    assert (False in asked) and (True in asked) == (budget > 0)
+    assert info == info_grad and rec.events == rec_grad.events
+    assert torch.equal(totals, with_grad)
+
+
 def test_compiled_phased_lora_ttt_compiles_nothing_inside_the_timed_eval(small_data, monkeypatch):
     """Compiled, with document attention: the warm-up on random tokens builds the scoring graph, the LoRA
-    width with adapters (forward and backward; one width keeps this affordable) and the phases' training
+    width with adapters (forward and backward, and the inference-mode forward of a pass that learns nothing; one
+    width keeps this affordable) and the phases' training
     graph; the timed eval, two phases included, then builds none (dynamo's graphs: aot_eager spares the C++ builds)."""
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 32)  # as setup_runtime sets it
     h, model, _, tokens, luts = tiny_setup(
