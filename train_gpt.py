@@ -965,11 +965,15 @@ def lora_linear(x: Tensor, w: Tensor, lora: tuple[Tensor, Tensor] | None) -> Ten
 class CastedLinear(nn.Linear):
     """fp32 master weight (autocast computes in bf16). When qat = (bits, k) is set, the forward sees the exporter's
     fake-quantized weight with a straight-through gradient; lora = (A, B) adds LoRA TTT's adapters. Both are plain
-    attributes: torch.compile guards on them, so setting one recompiles once instead of being constant-folded."""
+    attributes: torch.compile guards on them, so setting one recompiles once instead of being constant-folded.
+    `group` ('attn', 'mlp'; '' outside the blocks) routes the weight: a group's weights train with Muon and on
+    that group's export grid under late QAT (quant_plan); quant_group reads the same group from a state dict's
+    names (a test holds the two equal)."""
 
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False, group: str = ""):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
+        self.group = group
         self.qat = None
         self.lora = None
 
@@ -1114,29 +1118,41 @@ fa4.register_autograd(  # setup_context saves what fa4_bwd reads: q, k, v, out, 
 )
 
 
+def fa3_varlen(x: list, cu: Tensor, T: int) -> Tensor:
+    import flash_attn_interface as fa3
+
+    return fa3.flash_attn_varlen_func(
+        *x, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, causal=True
+    )
+
+
+def fa4_varlen(x: list, cu: Tensor, T: int) -> Tensor:
+    return fa4(*x, cu, T)
+
+
+def torch_varlen(x: list, cu: Tensor, T: int) -> Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(*x, cu, cu, T, T, window_size=(-1, 0), enable_gqa=True)  # (-1, 0): causal
+
+
+# The varlen kernels by ATTN_KERNEL name: each takes [q, k, v] as (tokens, heads, dim), cu_seqlens and T.
+VARLEN_KERNELS = {"fa3": fa3_varlen, "fa4": fa4_varlen, "varlen": torch_varlen}
+
+
 def flash_attention(kernel: str, starts: Tensor, doc: bool):
     """fa3 (FlashAttention-3, flash_attn_interface), fa4 (FlashAttention-4, flash_attn.cute) and varlen (torch's
     varlen_attn, torch >= 2.12): their varlen kernels over (tokens, heads, dim), causal within each sequence of
     cu_seqlens (the rows, or the documents). Each is a torch op: the forward compiles as one graph."""
     B, T = starts.shape
     cu = cu_seqlens(starts, doc)
+    varlen = VARLEN_KERNELS[kernel]
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         x = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)]  # (B, heads, T, dim) -> (B * T, heads, dim)
-        if kernel == "fa4":
-            out = fa4(*x, cu, T)
-        elif kernel == "varlen":
-            from torch.nn.attention.varlen import varlen_attn
-
-            out = varlen_attn(*x, cu, cu, T, T, window_size=(-1, 0), enable_gqa=True)  # (-1, 0): causal
-        else:
-            import flash_attn_interface as fa3
-
-            out = fa3.flash_attn_varlen_func(
-                *x, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, causal=True
-            )
+        out = varlen(x, cu, T)
         out = out[0] if isinstance(out, tuple) else out  # FA4 and some FA3 versions also return the LSE
-        return out.unflatten(0, (B, T)).transpose(1, 2)
+        return out.unflatten(0, (B, T)).transpose(1, 2)  # (B * T, heads, dim) -> (B, heads, T, dim)
 
     return attend
 
@@ -1182,23 +1198,40 @@ def pick_attention(kernel: str, doc: bool, heads: tuple) -> tuple[str, dict]:
             need(kernel == "auto", f"ATTN_KERNEL={k}: {reasons[k]}")
 
 
-def make_attention(kernel: str, starts: Tensor, doc: bool):
-    """One forward's attention, built once for all layers: causal, with `doc` only within each document (`starts`: a
-    row's first position and every BOS). sdpa: a dense mask for documents; flex: a block mask that skips blocks
-    across documents (fused when compiled: CUDA); fa3, fa4, varlen: flash_attention."""
-    if kernel in ATTN_LIBS:
-        return flash_attention(kernel, starts, doc)
+def flex_block_attention(starts: Tensor, doc: bool):
+    """FlexAttention with a block mask that skips blocks across documents (fused when compiled: CUDA)."""
     B, T = starts.shape
-    docs = starts.cumsum(1) * doc
-    if kernel == "flex":
-        block = create_block_mask(
-            lambda b, _, q, k: (docs[b, q] == docs[b, k]) & (q >= k), B, None, T, T, device=docs.device
-        )
-        return lambda q, k, v: flex_attention(q, k, v, block_mask=block, enable_gqa=k.size(1) != q.size(1))
-    mask = (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1) if doc else None  # None: is_causal
+    docs = starts.cumsum(1) * doc  # (B, T): each position's document number, all 0 without `doc`
+    block = create_block_mask(
+        lambda b, _, q, k: (docs[b, q] == docs[b, k]) & (q >= k), B, None, T, T, device=docs.device
+    )
+    return lambda q, k, v: flex_attention(q, k, v, block_mask=block, enable_gqa=k.size(1) != q.size(1))
+
+
+def sdpa_attention(starts: Tensor, doc: bool):
+    """torch's SDPA: is_causal alone, or for documents a dense (B, 1, T, T) mask."""
+    mask = None  # is_causal
+    if doc:
+        docs = starts.cumsum(1)  # (B, T): each position's document number
+        mask = (docs[:, :, None] == docs[:, None, :]).tril().unsqueeze(1)  # (B, 1, T, T)
     return lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=not doc, enable_gqa=k.size(1) != q.size(1)
     )
+
+
+# ATTN_KERNEL (as pick_attention resolves it) -> (starts, doc) -> one forward's attend(q, k, v), q, k, v and the
+# output as (B, heads, T, dim).
+ATTENTION_KERNELS = {
+    "sdpa": sdpa_attention,
+    "flex": flex_block_attention,
+    **{k: functools.partial(flash_attention, k) for k in VARLEN_KERNELS},
+}
+
+
+def make_attention(kernel: str, starts: Tensor, doc: bool):
+    """One forward's attention, built once for all layers: causal, with `doc` only within each document (`starts`: a
+    row's first position and every BOS)."""
+    return ATTENTION_KERNELS[kernel](starts, doc)
 
 
 @dataclasses.dataclass
@@ -1221,10 +1254,10 @@ class Attention(nn.Module):
         self.n_kv = h.num_kv_heads
         self.head_dim = dim // h.num_heads
         kv_dim = self.n_kv * self.head_dim
-        self.c_q = CastedLinear(dim, dim)
-        self.c_k = CastedLinear(dim, kv_dim)
-        self.c_v = CastedLinear(dim, kv_dim)
-        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.c_q = CastedLinear(dim, dim, group="attn")
+        self.c_k = CastedLinear(dim, kv_dim, group="attn")
+        self.c_v = CastedLinear(dim, kv_dim, group="attn")
+        self.proj = CastedLinear(dim, dim, zero_init=True, group="attn")
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
 
     def forward(self, x: Tensor, c: LayerControl, ctx: AttnContext, xsa: bool) -> Tensor:
@@ -1257,8 +1290,8 @@ class MLP(nn.Module):
         super().__init__()
         hidden = int(h.mlp_mult * h.model_dim)
         self.fc, self.proj = (
-            CastedLinear(h.model_dim, hidden),
-            CastedLinear(hidden, h.model_dim, zero_init=True),
+            CastedLinear(h.model_dim, hidden, group="mlp"),
+            CastedLinear(hidden, h.model_dim, zero_init=True, group="mlp"),
         )
         self.neg_slope = h.mlp_neg_slope
 
@@ -1300,33 +1333,64 @@ class SparseGate(nn.Module):
         return 0.5 * F.linear(x[..., : self.weight.size(1)], self.weight.to(x.dtype))
 
 
+class Stream:
+    """The residual stream between layers: one lane, or two from the first PARALLEL_FORM=lane1 layer on (#1530:
+    attention reads and writes lane 0, the MLP reads lane 1). U-Net skips join lane 0; what leaves for a skip or
+    the final norm is the lanes' mean. A plain Python object: torch.compile traces through it."""
+
+    def __init__(self, *lanes: Tensor):
+        self.lanes = lanes
+
+    def mean(self) -> Tensor:
+        if len(self.lanes) == 1:
+            return self.lanes[0]
+        return (self.lanes[0] + self.lanes[1]) * 0.5
+
+    def with_first(self, lane: Tensor) -> "Stream":
+        return Stream(lane, *self.lanes[1:])
+
+
+def sequential_form(blk, s: Stream, x0: Tensor, c, ctx: AttnContext, ln: float, xsa: bool) -> Stream:
+    """The record's block: the MLP reads attention's output."""
+    x = c.resid_mix[0] * s.mean() + c.resid_mix[1] * x0
+    x = x + c.attn_scale * blk.attn(rms_norm(x) * ln, c, ctx, xsa)
+    return Stream(x + c.mlp_scale * blk.mlp(rms_norm(x) * ln))
+
+
+def gptj_form(blk, s: Stream, x0: Tensor, c, ctx: AttnContext, ln: float, xsa: bool) -> Stream:
+    """GPT-J's parallel residual (#1493): attention and the MLP read the same normed input."""
+    x = c.resid_mix[0] * s.mean() + c.resid_mix[1] * x0
+    n = rms_norm(x) * ln
+    return Stream(x + c.attn_scale * blk.attn(n, c, ctx, xsa) + c.mlp_scale * blk.mlp(n))
+
+
+def lane1_form(blk, s: Stream, x0: Tensor, c, ctx: AttnContext, ln: float, xsa: bool) -> Stream:
+    """#1530's two lanes: attention on lane 0 (mixed with x0), the MLP on lane 1, each output written back into
+    both lanes by lane_mix; a one-lane stream enters as two equal lanes (lanes[-1] is lanes[0])."""
+    a_in = c.resid_mix[0] * s.lanes[0] + c.resid_mix[1] * x0
+    att = c.attn_scale * blk.attn(rms_norm(a_in) * ln, c, ctx, xsa)
+    mlp = c.mlp_scale * blk.mlp(rms_norm(s.lanes[-1]) * ln)
+    return Stream(
+        c.lane_resid[0] * a_in + c.lane_mix[0, 0] * att + c.lane_mix[0, 1] * mlp,
+        c.lane_resid[1] * s.lanes[-1] + c.lane_mix[1, 0] * att + c.lane_mix[1, 1] * mlp,
+    )
+
+
+BLOCK_FORMS = {"sequential": sequential_form, "gptj": gptj_form, "lane1": lane1_form}
+
+
 class Block(nn.Module):
-    """A physical block: attention + MLP weights, run by every logical layer mapped to it, in its control's form."""
+    """A physical block: attention + MLP weights, run by every logical layer mapped to it, in its control's form
+    (BLOCK_FORMS)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
         self.attn, self.mlp = Attention(h), MLP(h)
 
-    def forward(self, x, x0: Tensor, c: LayerControl, ctx: AttnContext, ln: float, xsa: bool):
-        if c.form != "sequential":
-            return getattr(self, c.form)(x, x0, c, ctx, ln, xsa)
-        x = c.resid_mix[0] * x + c.resid_mix[1] * x0
-        x = x + c.attn_scale * self.attn(rms_norm(x) * ln, c, ctx, xsa)
-        return x + c.mlp_scale * self.mlp(rms_norm(x) * ln)
-
-    def gptj(self, x: Tensor, x0: Tensor, c: LayerControl, ctx: AttnContext, ln: float, xsa: bool) -> Tensor:
-        x = c.resid_mix[0] * x + c.resid_mix[1] * x0
-        n = rms_norm(x) * ln
-        return x + c.attn_scale * self.attn(n, c, ctx, xsa) + c.mlp_scale * self.mlp(n)
-
-    def lane1(self, x: tuple, x0: Tensor, c: LayerControl, ctx: AttnContext, ln: float, xsa: bool) -> tuple:
-        a_in = c.resid_mix[0] * x[0] + c.resid_mix[1] * x0
-        att = c.attn_scale * self.attn(rms_norm(a_in) * ln, c, ctx, xsa)
-        mlp = c.mlp_scale * self.mlp(rms_norm(x[1]) * ln)
-        return (
-            c.lane_resid[0] * a_in + c.lane_mix[0, 0] * att + c.lane_mix[0, 1] * mlp,
-            c.lane_resid[1] * x[1] + c.lane_mix[1, 0] * att + c.lane_mix[1, 1] * mlp,
-        )
+    def forward(
+        self, s: Stream, x0: Tensor, c: LayerControl, ctx: AttnContext, ln: float, xsa: bool
+    ) -> Stream:
+        return BLOCK_FORMS[c.form](self, s, x0, c, ctx, ln, xsa)
 
 
 class BigramHash(nn.Module):
@@ -1455,9 +1519,12 @@ class GPT(nn.Module):
 
     def set_qat(self, plan: dict | None) -> None:
         """Block matrices train on their group's export grid (plan: quant_plan), or plainly (None)."""
-        for name, m in self.blocks.named_modules():
-            if isinstance(m, CastedLinear):
-                m.qat = plan[name.split(".")[1]] if plan else None
+        for m in self.grouped_linears():
+            m.qat = plan[m.group] if plan else None
+
+    def grouped_linears(self) -> list[CastedLinear]:
+        """The block matrices (CastedLinear with a group), in module order: Muon's, and late QAT's."""
+        return [m for m in self.modules() if isinstance(m, CastedLinear) and m.group]
 
     def hidden(self, ids: Tensor) -> Tensor:
         starts = (ids == BOS_ID) | (torch.arange(ids.size(1), device=ids.device) == 0)
@@ -1475,21 +1542,22 @@ class GPT(nn.Module):
         )
         n_enc = len(self.active) // 2
         skips = []
+        s = Stream(x)
         for pos, i in enumerate(self.active):
-            c = self.controls[self.control_of[i]]
             if pos >= n_enc and skips:  # U-Net: decoder layer j adds encoder output n_enc-1-j
-                skip, lane = self.skip_weights[pos - n_enc] * skips.pop(), x[0] if isinstance(x, tuple) else x
-                if self.skip_gates is None:
-                    lane = lane + skip
-                else:  # gated: a learned per-channel interpolation between the skip and the stream
-                    lane = torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[pos - n_enc]).to(skip.dtype))
-                x = (lane, x[1]) if isinstance(x, tuple) else lane  # two lanes (#1530): the skip joins lane 0
-            if c.form == "lane1" and not isinstance(x, tuple):
-                x = (x, x)
-            x = self.blocks[self.slots[i][0]](x, x0, c, ctx, self.ln_factors[i], self.xsa[i])
+                s = s.with_first(self.add_skip(s.lanes[0], skips.pop(), pos - n_enc))
+            c = self.controls[self.control_of[i]]
+            s = self.blocks[self.slots[i][0]](s, x0, c, ctx, self.ln_factors[i], self.xsa[i])
             if pos < n_enc:
-                skips.append((x[0] + x[1]) * 0.5 if isinstance(x, tuple) else x)
-        return rms_norm((x[0] + x[1]) * 0.5 if isinstance(x, tuple) else x)  # the final norm
+                skips.append(s.mean())
+        return rms_norm(s.mean())  # the final norm
+
+    def add_skip(self, lane: Tensor, skip: Tensor, j: int) -> Tensor:
+        skip = self.skip_weights[j] * skip
+        if self.skip_gates is None:
+            return lane + skip
+        # gated: a learned per-channel interpolation between the skip and the stream
+        return torch.lerp(skip, lane, torch.sigmoid(self.skip_gates[j]).to(skip.dtype))
 
     def logits(self, ids: Tensor) -> Tensor:
         z = lora_linear(self.hidden(ids), self.tok_emb.weight, self.head_lora).float()
@@ -1622,7 +1690,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    matrices = [m.weight for m in model.grouped_linears()]
     embeds = [model.tok_emb.weight] + [
         m.embed.weight for m in (model.bigram, model.value_embed) if m is not None
     ]

@@ -194,9 +194,10 @@ def test_gptj_form_reads_one_input_in_attention_and_mlp():
         n = tg.rms_norm(x_in) * 0.5
         parallel = x_in + c.attn_scale * block.attn(n, c, ctx, False) + c.mlp_scale * block.mlp(n)
         assert c.form == "gptj" and c.lane_mix is None  # no parameters of its own
-        assert torch.allclose(block(x, x0, c, ctx, 0.5, False), parallel, atol=1e-5)
+        out = block(tg.Stream(x), x0, c, ctx, 0.5, False).lanes
+        assert len(out) == 1 and torch.allclose(out[0], parallel, atol=1e-5)
         c.form = "sequential"
-        assert not torch.allclose(block(x, x0, c, ctx, 0.5, False), parallel, atol=1e-3)
+        assert not torch.allclose(block(tg.Stream(x), x0, c, ctx, 0.5, False).lanes[0], parallel, atol=1e-3)
 
 
 def test_lane1_form_runs_the_mlp_on_lane_one_alone():
@@ -205,7 +206,7 @@ def test_lane1_form_runs_the_mlp_on_lane_one_alone():
     block, c, ctx, x = parallel_layer("lane1")
 
     def run(lane0, x0):
-        return block((lane0, x + 1.0), x0, c, ctx, 0.5, False)
+        return block(tg.Stream(lane0, x + 1.0), x0, c, ctx, 0.5, False).lanes
 
     with torch.no_grad():
         c.resid_mix[1].normal_()
@@ -234,7 +235,7 @@ def test_lane1_form_sends_skips_into_lane_zero_only(monkeypatch):
         model.logits(ids)
         model.skip_weights[2].zero_()  # the skip into slot 6
         model.logits(ids)
-    (lane0, lane1), (lane0_no_skip, lane1_no_skip) = inputs[6], inputs[14]
+    (lane0, lane1), (lane0_no_skip, lane1_no_skip) = inputs[6].lanes, inputs[14].lanes
     assert torch.equal(lane1, lane1_no_skip) and not torch.allclose(lane0, lane0_no_skip)
     model.logits(ids).sum().backward()  # every lane lambda trains
     assert all(c.lane_resid.grad.abs().sum() > 0 for c in model.controls if c.form == "lane1")
