@@ -802,11 +802,11 @@ class TrainLoader:
         span = self.take((local + 1) * self.rt.world_size)
         mine = span[self.rt.rank * (local + 1) : (self.rt.rank + 1) * (local + 1)]
         if self.check_docs:  # every row starts a document; each BOS after its first position another
-            rows = mine[:-1].reshape(-1, seq_len)
+            rows = mine[:-1].reshape(-1, seq_len)  # (rows, seq_len) as they will train
             docs = len(rows) + int(np.count_nonzero(rows[:, 1:] == BOS_ID))
             check_documents(docs, len(rows), seq_len, f"training data ({self.files[self.file_idx]})")
         t = torch.from_numpy(mine.astype(np.int64)).to(self.rt.device, non_blocking=True)
-        return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)
+        return t[:-1].view(-1, seq_len), t[1:].view(-1, seq_len)  # inputs, targets: (rows, seq_len)
 
 
 def load_val_tokens(h: Hyperparameters, rt: Runtime) -> Tensor:
@@ -1262,8 +1262,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, c: LayerControl, ctx: AttnContext, xsa: bool) -> Tensor:
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv, self.head_dim)
+        q = self.c_q(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, C) -> (B, T, heads, dim)
+        k = self.c_k(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, kv heads, dim)
         v = self.c_v(x)
         if ctx.v0 is None:  # the first layer's values, for Value Residual in the later ones
             ctx.v0 = v
@@ -1271,18 +1271,20 @@ class Attention(nn.Module):
             v = c.v_mix[0].to(v.dtype) * ctx.v0 + c.v_mix[1].to(v.dtype) * v
         if c.ve_scale is not None:
             v = v + ctx.ve * c.ve_scale
-        v = v.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)  # (B, T, kv heads, dim)
         q = apply_rope(rms_norm(q), ctx.cos, ctx.sin)
         q = q * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), ctx.cos, ctx.sin)
+        # the kernels take and give (B, heads, T, dim); y is back to (B, T, heads, dim)
         y = ctx.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         if xsa:  # remove each head's component along its own position's value vector
+            # (B, T, kv heads, query heads per kv head, dim): each query head beside its own value head
             y = y.reshape(B, T, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
             v_hat = F.normalize(v.to(y.dtype), dim=-1).unsqueeze(3)
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
         if c.attn_gate is not None:  # per head, from this layer's attention input
             y = y.reshape(B, T, self.n_heads, self.head_dim) * torch.sigmoid(c.attn_gate(x)).unsqueeze(-1)
-        return self.proj(y.reshape(B, T, C))
+        return self.proj(y.reshape(B, T, C))  # heads concatenated: (B, T, C)
 
 
 class MLP(nn.Module):
@@ -1680,12 +1682,13 @@ class Muon(torch.optim.Optimizer):
         world = self.rt.world_size
         if world == 1:
             return shares
-        flat = torch.cat([u.reshape(-1) for u in shares])
+        flat = torch.cat([u.reshape(-1) for u in shares])  # this rank's shares of every stack, end to end
         out = flat.new_empty(world * flat.numel())
         dist.all_gather_into_tensor(out, flat)
         parts = out.view(world, -1).split(
             [u.numel() for u in shares], dim=1
         )  # per stack: (rank, share * rows * cols)
+        # (rank, share * rows * cols) -> the whole stack (world * share, rows, cols), rank r's share at r
         return [p.reshape(world * u.size(0), *u.shape[1:]) for p, u in zip(parts, shares)]
 
 
@@ -1919,7 +1922,7 @@ def quantize_state(
             out[name] = QTensor(tuple(t.shape), 0, t.half().cpu())
             continue
         bits, k = plan[group]
-        w = t.reshape(t.shape[0], -1)
+        w = t.reshape(t.shape[0], -1)  # (rows, every other dim): one scale per row
         scale, qmax = row_scales(w, bits, k), 2 ** (bits - 1) - 1
         if int(prune * w.numel()):
             w = w * (w.abs() > w.abs().flatten().kthvalue(int(prune * w.numel())).values)
@@ -2263,7 +2266,7 @@ def collect_hessians(
     hessians: dict[str, Tensor] = {}
 
     def accumulate(name: str, x: Tensor) -> None:
-        flat = x.detach().float().reshape(-1, x.size(-1))
+        flat = x.detach().float().reshape(-1, x.size(-1))  # (B * T, in_features): H += X^T X
         if name in hessians:
             hessians[name].addmm_(flat.T, flat)
         else:
