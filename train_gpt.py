@@ -381,6 +381,11 @@ class Hyperparameters:
         return min(self.ttt_lora_rows_per_pass or self.ttt_docs_per_batch, self.ttt_docs_per_batch)
 
     @property
+    def ttt_adam_beta2(self) -> float:
+        """TTT's AdamW beta2 (global-SGD train_rows and LoRA TTT): TTT_BETA2, or BETA2 when it is < 0."""
+        return self.beta2 if self.ttt_beta2 < 0 else self.ttt_beta2
+
+    @property
     def logical_layers(self) -> int:
         return len(layer_slots(self))
 
@@ -2778,9 +2783,7 @@ def ttt_backward(train_fn, tokens: Tensor, idx: Tensor, weight: float, rt: Runti
 def ttt_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Optimizer:
     if h.ttt_optimizer == "sgd":
         return torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-    return torch.optim.AdamW(
-        params, lr=h.ttt_lr, betas=(h.beta1, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2), weight_decay=0.0
-    )
+    return torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.ttt_adam_beta2), weight_decay=0.0)
 
 
 def train_rows(
@@ -3150,7 +3153,7 @@ def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Adam
     return torch.optim.AdamW(
         [dict(params=params[0::2]), dict(params=params[1::2], lr=lr * s, weight_decay=wd / s)],
         lr=lr,
-        betas=(0.0, h.beta2 if h.ttt_beta2 < 0 else h.ttt_beta2),
+        betas=(0.0, h.ttt_adam_beta2),
         weight_decay=wd,
     )
 
