@@ -1057,9 +1057,6 @@ def most_documents(ids: np.ndarray, seq_len: int) -> int:
     return 1 + int((bos[seq_len:] - bos[1 : len(bos) - seq_len + 1]).max(initial=0))
 
 
-ATTN_LIBS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute", "varlen": "torch.nn.attention.varlen"}
-
-
 def cu_seqlens(starts: Tensor, doc: bool) -> Tensor:
     """The varlen kernels' cu_seqlens (int32) for a (B, T) batch: its rows, or with `doc` the documents (`starts`:
     a row's first position and every BOS) in a fixed length (fa3_doc_capacity + 1: no recompiles; checked on the
@@ -1141,8 +1138,13 @@ def torch_varlen(x: list, cu: Tensor, T: int) -> Tensor:
     return varlen_attn(*x, cu, cu, T, T, window_size=(-1, 0), enable_gqa=True)  # (-1, 0): causal
 
 
-# The varlen kernels by ATTN_KERNEL name: each takes [q, k, v] as (tokens, heads, dim), cu_seqlens and T.
-VARLEN_KERNELS = {"fa3": fa3_varlen, "fa4": fa4_varlen, "varlen": torch_varlen}
+# The varlen kernels by ATTN_KERNEL name: the module and function pick_attention checks are installed, and the
+# call, which takes [q, k, v] as (tokens, heads, dim), cu_seqlens and T.
+ATTN_LIBS = {
+    "fa3": ("flash_attn_interface", "flash_attn_varlen_func", fa3_varlen),
+    "fa4": ("flash_attn.cute", "flash_attn_varlen_func", fa4_varlen),
+    "varlen": ("torch.nn.attention.varlen", "varlen_attn", torch_varlen),
+}
 
 
 def flash_attention(kernel: str, starts: Tensor, doc: bool):
@@ -1151,7 +1153,7 @@ def flash_attention(kernel: str, starts: Tensor, doc: bool):
     cu_seqlens (the rows, or the documents). Each is a torch op: the forward compiles as one graph."""
     B, T = starts.shape
     cu = cu_seqlens(starts, doc)
-    varlen = VARLEN_KERNELS[kernel]
+    varlen = ATTN_LIBS[kernel][2]
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         x = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)]  # (B, heads, T, dim) -> (B * T, heads, dim)
@@ -1192,9 +1194,10 @@ def pick_attention(kernel: str, doc: bool, heads: tuple) -> tuple[str, dict]:
         why = "not installed"  # what failed, if the next step raises
         try:
             if k in ATTN_LIBS:
-                lib = importlib.import_module(ATTN_LIBS[k])
+                module, function, _ = ATTN_LIBS[k]
+                lib = importlib.import_module(module)
                 why = "placeholder"  # a module without the function this script calls
-                getattr(lib, "varlen_attn" if k == "varlen" else "flash_attn_varlen_func")
+                getattr(lib, function)
                 why = "failed probe" if cuda else "no CUDA"
                 probe_attention(k, doc, heads)
             return k, reasons
@@ -1229,7 +1232,7 @@ def sdpa_attention(starts: Tensor, doc: bool):
 ATTENTION_KERNELS = {
     "sdpa": sdpa_attention,
     "flex": flex_block_attention,
-    **{k: functools.partial(flash_attention, k) for k in VARLEN_KERNELS},
+    **{k: functools.partial(flash_attention, k) for k in ATTN_LIBS},
 }
 
 

@@ -44,10 +44,11 @@ def test_preset_builds_the_logged_model(name):
     assert sum(p.numel() for p in model.parameters()) - logged == delta, why
     # One routing: the group each block matrix carries is the one its state-dict name maps to on export, and
     # the grouped matrices are exactly the blocks' matrices (Muon's and late QAT's).
-    groups = {f"{n}.weight": m.group for n, m in model.named_modules() if isinstance(m, tg.CastedLinear)}
-    assert {n: tg.quant_group(n, model.state_dict()[n]) for n in groups if groups[n]} == {
-        n: g for n, g in groups.items() if g
+    state = model.state_dict()
+    groups = {
+        f"{n}.weight": m.group for n, m in model.named_modules() if isinstance(m, tg.CastedLinear) and m.group
     }
+    assert {n: tg.quant_group(n, state[n]) for n in groups} == groups
     matrices = [id(p) for p in model.blocks.parameters() if p.ndim == 2]
     assert [id(m.weight) for m in model.grouped_linears()] == matrices
     header = (REPO / "configs" / f"{name}.env").read_text().split("\n# data")[0]
