@@ -73,18 +73,52 @@ def need(ok, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def knob(default, lo=None, hi=None, choices=None, model=False, help=""):
-    """A Hyperparameters field read from the environment variable of its name in capitals. lo/hi/choices
-    are checked by from_env; model=True marks what shapes the network (the group the artifact and the float
-    checkpoint store, so that a verifier rebuilds exactly the network that was scored); help is the README's
-    table (tools/env_reference.py). The packed script drops help (packed_code): documentation, not code."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "model": model, "help": help}
+def knob(default, lo=None, hi=None, choices=None, help=""):
+    """A field of a Hyperparameters group, read from the environment variable of its name in capitals.
+    lo/hi/choices are checked by from_env; help is the README's table (tools/env_reference.py). The packed
+    script drops help (packed_code): documentation, not code."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "help": help}
     return dataclasses.field(default=default, metadata=meta)
 
 
+def parse_knob(f: dataclasses.Field, text: str):
+    """One knob's value from its env var's text, by the field's type, checked against its bounds or choices."""
+    key, kind = f.name.upper(), f.type.split("[")[0]
+    raw = text.strip()
+    try:
+        if kind == "tuple":
+            item = float if "float" in f.type else int
+            value = tuple(item(v) for v in raw.split(",") if v.strip())
+        elif kind == "bool":  # .index raises ValueError for anything else
+            value = ("0", "false", "no", "off", "1", "true", "yes", "on").index(raw.lower()) >= 4
+        else:
+            value = {"int": int, "float": float, "str": str}[kind](raw)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{key}={text!r}: expected {f.type} (default {f.default!r})") from None
+    lo = f.metadata.get("lo")
+    hi = f.metadata.get("hi")
+    choices = f.metadata.get("choices")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}={raw}: must be in [{lo}, {'inf' if hi is None else hi}]")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}={raw!r}: must be one of {', '.join(choices)}")
+    return value
+
+
+class KnobGroup:
+    """A group of knobs: one frozen dataclass of knob() fields. validate() holds the rules among its own
+    fields (Hyperparameters.validate the rules across groups)."""
+
+    def validate(self) -> None:
+        pass
+
+
 @dataclasses.dataclass(frozen=True)
-class Hyperparameters:
-    # data and run
+class RunConfig(KnobGroup):
+    """Data and run: data, tokenizer, seed, compile and kernel: where and how the run runs."""
+
     data_path: str = knob(
         "./data/datasets/fineweb10B_sp1024", help="folder of fineweb_{train,val}_*.bin shards"
     )
@@ -93,9 +127,32 @@ class Hyperparameters:
     )
     run_id: str = knob("", help='names logs/{RUN_ID}.txt and .json; "" = a fresh uuid4')
     seed: int = knob(1337, 0, 2**32 - 1, help="model init (data order is fixed by the shards)")
-    vocab_size: int = knob(1024, 2, 65536, model=True, help="must equal the tokenizer's piece count")
     val_max_tokens: int = knob(0, 0, help="score only this many val targets (0 = all; not a record)")
-    # training schedule
+    compile: str = knob("auto", choices=("auto", "0", "1"), help="torch.compile; auto = on for CUDA only")
+    compile_cache_dir: str = knob(
+        "", help="folder of torch.compile's disk caches, reused by later runs; \"\" = torch's default"
+    )
+    compile_backend: str = knob(
+        "inductor", choices=("inductor", "aot_eager"), help="aot_eager: no code generation"
+    )
+    attn_kernel: str = knob(
+        "auto",
+        choices=("auto", "sdpa", "flex", "fa3", "fa4", "varlen"),
+        help="auto: the first of fa3, fa4 (then varlen, flex for docs) whose probe runs on CUDA, else sdpa",
+    )
+
+    def validate(self) -> None:
+        need(
+            self.attn_kernel in ("auto", "sdpa") or torch.cuda.is_available(),
+            f"ATTN_KERNEL={self.attn_kernel} needs CUDA (FlexAttention has no CPU backward; FA and varlen kernels "
+            "are CUDA-only): use sdpa or auto",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(KnobGroup):
+    """Training: the training run: steps, batch, LR schedule, init, weight averaging and late QAT."""
+
     iterations: int = knob(20000, 1, help="step limit (the wallclock cap usually stops training first)")
     max_wallclock_seconds: float = knob(600.0, 0.0, help="training time cap; 0 = none (iteration warmdown)")
     train_batch_tokens: int = knob(
@@ -104,7 +161,6 @@ class Hyperparameters:
     train_micro_batches: int = knob(
         0, 0, help="micro-batches per step, all ranks together (0 = 8, or WORLD_SIZE above 8)"
     )
-    train_seq_len: int = knob(2048, 2, model=True, help="training sequence length")
     warmup_steps: int = knob(20, 0, help="compile warm-up steps, undone before the timer starts")
     warmdown_iters: int = knob(3500, 0, help="linear LR decay over the last this-many (projected) steps")
     warmdown_frac: float = knob(
@@ -117,100 +173,150 @@ class Hyperparameters:
     )
     val_batch_size: int = knob(524288, 1, help="tokens per eval forward, all ranks together")
     train_log_every: int = knob(500, 1, help="train_loss line period (steps 1-10 are always logged)")
-    compile: str = knob("auto", choices=("auto", "0", "1"), help="torch.compile; auto = on for CUDA only")
-    compile_cache_dir: str = knob(
-        "", help="folder of torch.compile's disk caches, reused by later runs; \"\" = torch's default"
-    )
-    compile_backend: str = knob(
-        "inductor", choices=("inductor", "aot_eager"), help="aot_eager: no code generation"
-    )
-    # model
-    num_layers: int = knob(11, 1, model=True, help="logical layers of the base schedule")
-    unique_layers: int = knob(
-        0, 0, model=True, help="physical blocks (0 = NUM_LAYERS); layer i runs block i % this"
-    )
-    loop_start: int = knob(
-        -1, -1, model=True, help="extra passes over base layers [LOOP_START, LOOP_END] ..."
-    )
-    loop_end: int = knob(-1, -1, model=True, help="... (inclusive) ...")
-    loop_repeats: int = knob(
-        0, 0, model=True, help="... this many times, inserted after LOOP_END; 0 = no loop"
-    )
-    loop_enable_at: tuple[float, ...] = knob(
-        (0.5,), model=True, help="training fraction at which each pass switches on"
-    )
-    model_dim: int = knob(512, 2, model=True, help="residual width")
-    num_heads: int = knob(8, 1, model=True, help="query heads")
-    num_kv_heads: int = knob(4, 1, model=True, help="key/value heads (GQA)")
-    mlp_mult: float = knob(3.0, 0.0, model=True, help="MLP hidden width / MODEL_DIM")
-    mlp_neg_slope: float = knob(0.5, 0.0, 1.0, model=True, help="LeakyReLU(s)^2; 0 = relu^2 (the baseline)")
-    logit_softcap: float = knob(30.0, 0.0, model=True, help="logits = c * tanh(z / c); 0 = off")
+    tied_embed_init_std: float = knob(0.005, 0.0, help="init std of the tied embedding")
+    ema_decay: float = knob(0.997, 0.0, 1.0, help="EMA of the weights every step; 0 = off")
+    swa_every: int = knob(0, 0, help="SWA snapshot period (of the EMA when on); 0 = off")
+    swa_start_lrmul: float = knob(0.2, 0.0, 1.0, help="SWA collects once the LR multiplier is below this")
+    late_qat_threshold: float = knob(0.15, 0.0, 1.0, help="fake-quant once the LR multiplier < this; 0 = off")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(KnobGroup):
+    """Model: what shapes the network: the group the artifact and the float checkpoint store whole, so that a verifier rebuilds exactly the network that was scored."""
+
+    vocab_size: int = knob(1024, 2, 65536, help="must equal the tokenizer's piece count")
+    train_seq_len: int = knob(2048, 2, help="training sequence length")
+    num_layers: int = knob(11, 1, help="logical layers of the base schedule")
+    unique_layers: int = knob(0, 0, help="physical blocks (0 = NUM_LAYERS); layer i runs block i % this")
+    loop_start: int = knob(-1, -1, help="extra passes over base layers [LOOP_START, LOOP_END] ...")
+    loop_end: int = knob(-1, -1, help="... (inclusive) ...")
+    loop_repeats: int = knob(0, 0, help="... this many times, inserted after LOOP_END; 0 = no loop")
+    loop_enable_at: tuple[float, ...] = knob((0.5,), help="training fraction at which each pass switches on")
+    model_dim: int = knob(512, 2, help="residual width")
+    num_heads: int = knob(8, 1, help="query heads")
+    num_kv_heads: int = knob(4, 1, help="key/value heads (GQA)")
+    mlp_mult: float = knob(3.0, 0.0, help="MLP hidden width / MODEL_DIM")
+    mlp_neg_slope: float = knob(0.5, 0.0, 1.0, help="LeakyReLU(s)^2; 0 = relu^2 (the baseline)")
+    logit_softcap: float = knob(30.0, 0.0, help="logits = c * tanh(z / c); 0 = off")
     rope_base: float = knob(
         10000 * 2 ** (16 / 14),
         1.0,
-        model=True,
         help="RoPE base at TRAIN_SEQ_LEN (R23: 10000 NTK-stretched 1024->2048)",
     )
-    rope_dims: int = knob(16, 0, model=True, help="rotated dims per head (0 = all)")
-    qk_gain_init: float = knob(1.5, model=True, help="initial learnable per-head query scale")
-    tied_embed_init_std: float = knob(0.005, 0.0, help="init std of the tied embedding")
-    ln_scale: bool = knob(True, model=True, help="block inputs scaled by 1/sqrt(layer+1)")
-    xsa_last_n: int = knob(4, 0, model=True, help="XSA on the last N logical layers ...")
+    rope_dims: int = knob(16, 0, help="rotated dims per head (0 = all)")
+    qk_gain_init: float = knob(1.5, help="initial learnable per-head query scale")
+    ln_scale: bool = knob(True, help="block inputs scaled by 1/sqrt(layer+1)")
+    xsa_last_n: int = knob(4, 0, help="XSA on the last N logical layers ...")
     xsa_by: str = knob(
         "logical",
         choices=("logical", "physical"),
-        model=True,
         help="... or on layers run by the last N blocks (#526)",
     )
-    bigram_vocab_size: int = knob(1536, 0, model=True, help="BigramHash buckets; 0 = off")
-    bigram_dim: int = knob(128, 1, model=True, help="BigramHash table width")
-    smear_gate: bool = knob(True, model=True, help="SmearGate on the input embedding ...")
+    bigram_vocab_size: int = knob(1536, 0, help="BigramHash buckets; 0 = off")
+    bigram_dim: int = knob(128, 1, help="BigramHash table width")
+    smear_gate: bool = knob(True, help="SmearGate on the input embedding ...")
     smear_input_dims: int = knob(
         0,
         0,
-        model=True,
         help="... a per-channel gate, or lam*sigmoid(w x_t[:N]) x_{t-1} from N channels (#1855: 12)",
     )
-    ve_layers: tuple[int, ...] = knob(
-        (9, 10), model=True, help='logical layers with value embeddings ("" = none)'
-    )
-    ve_dim: int = knob(128, 1, model=True, help="value-embedding table width")
+    ve_layers: tuple[int, ...] = knob((9, 10), help='logical layers with value embeddings ("" = none)')
+    ve_dim: int = knob(128, 1, help="value-embedding table width")
     parallel_start: int = knob(
-        -1, -1, model=True, help="first logical layer with parallel attention and MLP (-1 = off), ..."
+        -1, -1, help="first logical layer with parallel attention and MLP (-1 = off), ..."
     )
     parallel_form: str = knob(
-        "lane1", choices=("lane1", "gptj"), model=True, help="... on two lanes (#1530) or one stream (#1493)"
+        "lane1", choices=("lane1", "gptj"), help="... on two lanes (#1530) or one stream (#1493)"
     )
     controls_per: str = knob(
         "layer",
         choices=("layer", "block"),
-        model=True,
         help="scales, mixes, LN scale per logical layer or block",
     )
     skip_gates: bool = knob(
-        False, model=True, help="U-Net skips as lerp(w*skip, x, sigmoid(g)) with a learned gate g (#1493)"
+        False, help="U-Net skips as lerp(w*skip, x, sigmoid(g)) with a learned gate g (#1493)"
     )
     value_residual: bool = knob(
         False,
-        model=True,
         help="layers 1.. mix layer 0's values in: v = l0*v0 + l1*v, l init (0.5, 0.5) (#490)",
     )
     attn_gate: str = knob(
         "off",
         choices=("off", "dense", "sparse"),
-        model=True,
-        help="per-head output gate: sigmoid(W x + b) (#490)",
+        help="per-head output gate: dense sigmoid(W x + b) (#490) or sparse sigmoid(0.5 W x[:12]) (#1787)",
     )
-    # or sigmoid(0.5 W x[:12]) (#1787)
     doc_attention: bool = knob(
-        False, model=True, help="attend only within the document (from its BOS): training and eval"
+        False, help="attend only within the document (from its BOS): training and eval"
     )
-    attn_kernel: str = knob(
-        "auto",
-        choices=("auto", "sdpa", "flex", "fa3", "fa4", "varlen"),
-        help="auto: the first of fa3, fa4 (then varlen, flex for docs) whose probe runs on CUDA, else sdpa",
-    )
-    # optimizers
+
+    @property
+    def logical_layers(self) -> int:
+        return len(layer_slots(self))
+
+    def validate(self) -> None:
+        dim = self.model_dim
+        heads = self.num_heads
+        kv = self.num_kv_heads
+        head_dim = dim // heads
+        need(dim % heads == 0, f"MODEL_DIM={dim} must be divisible by NUM_HEADS={heads}")
+        need(heads % kv == 0, f"NUM_HEADS={heads} must be a multiple of NUM_KV_HEADS={kv}")
+        need(head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
+        need(
+            4 <= (self.rope_dims or head_dim) <= head_dim and self.rope_dims % 2 == 0,
+            f"ROPE_DIMS={self.rope_dims}: the rotated dims per head ({self.rope_dims or head_dim}) must be even and in "
+            f"[4, head dim MODEL_DIM/NUM_HEADS={head_dim}] (0 = all; the NTK stretch needs more than 2)",
+        )
+        need(
+            self.unique_layers <= self.num_layers,
+            f"UNIQUE_LAYERS={self.unique_layers} exceeds NUM_LAYERS={self.num_layers}",
+        )
+        if self.loop_repeats:
+            self.validate_loop()
+        control_plan(self)
+        self.validate_layers(self.logical_layers)
+        need(
+            self.smear_input_dims <= dim and (self.attn_gate != "sparse" or dim >= 12),
+            f"SMEAR_INPUT_DIMS={self.smear_input_dims} and ATTN_GATE=sparse (12) read channels of MODEL_DIM={dim}",
+        )
+        need(
+            self.bigram_vocab_size != 1,
+            "BIGRAM_VOCAB_SIZE=1: 0 (off) or >= 2 buckets (one is for sequence starts)",
+        )
+        need(
+            int(self.mlp_mult * dim) >= 1,
+            f"MLP_MULT={self.mlp_mult} gives no MLP hidden unit at MODEL_DIM={dim}",
+        )
+        need(
+            self.logit_softcap == 0 or self.logit_softcap >= 1,
+            f"LOGIT_SOFTCAP={self.logit_softcap}: 0 (off) or >= 1",
+        )
+
+    def validate_loop(self) -> None:
+        need(
+            0 <= self.loop_start <= self.loop_end < self.num_layers,
+            f"LOOP_START={self.loop_start}, LOOP_END={self.loop_end}: need 0 <= start <= end < "
+            f"NUM_LAYERS={self.num_layers} when LOOP_REPEATS={self.loop_repeats}",
+        )
+        need(
+            len(self.loop_enable_at) in (1, self.loop_repeats)
+            and all(0 <= f <= 1 for f in self.loop_enable_at),
+            f"LOOP_ENABLE_AT={self.loop_enable_at}: one fraction in [0, 1], or one per repeat",
+        )
+
+    def validate_layers(self, n: int) -> None:
+        """The knobs that name logical layers, against the n that the depth schedule has."""
+        need(
+            all(0 <= i < n for i in self.ve_layers),
+            f"VE_LAYERS={self.ve_layers}: logical layers are 0..{n - 1}",
+        )
+        need(self.xsa_last_n <= n, f"XSA_LAST_N={self.xsa_last_n} exceeds the {n} logical layers")
+        need(self.parallel_start < n, f"PARALLEL_START={self.parallel_start} exceeds the {n} logical layers")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(KnobGroup):
+    """Optimizers: Muon on the block matrices, AdamW on the rest."""
+
     matrix_lr: float = knob(0.025, 0.0, help="Muon LR (block matrices)")
     scalar_lr: float = knob(0.025, 0.0, help="AdamW LR of gains, scales and small projections")
     tied_embed_lr: float = knob(0.035, 0.0, help="AdamW LR of the embedding tables")
@@ -236,12 +342,23 @@ class Hyperparameters:
     beta1: float = knob(0.9, 0.0, 1.0, help="AdamW beta1 (also TTT with AdamW)")
     beta2: float = knob(0.95, 0.0, 1.0, help="AdamW beta2")
     adam_eps: float = knob(1e-8, 1e-30, help="AdamW epsilon (0 gives 0/0 = nan on a zero gradient)")
-    # weight averaging and QAT
-    ema_decay: float = knob(0.997, 0.0, 1.0, help="EMA of the weights every step; 0 = off")
-    swa_every: int = knob(0, 0, help="SWA snapshot period (of the EMA when on); 0 = off")
-    swa_start_lrmul: float = knob(0.2, 0.0, 1.0, help="SWA collects once the LR multiplier is below this")
-    late_qat_threshold: float = knob(0.15, 0.0, 1.0, help="fake-quant once the LR multiplier < this; 0 = off")
-    # export
+
+    def validate(self) -> None:
+        need(
+            self.beta1**2 < self.beta2 < 1,
+            f"BETA1={self.beta1}, BETA2={self.beta2}: need BETA1^2 < BETA2 < 1 "
+            "(else Adam's step, momentum over the root second moment, is unbounded)",
+        )
+        need(
+            self.muon_ns == "classic" or self.muon_backend_steps <= len(NS_POLAR),
+            f"MUON_NS=polar has {len(NS_POLAR)} tuned steps: MUON_BACKEND_STEPS=1..5 runs the first N (#1539: 4)",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(KnobGroup):
+    """Export: quantization, rate control, the artifact and where it comes from."""
+
     quant_bits: int = knob(6, 2, 8, help="block matrices (also the QAT grids), unless set per group:")
     quant_bits_attn: int = knob(0, 0, 8, help="attention matrices (0 = QUANT_BITS)")
     quant_bits_mlp: int = knob(0, 0, 8, help="MLP matrices (0 = QUANT_BITS)")
@@ -294,11 +411,32 @@ class Hyperparameters:
     )
     export_from: str = knob("", help="path: skip training, export and score this FINAL_MODEL_PATH file")
     eval_only_artifact: str = knob("", help="path: skip training, score this artifact (what a verifier runs)")
-    # evaluation
+
+    def validate(self) -> None:
+        need(
+            self.quant_bits_attn != 1 and self.quant_bits_mlp != 1,
+            "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8",
+        )
+        need(
+            not (self.export_from and self.eval_only_artifact),
+            "set EXPORT_FROM or EVAL_ONLY_ARTIFACT, not both",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(KnobGroup):
+    """Evaluation: the scoring windows and the eval budget."""
+
     eval_seq_len: int = knob(0, 0, help="scoring window (0 = TRAIN_SEQ_LEN)")
     eval_stride: int = knob(64, 1, help="sliding-window stride: new targets per window")
     eval_sliding: bool = knob(True, help="the sliding-window pass (TTT's scoring pass is one too)")
     eval_budget_seconds: float = knob(600.0, 0.0, help="timed eval budget; TTT cuts epochs to fit")
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTConfig(KnobGroup):
+    """Test-time training: legal score-first TTT: full-weight chunks, per-document LoRA, phases."""
+
     ttt_enabled: bool = knob(True, help="legal score-first test-time training")
     ttt_mode: str = knob(
         "chunk",
@@ -339,162 +477,109 @@ class Hyperparameters:
         3, 1, help="... in this many equal steps, base weights take one SGD epoch on all scored docs"
     )
 
-    @classmethod
-    def from_env(cls, env) -> Hyperparameters:
-        values = {}
-        for f in dataclasses.fields(cls):
-            key, kind = f.name.upper(), f.type.split("[")[0]
-            if key not in env:
-                continue
-            raw = env[key].strip()
-            try:
-                if kind == "tuple":
-                    item = float if "float" in f.type else int
-                    value = tuple(item(v) for v in raw.split(",") if v.strip())
-                elif kind == "bool":  # .index raises ValueError for anything else
-                    value = ("0", "false", "no", "off", "1", "true", "yes", "on").index(raw.lower()) >= 4
-                else:
-                    value = {"int": int, "float": float, "str": str}[kind](raw)
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise ValueError
-            except ValueError:
-                raise ConfigError(f"{key}={env[key]!r}: expected {f.type} (default {f.default!r})") from None
-            lo = f.metadata.get("lo")
-            hi = f.metadata.get("hi")
-            choices = f.metadata.get("choices")
-            if (lo is not None and value < lo) or (hi is not None and value > hi):
-                raise ConfigError(f"{key}={raw}: must be in [{lo}, {'inf' if hi is None else hi}]")
-            if choices and value not in choices:
-                raise ConfigError(f"{key}={raw!r}: must be one of {', '.join(choices)}")
-            values[f.name] = value
-        h = cls(**values)
-        h.validate()
-        return h
-
-    @property
-    def eval_len(self) -> int:
-        return self.eval_seq_len or self.train_seq_len
-
     @property
     def lora_rows(self) -> int:
         """LoRA TTT's documents per forward and backward: one pass's saved activations scale with them."""
         return min(self.ttt_lora_rows_per_pass or self.ttt_docs_per_batch, self.ttt_docs_per_batch)
 
-    @property
-    def ttt_adam_beta2(self) -> float:
-        """TTT's AdamW beta2 (global-SGD train_rows and LoRA TTT): TTT_BETA2, or BETA2 when it is < 0."""
-        return self.beta2 if self.ttt_beta2 < 0 else self.ttt_beta2
-
-    @property
-    def logical_layers(self) -> int:
-        return len(layer_slots(self))
-
     def validate(self) -> None:
-        dim = self.model_dim
-        heads = self.num_heads
-        kv = self.num_kv_heads
-        head_dim = self.model_dim // self.num_heads
-        need(dim % heads == 0, f"MODEL_DIM={dim} must be divisible by NUM_HEADS={heads}")
-        need(heads % kv == 0, f"NUM_HEADS={heads} must be a multiple of NUM_KV_HEADS={kv}")
-        need(head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for RoPE")
-        need(
-            4 <= (self.rope_dims or head_dim) <= head_dim and self.rope_dims % 2 == 0,
-            f"ROPE_DIMS={self.rope_dims}: the rotated dims per head ({self.rope_dims or head_dim}) must be even and in "
-            f"[4, head dim MODEL_DIM/NUM_HEADS={head_dim}] (0 = all; the NTK stretch needs more than 2)",
-        )
-        need(
-            self.unique_layers <= self.num_layers,
-            f"UNIQUE_LAYERS={self.unique_layers} exceeds NUM_LAYERS={self.num_layers}",
-        )
-        if self.loop_repeats:
-            need(
-                0 <= self.loop_start <= self.loop_end < self.num_layers,
-                f"LOOP_START={self.loop_start}, LOOP_END={self.loop_end}: need 0 <= start <= end < "
-                f"NUM_LAYERS={self.num_layers} when LOOP_REPEATS={self.loop_repeats}",
-            )
-            need(
-                len(self.loop_enable_at) in (1, self.loop_repeats)
-                and all(0 <= f <= 1 for f in self.loop_enable_at),
-                f"LOOP_ENABLE_AT={self.loop_enable_at}: one fraction in [0, 1], or one per repeat",
-            )
-        control_plan(self)
-        n = self.logical_layers
-        need(
-            all(0 <= i < n for i in self.ve_layers),
-            f"VE_LAYERS={self.ve_layers}: logical layers are 0..{n - 1}",
-        )
-        need(self.xsa_last_n <= n, f"XSA_LAST_N={self.xsa_last_n} exceeds the {n} logical layers")
-        need(self.parallel_start < n, f"PARALLEL_START={self.parallel_start} exceeds the {n} logical layers")
-        need(self.ttt_freeze_blocks <= n, f"TTT_FREEZE_BLOCKS={self.ttt_freeze_blocks} exceeds {n} layers")
-        self.check_world(1)
-        C, L = self.ttt_chunk_tokens, self.eval_len
-        need(self.eval_stride <= L, f"EVAL_STRIDE={self.eval_stride} exceeds the eval length {L}")
-        need(
-            C % self.eval_stride == 0 and (C < L or C % L == 0),
-            f"TTT_CHUNK_TOKENS={C} must be a multiple of "
-            f"EVAL_STRIDE={self.eval_stride} and, if longer, of the eval length {L}",
-        )
-        need(
-            self.attn_kernel in ("auto", "sdpa") or torch.cuda.is_available(),
-            f"ATTN_KERNEL={self.attn_kernel} needs CUDA (FlexAttention has no CPU backward; FA and varlen kernels "
-            "are CUDA-only): use sdpa or auto",
-        )
-        need(
-            self.ttt_mode == "chunk" or self.ttt_lora_chunk <= L,
-            f"TTT_LORA_CHUNK={self.ttt_lora_chunk} exceeds the eval length {L} (TTT_MODE={self.ttt_mode})",
-        )
         need(
             self.ttt_docs_per_batch % self.lora_rows == 0,
             f"TTT_LORA_ROWS_PER_PASS={self.ttt_lora_rows_per_pass} must divide "
             f"TTT_DOCS_PER_BATCH={self.ttt_docs_per_batch} (every pass one compiled shape)",
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """Every knob, in groups (one small frozen dataclass each); a field's env var is its name in capitals,
+    whatever its group."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    ttt: TTTConfig = dataclasses.field(default_factory=TTTConfig)
+
+    @classmethod
+    def groups(cls) -> list[tuple[str, type]]:
+        """(attribute, dataclass) of every group, in the order of the README's table."""
+        return [(g.name, g.default_factory) for g in dataclasses.fields(cls)]
+
+    @classmethod
+    def knobs(cls) -> list[tuple[str, dataclasses.Field]]:
+        """(group, field) of every knob: the one list that the env parser, the README and the logs read."""
+        return [(name, f) for name, group in cls.groups() for f in dataclasses.fields(group)]
+
+    @classmethod
+    def from_env(cls, env) -> Hyperparameters:
+        values = {f.name: parse_knob(f, env[f.name.upper()]) for _, f in cls.knobs() if f.name.upper() in env}
+        h = cls().replace(**values)
+        h.validate()
+        return h
+
+    def replace(self, **values) -> Hyperparameters:
+        """A copy with the named knobs (field names, any group) changed; not validated, as dataclasses.replace."""
+        unknown = set(values) - {f.name for _, f in self.knobs()}
+        if unknown:
+            raise TypeError(f"Hyperparameters has no knob {sorted(unknown)}")
+        groups = {}
+        for name, group in self.groups():
+            mine = {f.name: values[f.name] for f in dataclasses.fields(group) if f.name in values}
+            groups[name] = dataclasses.replace(getattr(self, name), **mine)
+        return dataclasses.replace(self, **groups)
+
+    def flat(self) -> dict:
+        """Every knob by field name, groups flattened: the hyperparameters log line, the run's JSON and its hash."""
+        return {f.name: getattr(getattr(self, g), f.name) for g, f in self.knobs()}
+
+    @property
+    def eval_len(self) -> int:
+        return self.eval.eval_seq_len or self.model.train_seq_len
+
+    @property
+    def ttt_adam_beta2(self) -> float:
+        """TTT's AdamW beta2 (global-SGD train_rows and LoRA TTT): TTT_BETA2, or BETA2 when it is < 0."""
+        return self.optim.beta2 if self.ttt.ttt_beta2 < 0 else self.ttt.ttt_beta2
+
+    def validate(self) -> None:
+        """The rules across groups; each group's own rules are its validate()."""
+        for name, _ in self.groups():
+            getattr(self, name).validate()
+        n = self.model.logical_layers
         need(
-            self.quant_bits_attn != 1 and self.quant_bits_mlp != 1,
-            "QUANT_BITS_ATTN/MLP: 0 (= QUANT_BITS) or 2..8",
+            self.ttt.ttt_freeze_blocks <= n,
+            f"TTT_FREEZE_BLOCKS={self.ttt.ttt_freeze_blocks} exceeds {n} layers",
+        )
+        self.check_world(1)
+        C, L = self.ttt.ttt_chunk_tokens, self.eval_len
+        need(self.eval.eval_stride <= L, f"EVAL_STRIDE={self.eval.eval_stride} exceeds the eval length {L}")
+        need(
+            C % self.eval.eval_stride == 0 and (C < L or C % L == 0),
+            f"TTT_CHUNK_TOKENS={C} must be a multiple of "
+            f"EVAL_STRIDE={self.eval.eval_stride} and, if longer, of the eval length {L}",
         )
         need(
-            not (self.export_from and self.eval_only_artifact),
-            "set EXPORT_FROM or EVAL_ONLY_ARTIFACT, not both",
+            self.ttt.ttt_mode == "chunk" or self.ttt.ttt_lora_chunk <= L,
+            f"TTT_LORA_CHUNK={self.ttt.ttt_lora_chunk} exceeds the eval length {L} (TTT_MODE={self.ttt.ttt_mode})",
+        )
+        T = self.model.train_seq_len
+        need(
+            not self.run.val_max_tokens or self.run.val_max_tokens >= max(L, T),
+            f"VAL_MAX_TOKENS={self.run.val_max_tokens} is shorter than one window of max(TRAIN_SEQ_LEN, eval length) = "
+            f"{max(L, T)} tokens",
         )
         need(
-            self.smear_input_dims <= self.model_dim and (self.attn_gate != "sparse" or self.model_dim >= 12),
-            f"SMEAR_INPUT_DIMS={self.smear_input_dims} and ATTN_GATE=sparse (12) read channels of MODEL_DIM={self.model_dim}",
-        )
-        need(
-            self.bigram_vocab_size != 1,
-            "BIGRAM_VOCAB_SIZE=1: 0 (off) or >= 2 buckets (one is for sequence starts)",
-        )
-        need(
-            int(self.mlp_mult * self.model_dim) >= 1,
-            f"MLP_MULT={self.mlp_mult} gives no MLP hidden unit at MODEL_DIM={self.model_dim}",
-        )
-        need(
-            self.logit_softcap == 0 or self.logit_softcap >= 1,
-            f"LOGIT_SOFTCAP={self.logit_softcap}: 0 (off) or >= 1",
-        )
-        need(
-            not self.val_max_tokens or self.val_max_tokens >= max(L, self.train_seq_len),
-            f"VAL_MAX_TOKENS={self.val_max_tokens} is shorter than one window of max(TRAIN_SEQ_LEN, eval length) = "
-            f"{max(L, self.train_seq_len)} tokens",
-        )
-        need(
-            self.quant_method != "full"
-            or self.gptq_reserve_seconds < (self.max_wallclock_seconds or math.inf),
-            f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time under MAX_WALLCLOCK_SECONDS="
-            f"{self.max_wallclock_seconds} (QUANT_METHOD=full)",
-        )
-        need(
-            self.beta1**2 < self.beta2 < 1,
-            f"BETA1={self.beta1}, BETA2={self.beta2}: need BETA1^2 < BETA2 < 1 "
-            "(else Adam's step, momentum over the root second moment, is unbounded)",
-        )
-        need(
-            self.muon_ns == "classic" or self.muon_backend_steps <= len(NS_POLAR),
-            f"MUON_NS=polar has {len(NS_POLAR)} tuned steps: MUON_BACKEND_STEPS=1..5 runs the first N (#1539: 4)",
+            self.export.quant_method != "full"
+            or self.export.gptq_reserve_seconds < (self.train.max_wallclock_seconds or math.inf),
+            f"GPTQ_RESERVE_SECONDS={self.export.gptq_reserve_seconds} leaves no training time under MAX_WALLCLOCK_SECONDS="
+            f"{self.train.max_wallclock_seconds} (QUANT_METHOD=full)",
         )
 
     def micro_batches(self, world: int) -> int:
-        return self.train_micro_batches or max(8, world)
+        return self.train.train_micro_batches or max(8, world)
 
     def check_world(self, world: int) -> None:
         """A step is micro_batches(world) micro-batches of whole sequences, split evenly over the ranks."""
@@ -505,20 +590,19 @@ class Hyperparameters:
             "0 = 8, or WORLD_SIZE above 8)",
         )
         need(
-            self.train_batch_tokens % (m * self.train_seq_len) == 0,
-            f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} "
-            f"must be a multiple of {m}*TRAIN_SEQ_LEN={m * self.train_seq_len} ({m} micro-batches of whole sequences)",
+            self.train.train_batch_tokens % (m * self.model.train_seq_len) == 0,
+            f"TRAIN_BATCH_TOKENS={self.train.train_batch_tokens} "
+            f"must be a multiple of {m}*TRAIN_SEQ_LEN={m * self.model.train_seq_len} ({m} micro-batches of whole sequences)",
         )
 
     def model_config(self) -> dict:
-        """The fields that shape the network (knob(model=True)): stored whole in the artifact and the float
-        checkpoint, so a verifier rebuilds it."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["model"]}
+        """The model group, stored whole in the artifact and the float checkpoint, so a verifier rebuilds it."""
+        return dataclasses.asdict(self.model)
 
 
 def knob_names() -> list[str]:
-    """The environment variable of every Hyperparameters field."""
-    return [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
+    """The environment variable of every knob."""
+    return [f.name.upper() for _, f in Hyperparameters.knobs()]
 
 
 def misspelt_knobs(env) -> list[tuple[str, str]]:
@@ -659,14 +743,14 @@ def setup_runtime(h: Hyperparameters, env) -> Runtime:
             world_size=world,
             **({"device_id": device} if cuda else {}),
         )
-    use_compile = cuda if h.compile == "auto" else h.compile == "1"
+    use_compile = cuda if h.run.compile == "auto" else h.run.compile == "1"
     if use_compile:
         torch._dynamo.config.cache_size_limit = 32  # train/eval shapes x recurrence stages x QAT
         if (
-            h.compile_cache_dir
+            h.run.compile_cache_dir
         ):  # inductor's FX-graph, AOT-autograd, autotune and Triton caches all live under it
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(h.compile_cache_dir)
-    return Runtime(rank, world, local, device, use_compile, h.micro_batches(world), h.compile_backend)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(h.run.compile_cache_dir)
+    return Runtime(rank, world, local, device, use_compile, h.micro_batches(world), h.run.compile_backend)
 
 
 class Log:
@@ -695,7 +779,7 @@ def compile_cache_line(h: Hyperparameters) -> str:
     """torch.compile's disk-cache hits this run (a warm COMPILE_CACHE_DIR: misses 0)."""
     fx, aot = dynamo_counters()["inductor"], dynamo_counters()["aot_autograd"]
     return (
-        f"compile_cache:{h.compile_cache_dir or 'default'} fx_graph_hits:{fx['fxgraph_cache_hit']} "
+        f"compile_cache:{h.run.compile_cache_dir or 'default'} fx_graph_hits:{fx['fxgraph_cache_hit']} "
         f"fx_graph_misses:{fx['fxgraph_cache_miss']} aot_autograd_hits:{aot['autograd_cache_hit']} "
         f"aot_autograd_misses:{aot['autograd_cache_miss']}"
     )
@@ -716,7 +800,7 @@ def log_header(log: Log, h: Hyperparameters, rt: Runtime, code: str) -> None:
     else:
         log(f"device:cpu x{rt.world_size} threads:{torch.get_num_threads()}")
     log("=" * 100, console=False)
-    log("hyperparameters:" + json.dumps(dataclasses.asdict(h), sort_keys=True))
+    log("hyperparameters:" + json.dumps(h.flat(), sort_keys=True))
 
 
 # =====================================================================================================
@@ -756,7 +840,7 @@ def load_shard(path: str, magics: tuple[int, ...] = (SHARD_MAGIC,)) -> np.ndarra
 
 
 def find_shards(h: Hyperparameters, split: str) -> tuple[list[str], int]:
-    pattern = os.path.join(h.data_path, f"fineweb_{split}_*.bin")
+    pattern = os.path.join(h.run.data_path, f"fineweb_{split}_*.bin")
     files = sorted(
         f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f)
     )  # not CaseOps sidecars
@@ -818,9 +902,9 @@ def load_val_tokens(h: Hyperparameters, rt: Runtime) -> Tensor:
     """Every evaluator scores whole windows: of the eval length, and of TRAIN_SEQ_LEN while training."""
     files, _ = find_shards(h, "val")
     tokens = np.concatenate([load_shard(f) for f in files])[
-        : h.val_max_tokens + 1 if h.val_max_tokens else None
+        : h.run.val_max_tokens + 1 if h.run.val_max_tokens else None
     ]
-    window = max(h.eval_len, h.train_seq_len) + 1
+    window = max(h.eval_len, h.model.train_seq_len) + 1
     need(
         len(tokens) >= window,
         f"the val split ({', '.join(files)}) has {len(tokens)} tokens, fewer than one window "
@@ -839,14 +923,18 @@ def load_val_tokens(h: Hyperparameters, rt: Runtime) -> Tensor:
 
 
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
-    need(os.path.isfile(h.tokenizer_path), f"tokenizer file not found: TOKENIZER_PATH={h.tokenizer_path}")
-    sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     need(
-        sp.vocab_size() == h.vocab_size,
-        f"{h.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.vocab_size}",
+        os.path.isfile(h.run.tokenizer_path),
+        f"tokenizer file not found: TOKENIZER_PATH={h.run.tokenizer_path}",
+    )
+    sp = spm.SentencePieceProcessor(model_file=h.run.tokenizer_path)
+    need(
+        sp.vocab_size() == h.model.vocab_size,
+        f"{h.run.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={h.model.vocab_size}",
     )
     need(
-        sp.bos_id() == BOS_ID, f"{h.tokenizer_path}: bos_id is {sp.bos_id()}, the shard format needs {BOS_ID}"
+        sp.bos_id() == BOS_ID,
+        f"{h.run.tokenizer_path}: bos_id is {sp.bos_id()}, the shard format needs {BOS_ID}",
     )
     return sp
 
@@ -854,7 +942,7 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
 def read_manifest(h: Hyperparameters, tokenizer_sha: str) -> dict:
     """The shards' manifest.json from data/prepare_data.py ({} when there is none, as for FineWeb).
     Its tokenizer must be the one in use: another of the same vocab size gives wrong byte counts."""
-    path = os.path.join(h.data_path, "manifest.json")
+    path = os.path.join(h.run.data_path, "manifest.json")
     if not os.path.isfile(path):
         return {}
     manifest = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -862,7 +950,7 @@ def read_manifest(h: Hyperparameters, tokenizer_sha: str) -> dict:
     need(
         made_with.get("sha256", tokenizer_sha) == tokenizer_sha,
         f"{path}: the shards were tokenized with "
-        f"{made_with.get('path')} (sha256 {made_with.get('sha256')}), but TOKENIZER_PATH={h.tokenizer_path} has "
+        f"{made_with.get('path')} (sha256 {made_with.get('sha256')}), but TOKENIZER_PATH={h.run.tokenizer_path} has "
         f"sha256 {tokenizer_sha}",
     )
     return manifest
@@ -891,12 +979,12 @@ def byte_counter(h: Hyperparameters, sp: spm.SentencePieceProcessor, tokens: Ten
     """What target_bytes reads: the tokenizer's byte tables, or for CaseOps data (data/prepare_data.py --caseops:
     case operators as pieces, which own no bytes of the text) the val byte sidecar, each token's bytes of the
     original text, shard by shard beside the tokens and sliced like them."""
-    files = sorted(glob.glob(os.path.join(h.data_path, "fineweb_val_bytes_*.bin")))
+    files = sorted(glob.glob(os.path.join(h.run.data_path, "fineweb_val_bytes_*.bin")))
     caseops = sp.piece_to_id("\ue000") != sp.unk_id()
     if not files:
         need(
             not caseops,
-            f"{h.tokenizer_path} is a CaseOps tokenizer, but {h.data_path} has no fineweb_val_bytes_*.bin "
+            f"{h.run.tokenizer_path} is a CaseOps tokenizer, but {h.run.data_path} has no fineweb_val_bytes_*.bin "
             "sidecar: its bytes of original text are the bpb denominator (data/prepare_data.py --caseops writes them)",
         )
         return build_byte_luts(sp, rt.device)
@@ -907,7 +995,7 @@ def byte_counter(h: Hyperparameters, sp: spm.SentencePieceProcessor, tokens: Ten
     )
     need(
         caseops and [f.replace("_bytes_", "_") for f in files] == shards and paired,
-        f"{h.data_path}: the byte "
+        f"{h.run.data_path}: the byte "
         f"sidecars {files} do not pair with the val shards {shards} of a CaseOps tokenizer (rebuild with data/prepare_data.py --caseops)",
     )
     counts = torch.from_numpy(
@@ -989,18 +1077,20 @@ class CastedLinear(nn.Linear):
         return lora_linear(x, w, self.lora)
 
 
-def layer_slots(h) -> list[tuple[int, int]]:
+def layer_slots(cfg: ModelConfig) -> list[tuple[int, int]]:
     """The full depth schedule, one (physical block, stage) per logical layer. Base layer i runs block
     i % UNIQUE_LAYERS; LOOP_REPEATS extra passes over base layers [LOOP_START, LOOP_END] follow LOOP_END,
     the r-th pass in stage r, which joins at LOOP_ENABLE_AT of training."""
-    physical = h.unique_layers or h.num_layers
-    base = [(i % physical, 0) for i in range(h.num_layers)]
-    if not h.loop_repeats:
+    physical = cfg.unique_layers or cfg.num_layers
+    base = [(i % physical, 0) for i in range(cfg.num_layers)]
+    if not cfg.loop_repeats:
         return base
     passes = [
-        (base[i][0], r) for r in range(1, h.loop_repeats + 1) for i in range(h.loop_start, h.loop_end + 1)
+        (base[i][0], r)
+        for r in range(1, cfg.loop_repeats + 1)
+        for i in range(cfg.loop_start, cfg.loop_end + 1)
     ]
-    return base[: h.loop_end + 1] + passes + base[h.loop_end + 1 :]
+    return base[: cfg.loop_end + 1] + passes + base[cfg.loop_end + 1 :]
 
 
 class Rotary(nn.Module):
@@ -1255,18 +1345,18 @@ class AttnContext:
 
 
 class Attention(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        dim = h.model_dim
-        self.n_heads = h.num_heads
-        self.n_kv = h.num_kv_heads
-        self.head_dim = dim // h.num_heads
+        dim = cfg.model_dim
+        self.n_heads = cfg.num_heads
+        self.n_kv = cfg.num_kv_heads
+        self.head_dim = dim // cfg.num_heads
         kv_dim = self.n_kv * self.head_dim
         self.c_q = CastedLinear(dim, dim, group="attn")
         self.c_k = CastedLinear(dim, kv_dim, group="attn")
         self.c_v = CastedLinear(dim, kv_dim, group="attn")
         self.proj = CastedLinear(dim, dim, zero_init=True, group="attn")
-        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
 
     def forward(self, x: Tensor, c: LayerControl, ctx: AttnContext, xsa: bool) -> Tensor:
         B, T, C = x.shape
@@ -1296,14 +1386,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = int(h.mlp_mult * h.model_dim)
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
         self.fc, self.proj = (
-            CastedLinear(h.model_dim, hidden, group="mlp"),
-            CastedLinear(hidden, h.model_dim, zero_init=True, group="mlp"),
+            CastedLinear(cfg.model_dim, hidden, group="mlp"),
+            CastedLinear(hidden, cfg.model_dim, zero_init=True, group="mlp"),
         )
-        self.neg_slope = h.mlp_neg_slope
+        self.neg_slope = cfg.mlp_neg_slope
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.leaky_relu(self.fc(x), self.neg_slope).square())
@@ -1393,9 +1483,9 @@ class Block(nn.Module):
     """A physical block: attention + MLP weights, run by every logical layer mapped to it, in its control's form
     (BLOCK_FORMS)."""
 
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn, self.mlp = Attention(h), MLP(h)
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
 
     def forward(
         self, s: Stream, x0: Tensor, c: LayerControl, ctx: AttnContext, ln: float, xsa: bool
@@ -1455,19 +1545,19 @@ class ValueEmbedding(nn.Module):
         return self.proj(self.embed(ids)) * self.scale
 
 
-def control_plan(h) -> tuple[list[int], list[tuple[bool, str, bool]]]:
+def control_plan(cfg: ModelConfig) -> tuple[list[int], list[tuple[bool, str, bool]]]:
     """Which LayerControl each logical layer uses (its own, or under CONTROLS_PER=block its physical
     block's, as #1493 shares them across recurrence passes), and each control's (value embedding,
     block form, Value Residual) switches, which all the layers sharing it must agree on."""
-    slots = layer_slots(h)
-    parallel_from = h.parallel_start if h.parallel_start >= 0 else len(slots)
-    control_of = [p if h.controls_per == "block" else i for i, (p, _) in enumerate(slots)]
+    slots = layer_slots(cfg)
+    parallel_from = cfg.parallel_start if cfg.parallel_start >= 0 else len(slots)
+    control_of = [p if cfg.controls_per == "block" else i for i, (p, _) in enumerate(slots)]
     features: dict[int, tuple[bool, str, bool]] = {}
     for i, k in enumerate(control_of):
         f = (
-            i in h.ve_layers,
-            h.parallel_form if i >= parallel_from else "sequential",
-            h.value_residual and i > 0,
+            i in cfg.ve_layers,
+            cfg.parallel_form if i >= parallel_from else "sequential",
+            cfg.value_residual and i > 0,
         )
         need(
             features.setdefault(k, f) == f,
@@ -1480,36 +1570,46 @@ def control_plan(h) -> tuple[list[int], list[tuple[bool, str, bool]]]:
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
-        self.slots = layer_slots(h)
-        n_logical, dim = len(self.slots), h.model_dim
-        kv_dim = h.num_kv_heads * (dim // h.num_heads)
-        self.tok_emb = nn.Embedding(h.vocab_size, dim)
-        self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, dim) if h.bigram_vocab_size else None
-        self.smear = SmearGate(dim, h.smear_input_dims) if h.smear_gate else None
-        self.value_embed = ValueEmbedding(h.vocab_size, h.ve_dim, kv_dim) if h.ve_layers else None
-        self.blocks = nn.ModuleList(Block(h) for _ in range(max(p for p, _ in self.slots) + 1))
-        self.control_of, features = control_plan(h)
-        self.controls = nn.ModuleList(LayerControl(dim, *f, h.attn_gate, h.num_heads) for f in features)
+        cfg = h.model
+        self.slots = layer_slots(cfg)
+        n_logical, dim = len(self.slots), cfg.model_dim
+        kv_dim = cfg.num_kv_heads * (dim // cfg.num_heads)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, dim)
+        self.bigram = (
+            BigramHash(cfg.bigram_vocab_size, cfg.bigram_dim, dim) if cfg.bigram_vocab_size else None
+        )
+        self.smear = SmearGate(dim, cfg.smear_input_dims) if cfg.smear_gate else None
+        self.value_embed = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, kv_dim) if cfg.ve_layers else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(max(p for p, _ in self.slots) + 1))
+        self.control_of, features = control_plan(cfg)
+        self.controls = nn.ModuleList(LayerControl(dim, *f, cfg.attn_gate, cfg.num_heads) for f in features)
         self.skip_weights = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(n_logical // 2))
         self.skip_gates = (
             nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(n_logical // 2))
-            if h.skip_gates
+            if cfg.skip_gates
             else None
         )
-        self.ln_factors = [1 / math.sqrt(k + 1) if h.ln_scale else 1.0 for k in self.control_of]
-        last_block = len(self.blocks) - h.xsa_last_n
+        self.ln_factors = [1 / math.sqrt(k + 1) if cfg.ln_scale else 1.0 for k in self.control_of]
+        last_block = len(self.blocks) - cfg.xsa_last_n
         self.xsa = [
-            p >= last_block if h.xsa_by == "physical" else i >= n_logical - h.xsa_last_n
+            p >= last_block if cfg.xsa_by == "physical" else i >= n_logical - cfg.xsa_last_n
             for i, (p, _) in enumerate(self.slots)
         ]
-        self.rotary = Rotary(h.rope_dims or dim // h.num_heads, h.rope_base, h.train_seq_len, h.eval_len)
-        self.softcap, self.doc_attention = h.logit_softcap, h.doc_attention
+        self.rotary = Rotary(
+            cfg.rope_dims or dim // cfg.num_heads,
+            cfg.rope_base,
+            cfg.train_seq_len,
+            h.eval_len,
+        )
+        self.softcap, self.doc_attention = cfg.logit_softcap, cfg.doc_attention
         self.head_lora = None  # LoRA TTT's adapter of the tied output head
         self.attn_kernel, self.attn_reasons = pick_attention(
-            h.attn_kernel, h.doc_attention, (h.num_heads, h.num_kv_heads, h.num_kv_heads, dim // h.num_heads)
+            h.run.attn_kernel,
+            cfg.doc_attention,
+            (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads, dim // cfg.num_heads),
         )
         self.set_stage(0)
-        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        nn.init.normal_(self.tok_emb.weight, std=h.train.tied_embed_init_std)
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
@@ -1707,17 +1807,17 @@ def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.
     ]
     taken = {id(p) for p in matrices + embeds}
     scalars = [p for p in model.parameters() if id(p) not in taken]
-    ns = MuonNS(h.muon_backend_steps, h.muon_ns == "polar", h.muon_eq_r)
-    muon = Muon(matrices, h.matrix_lr, h.muon_momentum, h.muon_wd, ns, rt)
-    embed_wd = h.adam_wd if h.embed_wd < 0 else h.embed_wd
+    ns = MuonNS(h.optim.muon_backend_steps, h.optim.muon_ns == "polar", h.optim.muon_eq_r)
+    muon = Muon(matrices, h.optim.matrix_lr, h.optim.muon_momentum, h.optim.muon_wd, ns, rt)
+    embed_wd = h.optim.adam_wd if h.optim.embed_wd < 0 else h.optim.embed_wd
     adam = torch.optim.AdamW(
         [
-            dict(params=embeds, lr=h.tied_embed_lr, weight_decay=embed_wd),
-            dict(params=scalars, lr=h.scalar_lr),
+            dict(params=embeds, lr=h.optim.tied_embed_lr, weight_decay=embed_wd),
+            dict(params=scalars, lr=h.optim.scalar_lr),
         ],
-        betas=(h.beta1, h.beta2),
-        eps=h.adam_eps,
-        weight_decay=h.adam_wd,
+        betas=(h.optim.beta1, h.optim.beta2),
+        eps=h.optim.adam_eps,
+        weight_decay=h.optim.adam_wd,
         fused=rt.device.type in ("cuda", "cpu"),  # CPU too: one kernel per group, not ~10 ops per tensor
     )
     for opt in (muon, adam):
@@ -1740,27 +1840,27 @@ def lr_multiplier(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameter
     """1, then a linear decay to MIN_LR over the last WARMDOWN_FRAC of the run (of the wallclock cap, else
     of ITERATIONS), or else over the last WARMDOWN_ITERS steps, projected from the mean step time so far
     under a cap (a run shorter than that starts in warmdown: train_model warns)."""
-    if h.warmdown_frac:
-        progress = elapsed_ms / cap_ms if cap_ms > 0 else step / h.iterations
-        return max(min((1 - progress) / h.warmdown_frac, 1.0), h.min_lr)
-    if h.warmdown_iters <= 0:
+    if h.train.warmdown_frac:
+        progress = elapsed_ms / cap_ms if cap_ms > 0 else step / h.train.iterations
+        return max(min((1 - progress) / h.train.warmdown_frac, 1.0), h.train.min_lr)
+    if h.train.warmdown_iters <= 0:
         return 1.0
     if cap_ms > 0:
-        warmdown_ms = h.warmdown_iters * elapsed_ms / max(step, 1)
+        warmdown_ms = h.train.warmdown_iters * elapsed_ms / max(step, 1)
         remaining_ms = max(cap_ms - elapsed_ms, 0.0)
         mul = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
     else:
-        mul = min((h.iterations - step) / h.warmdown_iters, 1.0)
-    return max(mul, h.min_lr)
+        mul = min((h.train.iterations - step) / h.train.warmdown_iters, 1.0)
+    return max(mul, h.train.min_lr)
 
 
 def muon_wd_multiplier(progress: float, h: Hyperparameters) -> float:
     """1 until MUON_WD_TAPER_AT of the run, then linear to MUON_WD_TAPER_TO at its end."""
-    at = h.muon_wd_taper_at
+    at = h.optim.muon_wd_taper_at
     return (
         1.0
         if progress <= at or at >= 1
-        else 1 + (h.muon_wd_taper_to - 1) * min((progress - at) / (1 - at), 1.0)
+        else 1 + (h.optim.muon_wd_taper_to - 1) * min((progress - at) / (1 - at), 1.0)
     )
 
 
@@ -1771,14 +1871,18 @@ class WeightAverager:
 
     def __init__(self, model: GPT, h: Hyperparameters):
         self.h, self.params = h, [p.detach() for p in model.parameters()]  # views: they follow the weights
-        self.ema = [p.float().clone() for p in self.params] if h.ema_decay else None
+        self.ema = [p.float().clone() for p in self.params] if h.train.ema_decay else None
         self.swa, self.swa_count = None, 0
 
     @torch.no_grad()
     def update(self, step: int, lr_mul: float, log: Log) -> None:
         if self.ema is not None:
-            torch._foreach_lerp_(self.ema, self.params, 1 - self.h.ema_decay)
-        if self.h.swa_every and lr_mul < self.h.swa_start_lrmul and step % self.h.swa_every == 0:
+            torch._foreach_lerp_(self.ema, self.params, 1 - self.h.train.ema_decay)
+        if (
+            self.h.train.swa_every
+            and lr_mul < self.h.train.swa_start_lrmul
+            and step % self.h.train.swa_every == 0
+        ):
             source = self.ema if self.ema is not None else self.params
             if self.swa is None:
                 self.swa = [torch.zeros_like(t) for t in source]
@@ -1792,7 +1896,7 @@ class WeightAverager:
             n = self.swa_count
             label, weights = f"swa({n} snapshots{' of ema' if self.ema else ''})", [t / n for t in self.swa]
         elif self.ema is not None:
-            label, weights = f"ema(decay={self.h.ema_decay})", self.ema
+            label, weights = f"ema(decay={self.h.train.ema_decay})", self.ema
         else:
             return "raw"
         for p, w in zip(self.params, weights):
@@ -1904,11 +2008,17 @@ def quant_group(name: str, t: Tensor) -> str:
 
 def quant_plan(h: Hyperparameters) -> dict[str, tuple[int, float]]:
     """Group -> (bits, SDClip k); k = 0 is the MSE clip search."""
-    sd = h.quant_clip == "sd"
+    sd = h.export.quant_clip == "sd"
     return {
-        "attn": (h.quant_bits_attn or h.quant_bits, (h.quant_clip_k_attn or h.quant_clip_k) * sd),
-        "mlp": (h.quant_bits_mlp or h.quant_bits, (h.quant_clip_k_mlp or h.quant_clip_k) * sd),
-        "embed": (h.embed_bits, h.embed_clip_k * sd),
+        "attn": (
+            h.export.quant_bits_attn or h.export.quant_bits,
+            (h.export.quant_clip_k_attn or h.export.quant_clip_k) * sd,
+        ),
+        "mlp": (
+            h.export.quant_bits_mlp or h.export.quant_bits,
+            (h.export.quant_clip_k_mlp or h.export.quant_clip_k) * sd,
+        ),
+        "embed": (h.export.embed_bits, h.export.embed_clip_k * sd),
     }
 
 
@@ -2236,6 +2346,15 @@ def without_docstrings(tree: ast.Module) -> ast.Module:
     return tree
 
 
+def minified_code(code: str) -> str:
+    """The program of `code` in fewer bytes: ast.unparse of it without docstrings (no comments, no layout),
+    indented one space per level instead of four (Python needs only consistency; ~500 B fewer once compressed).
+    Re-indenting by lines is safe because ast.unparse writes every string on one line (escaped newlines) once
+    the docstrings are gone; tests/test_style.py holds the minified tree equal to the source's."""
+    lines = ast.unparse(without_docstrings(ast.parse(code))).split("\n")
+    return "\n".join(" " * ((len(s) - len(s.lstrip(" "))) // 4) + s.lstrip(" ") for s in lines) + "\n"
+
+
 PACKED_PREFIX = 'import brotli as C,base64 as B\nexec(C.decompress(B.b85decode("'
 
 
@@ -2244,8 +2363,7 @@ def packed_code(code: str) -> str:
     writes, and the code size a packed submission pays. It packs the source minified (ast.unparse: no comments or
     docstrings, which nothing here reads at run time): the same program in fewer bytes. brotli (a requirement: the
     default artifact codec) packs this source ~3 % smaller than LZMA2 at its extreme preset (30.8 vs 31.8 KB)."""
-    minified = ast.unparse(without_docstrings(ast.parse(code))) + "\n"
-    data = base64.b85encode(compress(minified.encode(), "brotli")).decode()
+    data = base64.b85encode(compress(minified_code(code).encode(), "brotli")).decode()
     return PACKED_PREFIX + data + '")))\n'
 
 
@@ -2258,7 +2376,7 @@ def shipped_code_bytes(code: str, h: Hyperparameters) -> tuple[int, str]:
     already is the packed script (a run from a records/ folder)."""
     if code.startswith(PACKED_PREFIX):
         return len(code.encode()), "packed (this file)"
-    if h.code_shipped == "packed":
+    if h.export.code_shipped == "packed":
         return len(packed_code(code).encode()), "packed"
     return len(code.encode()), "raw"
 
@@ -2286,10 +2404,10 @@ def collect_hessians(
         for n, m in linears
         if n.rsplit(".", 1)[-1] not in SAME_INPUT_AS
     ]
-    for _ in range(h.gptq_calib_batches):
+    for _ in range(h.export.gptq_calib_batches):
         if not may_read():
             break
-        x, _ = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
+        x, _ = loader.next_batch(h.train.train_batch_tokens, h.model.train_seq_len)
         with rt.autocast():
             accumulate("tok_emb.weight", model.hidden(x))  # the tied head reads the final hidden state
     for hook in hooks:
@@ -2434,9 +2552,14 @@ class Trainer:
         self.adam_params = [
             p for g in self.optimizers[1].param_groups for p in g["params"]
         ]  # Muon reduces its own
-        reserve = h.gptq_reserve_seconds if h.quant_method == "full" else 0.0
-        self.cap_ms = max(h.max_wallclock_seconds - reserve, 0.0) * 1000 if h.max_wallclock_seconds else 0.0
-        self.enable_at = [h.loop_enable_at[min(r, len(h.loop_enable_at) - 1)] for r in range(h.loop_repeats)]
+        reserve = h.export.gptq_reserve_seconds if h.export.quant_method == "full" else 0.0
+        self.cap_ms = (
+            max(h.train.max_wallclock_seconds - reserve, 0.0) * 1000 if h.train.max_wallclock_seconds else 0.0
+        )
+        self.enable_at = [
+            h.model.loop_enable_at[min(r, len(h.model.loop_enable_at) - 1)]
+            for r in range(h.model.loop_repeats)
+        ]
         self.last_batch = []  # the export's calibration tokens: data read inside the cap, never re-read
         self.clock = AgreedClock(rt)
         self.qat_on = False
@@ -2447,16 +2570,18 @@ class Trainer:
         for opt in self.optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mul
-        muon["weight_decay"] = h.muon_wd * wd_mul
-        warm = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
-        muon["momentum"] = (1 - warm) * h.muon_momentum_warmup_start + warm * h.muon_momentum
+        muon["weight_decay"] = h.optim.muon_wd * wd_mul
+        warm = (
+            min(step / h.optim.muon_momentum_warmup_steps, 1.0) if h.optim.muon_momentum_warmup_steps else 1.0
+        )
+        muon["momentum"] = (1 - warm) * h.optim.muon_momentum_warmup_start + warm * h.optim.muon_momentum
 
     def clip(self, muon_sq: Tensor) -> None:
         """The global norm of the rank-averaged gradients: Muon's shares (muon_sq, this rank's) and the rest."""
         adam_grads = [p.grad for p in self.adam_params if p.grad is not None]
         adam_sq = torch.stack(torch._foreach_norm(adam_grads)).square().sum()
         norm = (self.rt.all_reduce(muon_sq) + adam_sq).sqrt()
-        self.optimizers[0].grad_scale = (self.h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        self.optimizers[0].grad_scale = (self.h.train.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(adam_grads, self.optimizers[0].grad_scale)
 
     def step(self, step: int, lr_mul: float, wd_mul: float = 1.0) -> Tensor:
@@ -2465,7 +2590,7 @@ class Trainer:
         self.set_hyper(step, lr_mul, wd_mul)
         total = torch.zeros((), device=rt.device)
         for _ in range(rt.grad_accum):
-            x, y = self.loader.next_batch(h.train_batch_tokens, h.train_seq_len)
+            x, y = self.loader.next_batch(h.train.train_batch_tokens, h.model.train_seq_len)
             with rt.autocast():
                 loss = self.compiled(x, y)
             (loss / rt.grad_accum).backward()
@@ -2474,7 +2599,7 @@ class Trainer:
         muon_sq = self.optimizers[0].reduce_grads(
             lambda: all_reduce_grads(self.adam_params, rt, rt.world_size)
         )
-        if h.grad_clip_norm:
+        if h.train.grad_clip_norm:
             self.clip(muon_sq)
         for opt in self.optimizers:
             opt.step()
@@ -2484,10 +2609,10 @@ class Trainer:
     def val_score(self) -> tuple[float, float]:
         """Non-overlapping windows at the training length."""
         h, rt = self.h, self.rt
-        batch = eval_batch(h, rt.world_size, h.train_seq_len)
+        batch = eval_batch(h, rt.world_size, h.model.train_seq_len)
         tokens, luts = self.val
         return loss_and_bpb(
-            evaluate(self.score_fn, tokens, h.train_seq_len, h.train_seq_len, batch, luts, rt)
+            evaluate(self.score_fn, tokens, h.model.train_seq_len, h.model.train_seq_len, batch, luts, rt)
         )
 
     def warm_up(self) -> None:
@@ -2495,29 +2620,29 @@ class Trainer:
         optimizer state and the data position: the timed run starts as if this never ran."""
         h, model = self.h, self.model
         variants = [(s, None) for s in range(model.n_stages)]
-        if h.late_qat_threshold:
+        if h.train.late_qat_threshold:
             variants.append((model.n_stages - 1, quant_plan(h)))
-        if not h.warmup_steps:
+        if not h.train.warmup_steps:
             return
         weights = copy.deepcopy(model.state_dict())
         states = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
         position = self.loader.state()
-        for i in range(h.warmup_steps):
-            stage, bits = variants[max(0, i - (h.warmup_steps - len(variants)))]
+        for i in range(h.train.warmup_steps):
+            stage, bits = variants[max(0, i - (h.train.warmup_steps - len(variants)))]
             model.set_stage(stage)
             model.set_qat(bits)
             self.step(0, 1.0)
-            if i < 3 or (i + 1) % 10 == 0 or i + 1 == h.warmup_steps:
-                self.log(f"warmup_step:{i + 1}/{h.warmup_steps}")
+            if i < 3 or (i + 1) % 10 == 0 or i + 1 == h.train.warmup_steps:
+                self.log(f"warmup_step:{i + 1}/{h.train.warmup_steps}")
         model.load_state_dict(weights)
         for opt, state in zip(self.optimizers, states):
             opt.load_state_dict(state)
         self.loader.restore(position)
         model.set_stage(0)
         model.set_qat(None)
-        if h.warmup_steps < len(variants):
+        if h.train.warmup_steps < len(variants):
             self.log(
-                f"warmup: {len(variants) - h.warmup_steps} graph variants will compile inside the timed run"
+                f"warmup: {len(variants) - h.train.warmup_steps} graph variants will compile inside the timed run"
             )
 
     def schedule(self, step: int) -> tuple[float, float]:
@@ -2525,21 +2650,21 @@ class Trainer:
         the agreed time's progress through the cap (or the step's through ITERATIONS without one)."""
         h, model = self.h, self.model
         elapsed = self.clock.ms
-        progress = elapsed / self.cap_ms if self.cap_ms else step / h.iterations
+        progress = elapsed / self.cap_ms if self.cap_ms else step / h.train.iterations
         stage = sum(progress >= f for f in self.enable_at)
         if stage != model.stage:
             model.set_stage(stage)
             self.log(f"recurrence:stage {stage} active_layers:{len(model.active)} step:{step}")
         lr_mul = lr_multiplier(step, elapsed, self.cap_ms, h)
-        if lr_mul < 1 and progress < 0.1 and not (self.warned_schedule or h.warmdown_frac):
+        if lr_mul < 1 and progress < 0.1 and not (self.warned_schedule or h.train.warmdown_frac):
             self.warned_schedule = True
             self.log(
                 f"warning: the LR warmdown starts at step {step}, {progress:.0%} into the run (lr_mul {lr_mul:.3f}"
-                + (", late QAT on at once" if lr_mul < h.late_qat_threshold else "")
+                + (", late QAT on at once" if lr_mul < h.train.late_qat_threshold else "")
                 + "): WARMDOWN_ITERS="
-                f"{h.warmdown_iters} is about as long as the whole run; set WARMDOWN_FRAC (e.g. 0.5) for short runs"
+                f"{h.train.warmdown_iters} is about as long as the whole run; set WARMDOWN_FRAC (e.g. 0.5) for short runs"
             )
-        if h.late_qat_threshold and not self.qat_on and lr_mul < h.late_qat_threshold:
+        if h.train.late_qat_threshold and not self.qat_on and lr_mul < h.train.late_qat_threshold:
             model.set_qat(quant_plan(h))
             self.qat_on = True
             self.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f} grid:{fmt_plan(quant_plan(h))}")
@@ -2549,10 +2674,10 @@ class Trainer:
         """The clock paused (synced, exact) around the VAL_LOSS_EVERY score; returns the training time so far."""
         h = self.h
         train_ms = self.clock.pause(step)
-        if h.val_loss_every:  # VAL_LOSS_EVERY=0: no validation while training, not even at the end
+        if h.train.val_loss_every:  # VAL_LOSS_EVERY=0: no validation while training, not even at the end
             loss, bpb = self.val_score()
             self.log(
-                f"step:{step}/{h.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
+                f"step:{step}/{h.train.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / max(step, 1):.2f}ms"
             )
         if not last:
@@ -2563,7 +2688,7 @@ class Trainer:
         loss = self.rt.all_reduce(loss) / self.rt.world_size  # the global mean, any world size
         mine = self.clock.local_ms(synced=True)  # rank 0's time, for the log only
         self.log(
-            f"step:{step}/{self.h.iterations} train_loss:{loss.item():.4f} train_time:{mine:.0f}ms "
+            f"step:{step}/{self.h.train.iterations} train_loss:{loss.item():.4f} train_time:{mine:.0f}ms "
             f"step_avg:{mine / step:.2f}ms"
         )
 
@@ -2574,8 +2699,8 @@ class Trainer:
         step, stop_after = 0, None
         clock.start()
         while True:
-            last = step == h.iterations or (stop_after is not None and step >= stop_after)
-            if last or (h.val_loss_every and step % h.val_loss_every == 0):
+            last = step == h.train.iterations or (stop_after is not None and step >= stop_after)
+            if last or (h.train.val_loss_every and step % h.train.val_loss_every == 0):
                 train_ms = self.validate(step, last)
             if last:
                 break
@@ -2586,11 +2711,13 @@ class Trainer:
             clock.post(step)
             if stop_after is None and clock.cap_reached(self.cap_ms):
                 stop_after = step
-            if step <= 10 or step % h.train_log_every == 0 or stop_after is not None:
+            if step <= 10 or step % h.train.train_log_every == 0 or stop_after is not None:
                 self.log_step(step, loss)
-        stopped = stop_after is not None and step < h.iterations
+        stopped = stop_after is not None and step < h.train.iterations
         if stopped:
-            self.log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+            self.log(
+                f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.train.iterations}"
+            )
         return step, stopped, train_ms
 
     def calibrate(self, train_ms: float, steps: int) -> tuple[dict, float]:
@@ -2599,7 +2726,7 @@ class Trainer:
         h, rt = self.h, self.rt
         clock = self.clock
         reads = []  # the times of granted reads
-        limit_ms = h.max_wallclock_seconds * 1000 if h.max_wallclock_seconds else math.inf
+        limit_ms = h.train.max_wallclock_seconds * 1000 if h.train.max_wallclock_seconds else math.inf
         clock.start()
 
         def may_read() -> bool:  # the first batch's estimate: a training micro-step (fwd+bwd)
@@ -2613,12 +2740,12 @@ class Trainer:
         hessians = collect_hessians(self.model, self.loader, h, rt, may_read)
         train_ms = clock.pause(steps)
         self.log(
-            f"gptq:calibrated {len(hessians)} matrices on {len(reads)}/{h.gptq_calib_batches} batches/rank, "
+            f"gptq:calibrated {len(hessians)} matrices on {len(reads)}/{h.export.gptq_calib_batches} batches/rank, "
             f"last training-data read at train_time:{train_ms:.0f}ms"
         )
-        if len(reads) < h.gptq_calib_batches:
+        if len(reads) < h.export.gptq_calib_batches:
             self.log(
-                f"gptq:calibration stopped at the {h.max_wallclock_seconds:.0f}s training cap"
+                f"gptq:calibration stopped at the {h.train.max_wallclock_seconds:.0f}s training cap"
                 + ("; no batch fit, exporting with GPTQ-lite rounding" if not reads else "")
             )
         return hessians, train_ms
@@ -2650,7 +2777,7 @@ def train_model(
     model.set_qat(None)
     weights = averager.apply_final(log)
     hessians = None
-    if h.quant_method == "full":
+    if h.export.quant_method == "full":
         hessians, train_ms = trainer.calibrate(train_ms, steps)
     t = now()
     loss, bpb = trainer.val_score()
@@ -2694,7 +2821,7 @@ def plan_windows(n_targets: int, seq_len: int, stride: int, chunk_tokens: int = 
 
 def eval_batch(h: Hyperparameters, world_size: int, seq_len: int) -> int:
     """Windows per forward on each rank: VAL_BATCH_SIZE tokens over all ranks."""
-    return max(1, h.val_batch_size // (world_size * seq_len))
+    return max(1, h.train.val_batch_size // (world_size * seq_len))
 
 
 def rank_share(windows: np.ndarray, rt: Runtime) -> np.ndarray:
@@ -2770,8 +2897,8 @@ def ttt_params(model: GPT, freeze: int) -> tuple[list[Tensor], int]:
 def ttt_plan(n_targets: int, h: Hyperparameters) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TTT's window plan, each chunk's slice of it (windows[bounds[c]:bounds[c + 1]]), and a chunk's training
     rows: input positions from the chunk's start, in sequences of the eval length (or the chunk, if shorter)."""
-    C, seq = h.ttt_chunk_tokens, min(h.eval_len, h.ttt_chunk_tokens)
-    windows = plan_windows(n_targets, h.eval_len, h.eval_stride, C)
+    C, seq = h.ttt.ttt_chunk_tokens, min(h.eval_len, h.ttt.ttt_chunk_tokens)
+    windows = plan_windows(n_targets, h.eval_len, h.eval.eval_stride, C)
     bounds = np.searchsorted(windows[:, 1] // C, np.arange(-(-n_targets // C) + 1))
     return windows, bounds, np.arange(0, C, seq)[:, None] + np.arange(seq)
 
@@ -2784,9 +2911,11 @@ def ttt_backward(train_fn, tokens: Tensor, idx: Tensor, weight: float, rt: Runti
 
 
 def ttt_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Optimizer:
-    if h.ttt_optimizer == "sgd":
-        return torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
-    return torch.optim.AdamW(params, lr=h.ttt_lr, betas=(h.beta1, h.ttt_adam_beta2), weight_decay=0.0)
+    if h.ttt.ttt_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=h.ttt.ttt_lr, momentum=h.ttt.ttt_momentum)
+    return torch.optim.AdamW(
+        params, lr=h.ttt.ttt_lr, betas=(h.optim.beta1, h.ttt_adam_beta2), weight_decay=0.0
+    )
 
 
 def train_rows(
@@ -2796,8 +2925,8 @@ def train_rows(
     rows per step shared out over the ranks, the loss a mean over the step's rows."""
     h = ctx.h
     rt = ctx.rt
-    for b in range(0, len(rows), h.ttt_batch_seqs):
-        group = rows[b : b + h.ttt_batch_seqs]
+    for b in range(0, len(rows), h.ttt.ttt_batch_seqs):
+        group = rows[b : b + h.ttt.ttt_batch_seqs]
         mine = torch.as_tensor(group[rt.rank :: rt.world_size], device=rt.device)
         if len(mine):
             ttt_backward(train_fn, tokens, mine, len(mine) / len(group), rt)
@@ -2807,8 +2936,8 @@ def train_rows(
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         all_reduce_grads(params, rt, 1.0)
-        if h.ttt_grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+        if h.ttt.ttt_grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, h.ttt.ttt_grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -2886,23 +3015,23 @@ def eval_ttt(ctx: EvalContext, model: GPT, tokens: Tensor, budget_s: float) -> t
     h = ctx.h
     rt = ctx.rt
     log = ctx.log
-    C = h.ttt_chunk_tokens
+    C = h.ttt.ttt_chunk_tokens
     n = tokens.numel() - 1
     L = h.eval_len
     windows, bounds, chunk_rows = ttt_plan(n, h)
     n_chunks = len(bounds) - 1
-    params, n_frozen = ttt_params(model, h.ttt_freeze_blocks)
+    params, n_frozen = ttt_params(model, h.ttt.ttt_freeze_blocks)
     opt = ttt_optimizer(params, h)
     score_fn, train_fn = compile_model(model.token_nll, rt), compile_model(model, rt)
     batch = eval_batch(h, rt.world_size, L)
     log(
-        f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(windows)} stride={h.eval_stride} "
-        f"ttt_lr={h.ttt_lr} ttt_epochs={h.ttt_epochs} freeze_blocks={h.ttt_freeze_blocks} optimizer={h.ttt_optimizer}"
+        f"ttt_sliding:start chunks={n_chunks} chunk_tokens={C} total_windows={len(windows)} stride={h.eval.eval_stride} "
+        f"ttt_lr={h.ttt.ttt_lr} ttt_epochs={h.ttt.ttt_epochs} freeze_blocks={h.ttt.ttt_freeze_blocks} optimizer={h.ttt.ttt_optimizer}"
     )
     log(f"ttt_sliding:params unfrozen={sum(p.numel() for p in params)} frozen={n_frozen}")
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    guard = TTTBudgetGuard(h.ttt_epochs, n_chunks, budget_s)
-    epochs = h.ttt_epochs
+    guard = TTTBudgetGuard(h.ttt.ttt_epochs, n_chunks, budget_s)
+    epochs = h.ttt.ttt_epochs
     changes = []
     epoch_s = -1.0
     t_start = rt.time()
@@ -2930,7 +3059,7 @@ def eval_ttt(ctx: EvalContext, model: GPT, tokens: Tensor, budget_s: float) -> t
         epoch_s = -1.0
         if chosen:
             for g in opt.param_groups:
-                g["lr"] = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
+                g["lr"] = h.ttt.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (n_chunks - 1)))
             rows = c * C + chunk_rows
             if rows[-1, -1] + 1 > scored_upto:
                 raise RuntimeError(
@@ -2974,7 +3103,7 @@ def lora_widths(h: Hyperparameters) -> list[int]:
     """The row widths LoRA TTT runs at: powers of two from the chunk's up, capped at the eval length. A
     step's rows are as wide as the first of these that holds its longest window: a few fixed shapes, all
     compiled before the eval timer, whatever the documents."""
-    w = 1 << (h.ttt_lora_chunk - 1).bit_length()
+    w = 1 << (h.ttt.ttt_lora_chunk - 1).bit_length()
     return sorted({min(w << i, h.eval_len) for i in range(max(h.eval_len // w, 1).bit_length() + 1)})
 
 
@@ -3066,9 +3195,9 @@ def lora_batch(
     h = ctx.h
     rt = ctx.rt
     adapt = opt is not None
-    R = h.ttt_docs_per_batch
+    R = h.ttt.ttt_docs_per_batch
     L = h.eval_len
-    K = h.ttt_lora_chunk if adapt else h.eval_len
+    K = h.ttt.ttt_lora_chunk if adapt else h.eval_len
     start, length = np.pad(
         batch, ((0, R - len(batch)), (0, 0))
     ).T  # one row per document; padding rows: length 0
@@ -3143,16 +3272,16 @@ def phase_rows(docs: np.ndarray, h: Hyperparameters) -> np.ndarray:
     """A global-SGD phase's training rows: the documents' input positions end to end, EVAL_SEQ_LEN per
     row, wrapped round to whole steps of TTT_BATCH_SEQS rows (fixed shapes; the wrap repeats scored tokens)."""
     src = np.concatenate([np.arange(s, s + n) for s, n in docs])
-    step = h.ttt_batch_seqs * h.eval_len
+    step = h.ttt.ttt_batch_seqs * h.eval_len
     return np.resize(src, -(-len(src) // step) * step).reshape(-1, h.eval_len)
 
 
 def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.AdamW:
     """Adam (beta1 0) on the adapters [A, B, A, B, ...]. x A B scaled by s = alpha/rank (B from 0) is exactly B's LR
     times s, its decay over s: Adam's step ignores a gradient's scale, so A steps alike, B's move x A B s times as far."""
-    lr = h.ttt_lora_lr
-    wd = h.ttt_lora_wd
-    s = (h.ttt_lora_alpha or h.ttt_lora_rank) / h.ttt_lora_rank
+    lr = h.ttt.ttt_lora_lr
+    wd = h.ttt.ttt_lora_wd
+    s = (h.ttt.ttt_lora_alpha or h.ttt.ttt_lora_rank) / h.ttt.ttt_lora_rank
     return torch.optim.AdamW(
         [dict(params=params[0::2]), dict(params=params[1::2], lr=lr * s, weight_decay=wd / s)],
         lr=lr,
@@ -3164,10 +3293,13 @@ def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Adam
 def phase_batches(h: Hyperparameters, n_docs: int, n_batches: int) -> list[int]:
     """Phased: the batches before which a global-SGD phase runs, each where the scored documents reach
     TTT_PHASE_DOCS*k/TTT_PHASES (k = 1..TTT_PHASES); none for plain LoRA TTT or past the last batch."""
-    if h.ttt_mode != "phased":
+    if h.ttt.ttt_mode != "phased":
         return []
-    R = h.ttt_docs_per_batch
-    at = {-(-min(h.ttt_phase_docs, n_docs) * k // h.ttt_phases // R) for k in range(1, h.ttt_phases + 1)}
+    R = h.ttt.ttt_docs_per_batch
+    at = {
+        -(-min(h.ttt.ttt_phase_docs, n_docs) * k // h.ttt.ttt_phases // R)
+        for k in range(1, h.ttt.ttt_phases + 1)
+    }
     return sorted(b for b in at if b < n_batches)
 
 
@@ -3178,7 +3310,7 @@ def global_sgd_phase(
     seconds per row token (the guard's rate for the next phase)."""
     t0 = ctx.rt.time()
     adapters.attach(False)
-    params, _ = ttt_params(model, ctx.h.ttt_freeze_blocks)
+    params, _ = ttt_params(model, ctx.h.ttt.ttt_freeze_blocks)
     model.train()
     train_rows(ctx, train_fn, tokens, rows, params, ttt_optimizer(params, ctx.h))
     model.eval().requires_grad_(False)
@@ -3195,7 +3327,7 @@ def eval_ttt_lora(
     h = ctx.h
     rt = ctx.rt
     log = ctx.log
-    n, R = tokens.numel() - 1, h.ttt_docs_per_batch
+    n, R = tokens.numel() - 1, h.ttt.ttt_docs_per_batch
     docs = documents(tokens, n)
     batches = [docs[i : i + R] for i in range(0, len(docs), R)]
     phase_at = phase_batches(h, len(docs), len(batches))
@@ -3206,8 +3338,8 @@ def eval_ttt_lora(
     opt = lora_optimizer(adapters.params, h)
     score_fn, train_fn = compile_model(model.token_nll, rt), compile_model(model, rt)
     log(
-        f"ttt_lora:start docs={len(docs)} batches={len(batches)} docs_per_batch={R} chunk={h.ttt_lora_chunk} "
-        f"rank={h.ttt_lora_rank} lr={h.ttt_lora_lr} phases_before_batches={phase_at}"
+        f"ttt_lora:start docs={len(docs)} batches={len(batches)} docs_per_batch={R} chunk={h.ttt.ttt_lora_chunk} "
+        f"rank={h.ttt.ttt_lora_rank} lr={h.ttt.ttt_lora_lr} phases_before_batches={phase_at}"
     )
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
     scored_docs = torch.zeros(len(docs), dtype=torch.float64, device=rt.device)  # targets scored, this rank
@@ -3273,21 +3405,21 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
     batch = eval_batch(h, rt.world_size, h.eval_len)
     rows = np.zeros((0, h.eval_len))
     shares = [rank_share(plan_windows(n_targets, L, L), rt)]
-    if h.eval_sliding and h.eval_stride < L:
-        shares.append(rank_share(plan_windows(n_targets, L, h.eval_stride), rt))
-    if h.ttt_enabled and h.ttt_mode == "chunk":
+    if h.eval.eval_sliding and h.eval.eval_stride < L:
+        shares.append(rank_share(plan_windows(n_targets, L, h.eval.eval_stride), rt))
+    if h.ttt.ttt_enabled and h.ttt.ttt_mode == "chunk":
         windows, bounds, chunk_rows = ttt_plan(n_targets, h)
         shares += [rank_share(windows[a:b], rt) for a, b in zip(bounds[:-1], bounds[1:])]
         rows = chunk_rows if len(bounds) > 2 else rows  # the last chunk is never trained
-    elif h.ttt_enabled and h.ttt_mode == "phased":  # phase_rows: whole steps of TTT_BATCH_SEQS rows
-        rows = np.zeros((h.ttt_batch_seqs, L))
-    B = h.ttt_batch_seqs
+    elif h.ttt.ttt_enabled and h.ttt.ttt_mode == "phased":  # phase_rows: whole steps of TTT_BATCH_SEQS rows
+        rows = np.zeros((h.ttt.ttt_batch_seqs, L))
+    B = h.ttt.ttt_batch_seqs
     seq = rows.shape[1]
     widths = lora_widths(h) if adapters else []
     train_shapes = {len(rows[b : b + B][rt.rank :: rt.world_size]) for b in range(0, len(rows), B)} - {
         0
     }  # as train_rows
-    noise = torch.randint(0, h.vocab_size, (L + 1,), device=rt.device).to(torch.int32)
+    noise = torch.randint(0, h.model.vocab_size, (L + 1,), device=rt.device).to(torch.int32)
     score_fn, score_shapes = (
         compile_model(model.token_nll, rt),
         {score_batch(len(s), batch) for s in shares if len(s)},
@@ -3298,7 +3430,7 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
     if widths:
         adapters.attach(True)
         for w in widths:
-            x = noise[:w].long().repeat(h.lora_rows, 1)  # contiguous, as the pass's
+            x = noise[:w].long().repeat(h.ttt.lora_rows, 1)  # contiguous, as the pass's
             with lora_grad_mode(True), rt.autocast():
                 score_fn(x, x.flip(1)).float().sum().backward()
             with lora_grad_mode(False), rt.autocast():
@@ -3309,13 +3441,13 @@ def warm_up_eval(model: GPT, h: Hyperparameters, rt: Runtime, n_targets: int, lu
             t.grad = None
     if train_shapes:
         train_fn = compile_model(model, rt)
-        ttt_params(model, h.ttt_freeze_blocks)  # what chunk TTT and the global-SGD phases train
+        ttt_params(model, h.ttt.ttt_freeze_blocks)  # what chunk TTT and the global-SGD phases train
         model.train()
         for b in train_shapes:
             ttt_backward(train_fn, noise, torch.arange(seq, device=rt.device).expand(b, seq), 1.0, rt)
         model.zero_grad(set_to_none=True)
         model.eval()
-        if h.ttt_mode == "phased":
+        if h.ttt.ttt_mode == "phased":
             model.requires_grad_(False)
     # each LoRA width twice: learning and scoring only
     return len(score_shapes) + len(train_shapes) + 2 * len(widths)
@@ -3327,26 +3459,33 @@ def sliding_fits(h: Hyperparameters, rt: Runtime, elapsed_s: float, roundtrip_ms
     runs only if it and TTT's scoring fit in what is left, each estimated pessimistically at the round trip's rate
     times the windows per target (EVAL_SEQ_LEN/EVAL_STRIDE) plus the guard's slack; all ranks agree (it gates
     collectives). A loaded machine then keeps its time for the score that counts."""
-    if not h.ttt_enabled:
+    if not h.ttt.ttt_enabled:
         return True
-    pass_s = roundtrip_ms / 1000 * h.eval_len / h.eval_stride * (1 + TTTBudgetGuard.SLACK)
-    return rt.agreed(elapsed_s + 2 * pass_s <= h.eval_budget_seconds * (1 - TTTBudgetGuard.MARGIN))
+    pass_s = roundtrip_ms / 1000 * h.eval_len / h.eval.eval_stride * (1 + TTTBudgetGuard.SLACK)
+    return rt.agreed(elapsed_s + 2 * pass_s <= h.eval.eval_budget_seconds * (1 - TTTBudgetGuard.MARGIN))
 
 
 def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Tensor, luts, log: Log) -> dict:
     """The timed evaluation of the dequantized artifact: compile warm-up on random tokens (never val tokens) runs
     before the timer, as the contest counts it; scoring and TTT run inside (graphs compiled there are logged: 0)."""
     L = h.eval_len
-    bits = h.quant_bits
+    bits = h.export.quant_bits
     n_targets = val_tokens.numel() - 1
     adapters = None
     batch = eval_batch(h, rt.world_size, L)
-    if h.ttt_enabled and h.ttt_mode == "chunk":  # the whole eval runs with TTT's frozen set: no graph sees
-        ttt_params(model, h.ttt_freeze_blocks)  # a requires_grad change
-    elif h.ttt_enabled:  # LoRA TTT: the model's weights are fixed (but in global-SGD phases)
+    if (
+        h.ttt.ttt_enabled and h.ttt.ttt_mode == "chunk"
+    ):  # the whole eval runs with TTT's frozen set: no graph sees
+        ttt_params(model, h.ttt.ttt_freeze_blocks)  # a requires_grad change
+    elif h.ttt.ttt_enabled:  # LoRA TTT: the model's weights are fixed (but in global-SGD phases)
         model.requires_grad_(False)
         adapters = LoRAAdapters(
-            model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a, h.lora_rows
+            model,
+            h.ttt.ttt_docs_per_batch,
+            h.ttt.ttt_lora_rank,
+            h.run.seed,
+            h.ttt.ttt_lora_warm_a,
+            h.ttt.lora_rows,
         )
     score_fn = compile_model(model.token_nll, rt)
     if rt.compile:
@@ -3371,27 +3510,27 @@ def run_evaluations(model: GPT, h: Hyperparameters, rt: Runtime, val_tokens: Ten
         "roundtrip", f"final_int{bits}_roundtrip", evaluate(score_fn, val_tokens, L, L, batch, luts, rt), t0
     )
     if (
-        h.eval_sliding
-        and h.eval_stride < L
+        h.eval.eval_sliding
+        and h.eval.eval_stride < L
         and not sliding_fits(h, rt, rt.time() - t_eval, times["roundtrip"])
     ):
         log(
             f"sliding_window: skipped (budget) after {rt.time() - t_eval:.1f}s: TTT's pass scores its windows"
         )
-    elif h.eval_sliding and h.eval_stride < L:
+    elif h.eval.eval_sliding and h.eval.eval_stride < L:
         t0 = rt.time()
         record(
             "sliding",
             f"final_int{bits}_sliding_window",
-            evaluate(score_fn, val_tokens, L, h.eval_stride, batch, luts, rt),
+            evaluate(score_fn, val_tokens, L, h.eval.eval_stride, batch, luts, rt),
             t0,
-            f" stride:{h.eval_stride}",
+            f" stride:{h.eval.eval_stride}",
         )
     ttt_info = None
-    if h.ttt_enabled:
+    if h.ttt.ttt_enabled:
         t0 = rt.time()
         # TTT's budget sizes its collectives (epochs per chunk, global-SGD phases): the same on every rank
-        left = rt.reduce([h.eval_budget_seconds - (t0 - t_eval)], dist.ReduceOp.MIN)[0]
+        left = rt.reduce([h.eval.eval_budget_seconds - (t0 - t_eval)], dist.ReduceOp.MIN)[0]
         totals, ttt_info = (
             eval_ttt(EvalContext(h, rt, luts, log), model, val_tokens, left)
             if adapters is None
@@ -3437,7 +3576,7 @@ def stored_model_config(stored: dict, where: str) -> tuple[dict, list[str]]:
     """The whole model config from an artifact's or checkpoint's stored one: every model field, those that an
     older file lacks at their defaults (listed, so the caller can say so); a field this code does not know
     is an error (a newer file)."""
-    fields = {f.name: f for f in dataclasses.fields(Hyperparameters) if f.metadata["model"]}
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(stored) - set(fields))
     need(
         not unknown,
@@ -3453,7 +3592,7 @@ def artifact_hparams(h: Hyperparameters, stored: dict, where: str, log: Log) -> 
     config, missing = stored_model_config(stored, where)
     if missing:
         log(f"artifact_config: {where} predates {', '.join(k.upper() for k in missing)}: their defaults")
-    return dataclasses.replace(h, **config)
+    return dataclasses.replace(h, model=ModelConfig(**config))
 
 
 def model_from_qstate(qstate: dict[str, QTensor], h: Hyperparameters, rt: Runtime, stage: int) -> GPT:
@@ -3475,7 +3614,7 @@ def export_artifact(ck: dict, h: Hyperparameters, rt: Runtime, log: Log, code: s
     hessians = ck["hessians"]
     t = now()
     raw_bytes, (code_bytes, shipped) = len(code.encode()), shipped_code_bytes(code, h)
-    limit = min(h.byte_budget, RULE_BYTES)
+    limit = min(h.export.byte_budget, RULE_BYTES)
     trial = GPT(h).to(rt.device)
     trial.set_stage(stage)
 
@@ -3486,23 +3625,27 @@ def export_artifact(ck: dict, h: Hyperparameters, rt: Runtime, log: Log, code: s
             return trial(*(c.to(rt.device) for c in ck["calib"])).item()
 
     def pack(qstate: dict) -> bytes:
-        return pack_artifact(qstate, meta, h.compressor)
+        return pack_artifact(qstate, meta, h.export.compressor)
 
-    fit_limit = limit - code_bytes if h.auto_fit != "0" else math.inf
+    fit_limit = limit - code_bytes if h.export.auto_fit != "0" else math.inf
     fits = []  # AUTO_FIT=1 keeps LQER when, fitted to the same limit, its calibration loss is lower
     rounded = {}
-    for lqer in [(h.lqer_rank, h.lqer_tensors)] + [(0, 0)] * (h.lqer_rank > 0 and h.auto_fit == "1"):
+    for lqer in [(h.export.lqer_rank, h.export.lqer_tensors)] + [(0, 0)] * (
+        h.export.lqer_rank > 0 and h.export.auto_fit == "1"
+    ):
 
         def quantize(
             plan: dict, lqer=lqer
         ) -> dict[str, QTensor]:  # the two fits share each plan's rounding (GPTQ)
             key = repr(sorted(plan.items()))
             rounded[key] = rounded.get(key) or quantize_state(
-                state, plan, hessians, h.gptq_damp, h.prune_frac
+                state, plan, hessians, h.export.gptq_damp, h.export.prune_frac
             )
             return add_lqer(state, rounded[key], *lqer)
 
-        fit = fit_to_budget(quantize, pack, quant_plan(h), fit_limit, calib_loss, log, fill=h.auto_fit == "1")
+        fit = fit_to_budget(
+            quantize, pack, quant_plan(h), fit_limit, calib_loss, log, fill=h.export.auto_fit == "1"
+        )
         fits.append((calib_loss(fit[1]), *fit))
     if len(fits) > 1:
         log(
@@ -3510,13 +3653,13 @@ def export_artifact(ck: dict, h: Hyperparameters, rt: Runtime, log: Log, code: s
             f"without:{fits[1][0]:.5f} (each fitted to {fit_limit} bytes)"
         )
     q_loss, plan, qstate, blob = min(fits, key=lambda f: f[0])
-    write_atomic(h.artifact_path, blob)
+    write_atomic(h.export.artifact_path, blob)
     export_s = now() - t
     n_params, total = sum(t.numel() for t in state.values()), len(blob) + code_bytes
     base_loss = calib_loss(state)
-    tag = f"int{export_bits(qstate)}+{h.compressor}"
+    tag = f"int{export_bits(qstate)}+{h.export.compressor}"
     log(
-        f"quant:plan {fmt_plan(plan)} method:{h.quant_method} prune_frac:{h.prune_frac} "
+        f"quant:plan {fmt_plan(plan)} method:{h.export.quant_method} prune_frac:{h.export.prune_frac} "
         f"bytes_per_param:{len(blob) / n_params:.4f} calib_loss float:{base_loss:.5f} quantized:{q_loss:.5f} "
         f"({q_loss - base_loss:+.5f})"
     )
@@ -3592,10 +3735,10 @@ def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
     need(
         ck["tokenizer_sha256"] == tokenizer_sha,
         f"EXPORT_FROM={path}: trained with tokenizer sha256 "
-        f"{ck['tokenizer_sha256']}, but TOKENIZER_PATH={h.tokenizer_path} has {tokenizer_sha}",
+        f"{ck['tokenizer_sha256']}, but TOKENIZER_PATH={h.run.tokenizer_path} has {tokenizer_sha}",
     )
     need(
-        h.quant_method != "full" or ck["hessians"],
+        h.export.quant_method != "full" or ck["hessians"],
         f"EXPORT_FROM={path}: QUANT_METHOD=full needs Hessians, and this "
         "checkpoint has none (its run used QUANT_METHOD=lite): use QUANT_METHOD=lite",
     )
@@ -3613,7 +3756,7 @@ def compliance_checks(
     h: Hyperparameters, train: dict | None, ev: dict, sizes: dict | None, manifest: dict
 ) -> list:
     verdict = {True: "PASS", False: "FAIL", None: "SKIP"}  # None: nothing to check
-    eval_ms, eval_limit = ev["times_ms"]["total"], min(h.eval_budget_seconds, RULE_EVAL_S)
+    eval_ms, eval_limit = ev["times_ms"]["total"], min(h.eval.eval_budget_seconds, RULE_EVAL_S)
     checks = [
         ("train_time", "SKIP", "no training in this run")
         if train is None
@@ -3636,10 +3779,10 @@ def compliance_checks(
                 f"{sizes['total']} bytes, limit {RULE_BYTES}",
             )
         )
-    reset = "B" if h.ttt_lora_warm_a else "B and A"
+    reset = "B" if h.ttt.ttt_lora_warm_a else "B and A"
     rule = (
         "each chunk scored whole before training on exactly its targets; last chunk never trained"
-        if h.ttt_mode == "chunk"
+        if h.ttt.ttt_mode == "chunk"
         else f"chunks scored before the step on them, {reset} reset per "
         "document, no document's last chunk trained, phases only on documents scored to the end"
     )
@@ -3649,13 +3792,13 @@ def compliance_checks(
         else ("ttt_legal", verdict[ev["ttt"]["legal"]], f"score-first: {rule}; single pass")
     )
     scored = {k: r["scored"] for k, r in ev["results"].items()}
-    full = h.val_max_tokens == 0 and all(v == ev["n_targets"] for v in scored.values())
+    full = h.run.val_max_tokens == 0 and all(v == ev["n_targets"] for v in scored.values())
     checks.append(
         (
             "full_val",
             verdict[full],
             f"scored {scored} of {ev['n_targets']} val targets"
-            + (f", VAL_MAX_TOKENS={h.val_max_tokens}" if h.val_max_tokens else ""),
+            + (f", VAL_MAX_TOKENS={h.run.val_max_tokens}" if h.run.val_max_tokens else ""),
         )
     )
     disjoint = manifest.get("train_val_disjoint")
@@ -3663,7 +3806,7 @@ def compliance_checks(
         (
             "train_val_disjoint",
             verdict[disjoint],
-            f"{os.path.join(h.data_path, 'manifest.json')}: train_val_disjoint={disjoint}"
+            f"{os.path.join(h.run.data_path, 'manifest.json')}: train_val_disjoint={disjoint}"
             if disjoint is not None
             else "no data/prepare_data.py manifest to check",
         )
@@ -3675,7 +3818,7 @@ def config_hash(h: Hyperparameters) -> str:
     """What must match across the seeds of one submission: everything but seed, run id and paths."""
     cfg = {
         k: v
-        for k, v in dataclasses.asdict(h).items()
+        for k, v in h.flat().items()
         if k not in ("seed", "run_id", "artifact_path", "eval_only_artifact", "data_path", "tokenizer_path")
     }
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
@@ -3700,19 +3843,19 @@ class RunData:
 
 def load_data(h: Hyperparameters, rt: Runtime, log: Log) -> RunData:
     log.phase("data")
-    tokenizer_sha = file_sha256(h.tokenizer_path)
+    tokenizer_sha = file_sha256(h.run.tokenizer_path)
     manifest = read_manifest(h, tokenizer_sha)
-    train_files = None if h.eval_only_artifact or h.export_from else find_shards(h, "train")
+    train_files = None if h.export.eval_only_artifact or h.export.export_from else find_shards(h, "train")
     val_tokens = load_val_tokens(h, rt)
     luts = byte_counter(h, load_tokenizer(h), val_tokens, rt)
-    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.tokenizer_path}")
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={h.run.tokenizer_path}")
     if train_files:
         log(
-            f"train_loader:dataset:{os.path.basename(os.path.normpath(h.data_path))} train_shards:{len(train_files[0])} "
+            f"train_loader:dataset:{os.path.basename(os.path.normpath(h.run.data_path))} train_shards:{len(train_files[0])} "
             f"tokens:{train_files[1]}"
         )
     log(
-        f"val_loader:shards pattern={os.path.join(h.data_path, 'fineweb_val_*.bin')} tokens:{val_tokens.numel() - 1}"
+        f"val_loader:shards pattern={os.path.join(h.run.data_path, 'fineweb_val_*.bin')} tokens:{val_tokens.numel() - 1}"
     )
     return RunData(tokenizer_sha, manifest, train_files, val_tokens, luts)
 
@@ -3727,21 +3870,21 @@ def log_model(model: GPT, h: Hyperparameters, rt: Runtime, log: Log) -> int:
         f"layer_schedule:{len(model.slots)} logical on {len(model.blocks)} physical "
         f"(logical:physical[@stage]) {schedule}"
     )
-    log(f"XSA:last_{h.xsa_last_n} active_layers:{[i for i, on in enumerate(model.xsa) if on]}")
+    log(f"XSA:last_{h.model.xsa_last_n} active_layers:{[i for i, on in enumerate(model.xsa) if on]}")
     log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
     log(
-        f"attention_mode:{'gqa' if h.num_kv_heads < h.num_heads else 'mha'} num_heads:{h.num_heads} "
-        f"num_kv_heads:{h.num_kv_heads} kernel:{model.attn_kernel} (ATTN_KERNEL={h.attn_kernel}) "
+        f"attention_mode:{'gqa' if h.model.num_kv_heads < h.model.num_heads else 'mha'} num_heads:{h.model.num_heads} "
+        f"num_kv_heads:{h.model.num_kv_heads} kernel:{model.attn_kernel} (ATTN_KERNEL={h.run.attn_kernel}) "
         f"passed_over:{model.attn_reasons}"  # the kernels auto tried first, and why each did not run
     )
     log(
-        f"tie_embeddings:True embed_lr:{h.tied_embed_lr} head_lr:0.0 matrix_lr:{h.matrix_lr} scalar_lr:{h.scalar_lr}"
+        f"tie_embeddings:True embed_lr:{h.optim.tied_embed_lr} head_lr:0.0 matrix_lr:{h.optim.matrix_lr} scalar_lr:{h.optim.scalar_lr}"
     )
     log(
-        f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len} iterations:{h.iterations} "
-        f"warmup_steps:{h.warmup_steps} max_wallclock_seconds:{h.max_wallclock_seconds:.3f}"
+        f"train_batch_tokens:{h.train.train_batch_tokens} train_seq_len:{h.model.train_seq_len} iterations:{h.train.iterations} "
+        f"warmup_steps:{h.train.warmup_steps} max_wallclock_seconds:{h.train.max_wallclock_seconds:.3f}"
     )
-    log(f"seed:{h.seed}")
+    log(f"seed:{h.run.seed}")
     return params
 
 
@@ -3752,12 +3895,12 @@ def train_phase(
     stage and averaging, the Hessians and calibration tokens moved to the host), saved first as FINAL_MODEL_PATH,
     and the parameter count."""
     log.phase("model")
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
+    torch.manual_seed(h.run.seed)
+    np.random.seed(h.run.seed)
     model = GPT(h).to(rt.device)
     params = log_model(model, h, rt, log)
     loader = TrainLoader(data.train_files[0], rt)
-    loader.check_docs = model.attn_kernel in ATTN_LIBS and h.doc_attention
+    loader.check_docs = model.attn_kernel in ATTN_LIBS and h.model.doc_attention
     log.phase("train")
     train_info = train_model(model, h, rt, loader, data.val_tokens, data.luts, log)
     hessians = train_info.pop("hessians")
@@ -3773,11 +3916,13 @@ def train_phase(
         and {k: on_cpu.setdefault(id(v), v.cpu()) for k, v in hessians.items()},  # aliases kept
     )
     del hessians  # the GPU copies: not kept through the eval
-    if rt.rank == 0 and h.final_model_path:
-        save_checkpoint(h.final_model_path, ck["state"], h, {k: v for k, v in ck.items() if k != "state"})
+    if rt.rank == 0 and h.export.final_model_path:
+        save_checkpoint(
+            h.export.final_model_path, ck["state"], h, {k: v for k, v in ck.items() if k != "state"}
+        )
         log(
-            f"final_model: {h.final_model_path} (post-{train_info['weights'].split('(')[0]} float weights; "
-            f"EXPORT_FROM={h.final_model_path} re-exports them)"
+            f"final_model: {h.export.final_model_path} (post-{train_info['weights'].split('(')[0]} float weights; "
+            f"EXPORT_FROM={h.export.final_model_path} re-exports them)"
         )
     return train_info, ck, params
 
@@ -3793,10 +3938,10 @@ def export_phase(h: Hyperparameters, rt: Runtime, ck: dict, code: str, log: Log)
         run_id=ck["run_id"],
         weights=ck["weights"],
         quant=dict(
-            method=h.quant_method,
-            clip=h.quant_clip,
-            prune_frac=h.prune_frac,
-            lqer=[h.lqer_rank, h.lqer_tensors],
+            method=h.export.quant_method,
+            clip=h.export.quant_clip,
+            prune_frac=h.export.prune_frac,
+            lqer=[h.export.lqer_rank, h.export.lqer_tensors],
         ),
     )
     waiting = rt.long_wait_group()
@@ -3814,26 +3959,28 @@ def load_eval_model(
 ) -> tuple[GPT, Hyperparameters, str]:
     """The scored model, rebuilt from the artifact on disk alone (every rank reads it), with the eval settings."""
     log.phase("eval_load")
-    artifact = h.eval_only_artifact or h.artifact_path
+    artifact = h.export.eval_only_artifact or h.export.artifact_path
     qstate, meta = read_artifact(artifact)
     need(
         meta.get("tokenizer_sha256") == data.tokenizer_sha,
         f"{artifact} was trained with tokenizer sha256 "
-        f"{meta.get('tokenizer_sha256')}, but TOKENIZER_PATH={h.tokenizer_path} has {data.tokenizer_sha}",
+        f"{meta.get('tokenizer_sha256')}, but TOKENIZER_PATH={h.run.tokenizer_path} has {data.tokenizer_sha}",
     )
     eval_h = artifact_hparams(h, meta["model"], artifact, log)
-    eval_h = dataclasses.replace(eval_h, quant_bits=export_bits(qstate))
-    if h.eval_only_artifact:
+    eval_h = eval_h.replace(quant_bits=export_bits(qstate))
+    if h.export.eval_only_artifact:
         eval_h.validate()  # the eval settings from the environment must fit the artifact's model
         log(
             f"eval_only: {artifact} ({os.path.getsize(artifact)} bytes, weights {meta['weights']}, "
             f"quant {meta['quant']})"
         )
     model = model_from_qstate(qstate, eval_h, rt, meta["stage"])
-    if model.attn_kernel in ATTN_LIBS and eval_h.doc_attention:  # the worst window, times a batch's rows
+    if (
+        model.attn_kernel in ATTN_LIBS and eval_h.model.doc_attention
+    ):  # the worst window, times a batch's rows
         rows = eval_batch(eval_h, rt.world_size, eval_h.eval_len)
         most = most_documents(data.val_tokens.cpu().numpy(), eval_h.eval_len)
-        check_documents(rows * most, rows, eval_h.eval_len, f"the val tokens of {h.data_path}")
+        check_documents(rows * most, rows, eval_h.eval_len, f"the val tokens of {h.run.data_path}")
     log(f"eval_model: stage {model.stage}, {len(model.active)} of {len(model.slots)} logical layers active")
     log(f"eval_model_layout: {model.layout()}")  # the verifier's network: equal to the trained model_layout
     return model, eval_h, artifact
@@ -3867,7 +4014,7 @@ def report(h: Hyperparameters, rt: Runtime, summary: dict, manifest: dict, log: 
 def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, str]] = ()) -> dict:
     """A run's phases: data, then training (or EXPORT_FROM's checkpoint) and the export (unless
     EVAL_ONLY_ARTIFACT), the scored model read back from disk, its timed eval, the report."""
-    run_id = h.run_id or str(uuid.uuid4())
+    run_id = h.run.run_id or str(uuid.uuid4())
     log = Log(Path("logs") / f"{run_id}.txt" if rt.rank == 0 else None)
     log_header(log, h, rt, code)
     for name, knob_name in misspelt:
@@ -3875,8 +4022,8 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     data = load_data(h, rt, log)
     summary = dict(
         run_id=run_id,
-        seed=h.seed,
-        config=dataclasses.asdict(h),
+        seed=h.run.seed,
+        config=h.flat(),
         config_hash=config_hash(h),
         code_sha256=hashlib.sha256(code.encode()).hexdigest(),
         torch=torch.__version__,
@@ -3884,15 +4031,15 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
         train=None,
         bytes=None,
     )
-    if h.export_from:
-        ck = load_checkpoint(h.export_from, h, data.tokenizer_sha)
+    if h.export.export_from:
+        ck = load_checkpoint(h.export.export_from, h, data.tokenizer_sha)
         ck["state"] = {k: v.to(rt.device) for k, v in ck["state"].items()}  # quantize where training would
         log(
-            f"export_from: {h.export_from} (run {ck['run_id']}, weights {ck['weights']}, stage {ck['stage']})"
+            f"export_from: {h.export.export_from} (run {ck['run_id']}, weights {ck['weights']}, stage {ck['stage']})"
         )
-    elif not h.eval_only_artifact:
+    elif not h.export.eval_only_artifact:
         summary["train"], ck, summary["model_params"] = train_phase(h, rt, data, run_id, log)
-    if not h.eval_only_artifact:
+    if not h.export.eval_only_artifact:
         summary["bytes"] = export_phase(h, rt, ck, code, log)
         del ck  # the float weights and Hessians: not kept through the eval
     model, eval_h, summary["artifact"] = load_eval_model(h, rt, data, log)

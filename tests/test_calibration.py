@@ -28,7 +28,7 @@ def test_hessians_one_product_per_input_and_no_read_after_stop(small_data, monke
     ]
     with torch.no_grad():
         for _ in range(2):
-            model.hidden(ref_loader.next_batch(h.train_batch_tokens, h.train_seq_len)[0])
+            model.hidden(ref_loader.next_batch(h.train.train_batch_tokens, h.model.train_seq_len)[0])
     for hook in hooks:
         hook.remove()
 
@@ -50,5 +50,5 @@ def test_hessians_one_product_per_input_and_no_read_after_stop(small_data, monke
     for name, H in expected.items():
         assert torch.allclose(hessians[name], H, rtol=1e-5, atol=1e-3), name
     # c_q, c_k and c_v read the same input: 4 products per layer (+ the head's), not 6, and one tensor
-    assert len(matmuls) == 2 * (4 * h.num_layers + 1)
+    assert len(matmuls) == 2 * (4 * h.model.num_layers + 1)
     assert hessians["blocks.0.attn.c_k.weight"] is hessians["blocks.0.attn.c_q.weight"]

@@ -81,7 +81,7 @@ R23 = [
 
 @pytest.mark.parametrize("section, name, value", R23, ids=[n for _, n, _ in R23])
 def test_defaults_are_the_record_run(section, name, value):
-    assert getattr(tg.Hyperparameters.from_env({}), name.lower()) == value, f"records-spec {section}"
+    assert tg.Hyperparameters.from_env({}).flat()[name.lower()] == value, f"records-spec {section}"
 
 
 def test_parsing_of_each_type():
@@ -98,8 +98,13 @@ def test_parsing_of_each_type():
             "COMPILE": "0",
         }
     )
-    assert h.ve_layers == () and h.loop_enable_at == (0.5, 0.65) and h.smear_gate is False
-    assert h.matrix_lr == 0.02 and h.iterations == 7 and h.compile == "0" and h.logical_layers == 17
+    assert h.model.ve_layers == () and h.model.loop_enable_at == (0.5, 0.65) and h.model.smear_gate is False
+    assert (
+        h.optim.matrix_lr == 0.02
+        and h.train.iterations == 7
+        and h.run.compile == "0"
+        and h.model.logical_layers == 17
+    )
 
 
 @pytest.mark.parametrize(
@@ -225,3 +230,42 @@ def test_misspelt_knobs_are_named_and_foreign_variables_stay_quiet():
         LANG="C.UTF-8",
     )
     assert tg.misspelt_knobs(env) == [("MATRIX_LRR", "MATRIX_LR"), ("TTT_EPOCH", "TTT_EPOCHS")]
+
+
+def test_every_knob_lives_in_one_group_and_the_flat_view_round_trips():
+    """Field names are env names: unique across groups, or two env vars would set one knob (or flat() hide one)."""
+    names = [f.name for _, f in tg.Hyperparameters.knobs()]
+    assert len(names) == len(set(names))
+    h = tg.Hyperparameters.from_env(
+        {"NUM_LAYERS": "7", "VE_LAYERS": "5,6", "TTT_LORA_RANK": "16", "MATRIX_LR": "0.05"}
+    )
+    assert (h.model.num_layers, h.ttt.ttt_lora_rank, h.optim.matrix_lr) == (7, 16, 0.05)
+    flat = h.flat()
+    assert sorted(flat) == sorted(names)
+    assert tg.Hyperparameters().replace(**flat) == h
+    assert h.replace(num_layers=9).model.num_layers == 9 and h.model.num_layers == 7
+    with pytest.raises(TypeError, match="num_layer"):
+        h.replace(num_layer=9)
+
+
+def test_the_model_group_is_what_the_artifact_stores_and_a_stored_one_rebuilds_it():
+    h = tg.Hyperparameters.from_env({"NUM_LAYERS": "5", "VE_LAYERS": "3,4", "MLP_MULT": "2.5"})
+    stored = h.model_config()
+    assert sorted(stored) == sorted(f.name for f in tg.dataclasses.fields(tg.ModelConfig))
+    log = []
+    rebuilt = tg.artifact_hparams(tg.Hyperparameters(), stored, "m.ptz", log.append)
+    assert rebuilt.model == h.model and rebuilt.run == tg.Hyperparameters().run and not log
+    older = {k: v for k, v in stored.items() if k != "ve_dim"}
+    assert tg.artifact_hparams(tg.Hyperparameters(), older, "m.ptz", log.append).model.ve_dim == 128
+    assert log and "VE_DIM" in log[0]
+
+
+def test_each_group_checks_its_own_rules_and_the_whole_checks_across_groups():
+    with pytest.raises(tg.ConfigError, match="NUM_KV_HEADS"):
+        tg.ModelConfig(num_heads=8, num_kv_heads=3).validate()
+    with pytest.raises(tg.ConfigError, match="BETA2"):
+        tg.OptimConfig(beta1=0.9, beta2=0.5).validate()
+    with pytest.raises(tg.ConfigError, match="TTT_LORA_ROWS_PER_PASS"):
+        tg.TTTConfig(ttt_docs_per_batch=64, ttt_lora_rows_per_pass=5).validate()
+    with pytest.raises(tg.ConfigError, match="TTT_FREEZE_BLOCKS"):
+        tg.Hyperparameters.from_env({"NUM_LAYERS": "4", "VE_LAYERS": "3", "TTT_FREEZE_BLOCKS": "5"})

@@ -74,7 +74,7 @@ def test_val_shorter_than_one_window(tmp_path, small_data, eval_len):
 
 def test_manifest_tokenizer_must_be_the_one_in_use(tmp_path, small_data):
     h = hparams(small_data)
-    sha = tg.file_sha256(h.tokenizer_path)
+    sha = tg.file_sha256(h.run.tokenizer_path)
     assert tg.read_manifest(h, sha)["train_val_disjoint"] is True
     assert (
         tg.read_manifest(hparams(small_data, DATA_PATH=tmp_path), sha) == {}

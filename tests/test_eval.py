@@ -72,7 +72,7 @@ class Recorder:
 
 def sliding_scores(model, tokens, h, rt, luts):
     rec = Recorder()
-    w = tg.plan_windows(tokens.numel() - 1, h.eval_len, h.eval_stride)
+    w = tg.plan_windows(tokens.numel() - 1, h.eval_len, h.eval.eval_stride)
     tg.score_windows(tg.EvalContext(h, rt, luts, observer=rec), model.token_nll, tokens, w, h.eval_len, 8)
     return rec.scores
 
@@ -124,7 +124,7 @@ def test_c1_and_c3_in_ttt_across_chunks(small_data):
 
 def test_ttt_with_zero_epochs_is_sliding_eval(small_data):
     h, model, rt, tokens, luts = tiny_setup(small_data, VAL_MAX_TOKENS=3000, TTT_EPOCHS=0)
-    sliding = tg.evaluate(model.token_nll, tokens, h.eval_len, h.eval_stride, 8, luts, rt)
+    sliding = tg.evaluate(model.token_nll, tokens, h.eval_len, h.eval.eval_stride, 8, luts, rt)
     totals, _ = tg.eval_ttt(tg.EvalContext(h, rt, luts, SILENT), model, tokens, 1e9)
     assert torch.equal(totals[1:], sliding[1:])
     assert torch.allclose(totals, sliding, rtol=1e-10)
@@ -167,7 +167,9 @@ def test_ttt_lowers_bpb_of_a_trained_model(small_data):
     luts = tg.build_byte_luts(tg.load_tokenizer(h), "cpu")
     tokens = tg.load_val_tokens(h, rt)
     tg.train_model(model, h, rt, tg.TrainLoader(tg.find_shards(h, "train")[0], rt), tokens, luts, SILENT)
-    _, sliding = tg.loss_and_bpb(tg.evaluate(model.token_nll, tokens, h.eval_len, h.eval_stride, 8, luts, rt))
+    _, sliding = tg.loss_and_bpb(
+        tg.evaluate(model.token_nll, tokens, h.eval_len, h.eval.eval_stride, 8, luts, rt)
+    )
     _, ttt = tg.loss_and_bpb(tg.eval_ttt(tg.EvalContext(h, rt, luts, SILENT), model, tokens, 1e9)[0])
     assert sliding < 3.5 and ttt < sliding - 0.003
 

@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, cpu_runtime, tg
 from test_data import write_shard
 
-FIELDS = {f.name: f for f in dataclasses.fields(tg.Hyperparameters)}
+FIELDS = {f.name: f for _, f in tg.Hyperparameters.knobs()}
 # set by the harness: paths and names, the tokenizer's vocabulary, and COMPILE (off: on a CPU a compile
 # takes minutes; tests/test_gpu.py covers the compiled path)
 FIXED = {
@@ -225,24 +225,28 @@ def step_export_and_score(h: tg.Hyperparameters, luts) -> float:
     """One optimizer step (deepest recurrence stage, QAT on when it would be), calibration for full GPTQ,
     quantize -> pack -> write -> read back -> score with the eval settings; the loss of that score."""
     rt = cpu_runtime()
-    torch.manual_seed(h.seed)
+    torch.manual_seed(h.run.seed)
     model = tg.GPT(h)
     model.set_stage(model.n_stages - 1)
-    model.set_qat(tg.quant_plan(h) if h.late_qat_threshold else None)
+    model.set_qat(tg.quant_plan(h) if h.train.late_qat_threshold else None)
     loader = tg.TrainLoader(tg.find_shards(h, "train")[0], rt)
-    x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
+    x, y = loader.next_batch(h.train.train_batch_tokens, h.model.train_seq_len)
     model(x, y).backward()
     for opt in tg.build_optimizers(model, h, rt):
         opt.step()
     model.set_qat(None)
-    hessians = tg.collect_hessians(model, loader, h, rt) if h.quant_method == "full" else None
-    qstate = tg.quantize_state(model.state_dict(), tg.quant_plan(h), hessians, h.gptq_damp, h.prune_frac)
-    tg.write_atomic(h.artifact_path, tg.pack_artifact(qstate, dict(stage=model.stage), h.compressor))
-    back, meta = tg.read_artifact(h.artifact_path)
+    hessians = tg.collect_hessians(model, loader, h, rt) if h.export.quant_method == "full" else None
+    qstate = tg.quantize_state(
+        model.state_dict(), tg.quant_plan(h), hessians, h.export.gptq_damp, h.export.prune_frac
+    )
+    tg.write_atomic(
+        h.export.artifact_path, tg.pack_artifact(qstate, dict(stage=model.stage), h.export.compressor)
+    )
+    back, meta = tg.read_artifact(h.export.artifact_path)
     scored = tg.model_from_qstate(back, h, rt, meta["stage"])
     val = tg.load_val_tokens(h, rt)
     totals = tg.evaluate(
-        scored.token_nll, val, h.eval_len, h.eval_stride, tg.eval_batch(h, 1, h.eval_len), luts, rt
+        scored.token_nll, val, h.eval_len, h.eval.eval_stride, tg.eval_batch(h, 1, h.eval_len), luts, rt
     )
     return tg.loss_and_bpb(totals)[0]
 

@@ -19,7 +19,7 @@ def test_bf16_compiled_forward_matches_fp32_eager():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    ids = torch.randint(0, h.vocab_size, (4, 2048), device="cuda")
+    ids = torch.randint(0, h.model.vocab_size, (4, 2048), device="cuda")
     kernel, model.attn_kernel = model.attn_kernel, "sdpa"  # the fp32 reference: FA kernels take bf16 only
     reference = model.token_nll(ids, ids)
     model.attn_kernel = kernel  # the run's kernel (FA3 where installed), fed bf16 under autocast
@@ -41,7 +41,7 @@ def test_compiled_flex_document_attention_matches_the_mask(doc):
     with torch.no_grad():  # no zero-initialized projection: every gradient is non-trivial
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    ids = torch.randint(2, h.vocab_size, (4, 2048), device="cuda")
+    ids = torch.randint(2, h.model.vocab_size, (4, 2048), device="cuda")
     ids[:, [0, 300, 301, 1500]] = tg.BOS_ID
     out = {}
     for kernel in ("sdpa", "flex", *runnable_flash_kernels(h)):
@@ -60,11 +60,16 @@ def test_compiled_flex_document_attention_matches_the_mask(doc):
 
 def runnable_flash_kernels(h) -> list[str]:
     """fa3, fa4, varlen: those installed here whose probe runs (train_gpt.pick_attention asked for each by name)."""
-    heads = (h.num_heads, h.num_kv_heads, h.num_kv_heads, h.model_dim // h.num_heads)
+    heads = (
+        h.model.num_heads,
+        h.model.num_kv_heads,
+        h.model.num_kv_heads,
+        h.model.model_dim // h.model.num_heads,
+    )
     runs = []
     for kernel in ("fa3", "fa4", "varlen"):
         try:
-            runs.append(tg.pick_attention(kernel, h.doc_attention, heads)[0])
+            runs.append(tg.pick_attention(kernel, h.model.doc_attention, heads)[0])
         except tg.ConfigError as e:
             print(e)
     return runs

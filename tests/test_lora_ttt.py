@@ -29,7 +29,12 @@ def lora_run(data, tokens=None, world=(0, 1), budget=1e9, **over):
     rt = cpu_runtime(*world)
     model.requires_grad_(False)
     adapters = tg.LoRAAdapters(
-        model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a, h.lora_rows
+        model,
+        h.ttt.ttt_docs_per_batch,
+        h.ttt.ttt_lora_rank,
+        h.run.seed,
+        h.ttt.ttt_lora_warm_a,
+        h.ttt.lora_rows,
     )
     rec = Recorder()
     ctx = tg.EvalContext(h, rt, luts, SILENT, rec)
@@ -54,8 +59,9 @@ def test_documents_partition_the_targets_longest_first(small_data):
     assert (cover == 1).all()
     assert (
         tg.lora_widths(h) == [32, 64]
-        and tg.lora_widths(tg.Hyperparameters(ttt_lora_chunk=48)) == [64, 128, 256, 512, 1024, 2048]
-        and tg.lora_widths(tg.Hyperparameters(eval_seq_len=2560)) == [64, 128, 256, 512, 1024, 2048, 2560]
+        and tg.lora_widths(tg.Hyperparameters().replace(ttt_lora_chunk=48)) == [64, 128, 256, 512, 1024, 2048]
+        and tg.lora_widths(tg.Hyperparameters().replace(eval_seq_len=2560))
+        == [64, 128, 256, 512, 1024, 2048, 2560]
     )
 
 
@@ -170,7 +176,7 @@ def test_lora_ttt_without_adaptation_is_document_scoring(small_data):
     doc = doc_of(tokens, n)
     first = {d: j for j, d in reversed(list(enumerate(doc)))}
     # windows of EVAL_SEQ_LEN with stride EVAL_STRIDE: a target whose document starts inside its window
-    near = [j for j in range(n) if j - first[doc[j]] < h.eval_len - h.eval_stride]
+    near = [j for j in range(n) if j - first[doc[j]] < h.eval_len - h.eval.eval_stride]
     assert len(near) == 5 * 32
     assert max(abs(rec.scores[j] - slide[j]) for j in near) < 1e-4
 

@@ -76,11 +76,11 @@ def test_uniform_model_gives_log2_vocab_bits_per_token(small_data):
     tokens = tg.load_val_tokens(h, rt)
 
     def uniform(x, y):
-        return torch.full(x.shape, math.log(h.vocab_size))
+        return torch.full(x.shape, math.log(h.model.vocab_size))
 
     totals = tg.evaluate(uniform, tokens, 64, 64, 8, luts, rt)
     loss, bpb = tg.loss_and_bpb(totals)
     n = tokens.numel() - 1
     nbytes = int(tg.target_bytes(tokens[:-1].long(), tokens[1:].long(), luts).sum())
     assert int(totals[2]) == n and int(totals[1]) == nbytes
-    assert math.isclose(bpb, math.log2(h.vocab_size) * n / nbytes, rel_tol=1e-6)  # float32 ln V
+    assert math.isclose(bpb, math.log2(h.model.vocab_size) * n / nbytes, rel_tol=1e-6)  # float32 ln V

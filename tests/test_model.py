@@ -334,7 +334,7 @@ def test_default_rope_is_the_records_effective_rope(length):
         -torch.arange(0, 16, 2, dtype=torch.float64) / 16
     )
     assert torch.allclose(torch.atan2(sin[1], cos[1]).double(), r23_inv_freq, rtol=1e-6)
-    assert length > 2048 or round(h.rope_base) == 22082
+    assert length > 2048 or round(h.model.rope_base) == 22082
 
 
 def test_doc_attention_keeps_every_logit_of_the_next_document_bit_identical():

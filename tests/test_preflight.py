@@ -149,7 +149,7 @@ def record_stub() -> dict:
 def measured_log(folder, env: dict, step_ms: float, world: int = 1) -> None:
     """A GPU run's log as train_gpt writes it: its hyperparameters, device, world size and step lines."""
     h = tg.Hyperparameters.from_env(env)
-    hp = {k: list(v) if isinstance(v, tuple) else v for k, v in tg.dataclasses.asdict(h).items()}
+    hp = {k: list(v) if isinstance(v, tuple) else v for k, v in h.flat().items()}
     lines = [
         f"hyperparameters:{json.dumps(hp)}",
         "device:NVIDIA H100 80GB HBM3 x1 cuda:13.0",

@@ -48,6 +48,18 @@ def test_the_packed_script_fits_its_byte_budget():
     assert packed <= PACKED_BYTES_LIMIT, f"packed train_gpt.py is {packed:,} bytes > {PACKED_BYTES_LIMIT:,}"
 
 
+def test_the_minified_program_is_the_source_program():
+    """minified_code re-indents ast.unparse's output by lines: the tree it packs is the source's, docstrings and
+    knob help aside (a string spanning lines would break the re-indent, and this)."""
+    from conftest import tg
+
+    source = (REPO / "train_gpt.py").read_text()
+    minified = tg.minified_code(source)
+    unparsed = ast.unparse(tg.without_docstrings(ast.parse(source)))
+    assert len(minified) < 0.95 * len(unparsed)
+    assert ast.dump(ast.parse(minified)) == ast.dump(ast.parse(unparsed))
+
+
 def test_functions_keep_the_shape_rules():
     result = subprocess.run([*ruff(), "check", *FORMATTED], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, f"ruff check {' '.join(FORMATTED)} (ruff.toml's [lint]):\n{result.stdout}"

@@ -49,9 +49,7 @@ def plan_for(h, clip: str, bits: int, mlp_bits: int = 0, k: float | None = None)
     over = dict(QUANT_CLIP=clip, QUANT_BITS=str(bits), QUANT_BITS_MLP=str(mlp_bits))
     if k is not None:
         over["QUANT_CLIP_K"] = str(k)
-    return tg.quant_plan(
-        tg.dataclasses.replace(h, **{k.lower(): type(getattr(h, k.lower()))(v) for k, v in over.items()})
-    )
+    return tg.quant_plan(h.replace(**{k.lower(): type(h.flat()[k.lower()])(v) for k, v in over.items()}))
 
 
 def symbol_stats(qstate, state) -> dict:
@@ -172,7 +170,7 @@ def fit_mode(args) -> None:
     code, _ = tg.shipped_code_bytes((REPO / "train_gpt.py").read_text(), h)
 
     def pack(q):
-        return tg.pack_artifact(q, {"model": h.model_config()}, h.compressor)
+        return tg.pack_artifact(q, {"model": h.model_config()}, h.export.compressor)
 
     if args.fit_start_bytes:
         ratio = args.fit_start_bytes / tg.entropy_bytes(tg.quantize_state(state, tg.quant_plan(h)))
@@ -193,14 +191,14 @@ def fit_mode(args) -> None:
         lambda p: tg.quantize_state(state, p),
         pack,
         tg.quant_plan(h),
-        min(h.byte_budget, tg.RULE_BYTES) - code,
+        min(h.export.byte_budget, tg.RULE_BYTES) - code,
         rel_err,
         lambda msg: print(msg, flush=True),
     )
     row = dict(
         model=args.fit,
         plan=tg.fmt_plan(plan),
-        codec=h.compressor,
+        codec=h.export.compressor,
         model_bytes=len(blob),
         code_bytes=code,
         code_shipped=args.code,
@@ -243,7 +241,7 @@ def quality_mode(args) -> None:
     }
     h = tg.Hyperparameters.from_env(env)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False)
-    torch.manual_seed(h.seed)
+    torch.manual_seed(h.run.seed)
     model = tg.GPT(h)
     luts = tg.build_byte_luts(tg.load_tokenizer(h), "cpu")
     val = tg.load_val_tokens(h, rt)
@@ -252,11 +250,11 @@ def quality_mode(args) -> None:
     hessians = tg.collect_hessians(model, loader, h, rt)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
-    batch = tg.eval_batch(h, 1, h.train_seq_len)
+    batch = tg.eval_batch(h, 1, h.model.train_seq_len)
 
     def bpb_of(m):
         return tg.loss_and_bpb(
-            tg.evaluate(m.token_nll, val, h.train_seq_len, h.train_seq_len, batch, luts, rt)
+            tg.evaluate(m.token_nll, val, h.model.train_seq_len, h.model.train_seq_len, batch, luts, rt)
         )[1]
 
     float_bpb = bpb_of(model)
@@ -270,7 +268,7 @@ def quality_mode(args) -> None:
 
     def measure(bits, method, plan, hess, qstate=None):
         t = time.time()
-        qstate = qstate or tg.quantize_state(state, plan, hess, h.gptq_damp)
+        qstate = qstate or tg.quantize_state(state, plan, hess, h.export.gptq_damp)
         blob = tg.pack_artifact(qstate, {}, "brotli")
         bpb = bpb_of(tg.model_from_qstate(qstate, h, rt, model.stage))
         rows.append(
@@ -295,7 +293,7 @@ def quality_mode(args) -> None:
             measure(bits, f"sd {gptq}", plan_for(h, "sd", bits), hess)
 
             def quantize(p, hess=hess):
-                return tg.quantize_state(state, p, hess, h.gptq_damp)
+                return tg.quantize_state(state, p, hess, h.export.gptq_damp)
 
             def pack(q):
                 return tg.pack_artifact(q, {}, "brotli")

@@ -85,7 +85,7 @@ def timed(fn, rt, repeat: int) -> float:
 def flops_per_token(model: tg.GPT, h: tg.Hyperparameters) -> float:
     """Training FLOPs per token: 6 x matmul params (blocks, tied head, projections) + causal attention."""
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed." not in n)
-    attention = 6 * h.train_seq_len * h.model_dim * len(model.active)
+    attention = 6 * h.model.train_seq_len * h.model.model_dim * len(model.active)
     return 6 * matmul + attention
 
 
@@ -110,22 +110,24 @@ def attention_row(name: str, over: dict, variant: str, rt: tg.Runtime, steps: in
     row = dict(config=name, attn=variant)
     try:
         h = tg.Hyperparameters.from_env({k: str(v) for k, v in over.items()})
-        row.update(doc_attention=int(h.doc_attention), layers=h.logical_layers)
-        T, D = h.train_seq_len, h.model_dim // h.num_heads
+        row.update(doc_attention=int(h.model.doc_attention), layers=h.model.logical_layers)
+        T, D = h.model.train_seq_len, h.model.model_dim // h.model.num_heads
         kernel, _ = tg.pick_attention(
-            h.attn_kernel, h.doc_attention, (h.num_heads, h.num_kv_heads, h.num_kv_heads, D)
+            h.run.attn_kernel,
+            h.model.doc_attention,
+            (h.model.num_heads, h.model.num_kv_heads, h.model.num_kv_heads, D),
         )
         dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
         q, k, v = (
             torch.randn(micro_seqs, n, T, D, device=rt.device, dtype=dtype, requires_grad=True)
-            for n in (h.num_heads, h.num_kv_heads, h.num_kv_heads)
+            for n in (h.model.num_heads, h.model.num_kv_heads, h.model.num_kv_heads)
         )
-        ids = torch.randint(2, h.vocab_size, (micro_seqs, T), device=rt.device)
+        ids = torch.randint(2, h.model.vocab_size, (micro_seqs, T), device=rt.device)
         ids[:, ::997] = tg.BOS_ID  # documents of ~1,000 tokens, as FineWeb's (they matter with DOC_ATTENTION)
         starts = (ids == tg.BOS_ID) | (torch.arange(T, device=rt.device) == 0)
 
         def layer(q, k, v):
-            return tg.make_attention(kernel, starts, h.doc_attention)(q, k, v)
+            return tg.make_attention(kernel, starts, h.model.doc_attention)(q, k, v)
 
         attend = (
             torch.compile(layer, fullgraph=True, dynamic=False, backend=rt.backend) if rt.compile else layer
@@ -148,8 +150,8 @@ def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -
     h = tg.Hyperparameters.from_env({k: str(v) for k, v in over.items()})
     torch.manual_seed(0)
     model = tg.GPT(h).to(rt.device)
-    L = h.train_seq_len
-    x = torch.randint(0, h.vocab_size, (micro_seqs, L), device=rt.device)
+    L = h.model.train_seq_len
+    x = torch.randint(0, h.model.vocab_size, (micro_seqs, L), device=rt.device)
     compiled = tg.compile_model(model, rt)
     opts = tg.build_optimizers(model, h, rt)
 
@@ -191,24 +193,24 @@ def bench(name: str, over: dict, rt: tg.Runtime, steps: int, eval_tokens: int) -
     luts = tuple(
         t.to(rt.device)
         for t in (
-            torch.ones(h.vocab_size, dtype=torch.int32),
-            torch.zeros(h.vocab_size, dtype=torch.bool),
-            torch.zeros(h.vocab_size, dtype=torch.bool),
+            torch.ones(h.model.vocab_size, dtype=torch.int32),
+            torch.zeros(h.model.vocab_size, dtype=torch.bool),
+            torch.zeros(h.model.vocab_size, dtype=torch.bool),
         )
     )
-    val = torch.randint(2, h.vocab_size, (eval_tokens + 1,), device=rt.device, dtype=torch.int32)
+    val = torch.randint(2, h.model.vocab_size, (eval_tokens + 1,), device=rt.device, dtype=torch.int32)
     eval_model = tg.GPT(h).to(rt.device)
     score = tg.compile_model(eval_model.token_nll, rt)
     batch = tg.eval_batch(h, rt.world_size, L)
-    windows = tg.plan_windows(eval_tokens, L, h.eval_stride)
+    windows = tg.plan_windows(eval_tokens, L, h.eval.eval_stride)
     tg.score_windows(tg.EvalContext(None, rt, luts), score, val, windows[:batch], L, batch)  # compile warm-up
     sliding_s = timed(
         lambda: tg.score_windows(tg.EvalContext(None, rt, luts), score, val, windows, L, batch), rt, 1
     )
     row["sliding_tokens_per_s"] = round(eval_tokens / sliding_s)
-    h3 = tg.dataclasses.replace(h, ttt_epochs=3)
+    h3 = h.replace(ttt_epochs=3)
     tg.eval_ttt(
-        tg.EvalContext(h3, rt, luts), eval_model, val[: 2 * h.ttt_chunk_tokens + 1], 1e9
+        tg.EvalContext(h3, rt, luts), eval_model, val[: 2 * h.ttt.ttt_chunk_tokens + 1], 1e9
     )  # compile warm-up
     ttt_s = timed(lambda: tg.eval_ttt(tg.EvalContext(h3, rt, luts), eval_model, val, 1e9), rt, 1)
     row["ttt3_tokens_per_s"] = round(eval_tokens / ttt_s)

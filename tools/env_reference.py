@@ -4,13 +4,13 @@
   python3 tools/env_reference.py            # print the markdown
   python3 tools/env_reference.py --write    # replace the README section between the env-reference markers
 
-Generated from the Hyperparameters class itself (name, default, allowed values, the knob's help),
-so the README cannot drift from the code; tests/test_readme.py checks that it is current.
+Generated from the Hyperparameters groups themselves (each group's title from its docstring; each knob's
+name, default, allowed values and help from its field), so the README cannot drift from the code;
+tests/test_readme.py checks that it is current.
 """
 
 import argparse
 import dataclasses
-import re
 import sys
 from pathlib import Path
 
@@ -26,19 +26,10 @@ TORCHRUN = [
 ]
 
 
-def fields_with_comments() -> list[tuple[str, str, str]]:
-    """(group, field name, help) in source order: the help from each knob's metadata, the group from the
-    comment line above each group of fields in the Hyperparameters class body."""
-    source = (REPO / "train_gpt.py").read_text()
-    body = source[source.index("class Hyperparameters:") : source.index("    @classmethod")]
-    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(tg.Hyperparameters)}
-    out, group = [], ""
-    for line in body.splitlines():
-        if m := re.match(r"    # (.+)$", line):
-            group = m.group(1)
-        elif m := re.match(r"    (\w+): ", line):
-            out.append((group, m.group(1), helps[m.group(1)]))
-    return out
+def group_title(group: type) -> str:
+    """A group's README heading: its docstring up to the colon ("Data and run: ..." -> "data and run")."""
+    title = (group.__doc__ or group.__name__).split(":")[0]
+    return title[0].lower() + title[1:]
 
 
 def default_text(f: dataclasses.Field) -> str:
@@ -51,20 +42,18 @@ def default_text(f: dataclasses.Field) -> str:
 
 
 def markdown() -> str:
-    fields = {f.name: f for f in dataclasses.fields(tg.Hyperparameters)}
-    rows, group = [], None
-    for g, name, comment in fields_with_comments():
-        if g != group:
-            rows.append(f"| **{g}** | | |")
-            group = g
-        f = fields[name]
-        lo, hi, choices = (f.metadata.get(k) for k in ("lo", "hi", "choices"))
-        allowed = ""
-        if choices:
-            allowed = " (" + "/".join(choices) + ")"
-        elif lo is not None:
-            allowed = f" ({lo}..{'' if hi is None else hi})"
-        rows.append(f"| `{name.upper()}` | `{default_text(f)}`{allowed} | {comment.replace('|', '/')} |")
+    rows = []
+    for _, group in tg.Hyperparameters.groups():
+        rows.append(f"| **{group_title(group)}** | | |")
+        for f in dataclasses.fields(group):
+            lo, hi, choices = (f.metadata.get(k) for k in ("lo", "hi", "choices"))
+            allowed = ""
+            if choices:
+                allowed = " (" + "/".join(choices) + ")"
+            elif lo is not None:
+                allowed = f" ({lo}..{'' if hi is None else hi})"
+            help_text = f.metadata["help"].replace("|", "/")
+            rows.append(f"| `{f.name.upper()}` | `{default_text(f)}`{allowed} | {help_text} |")
     rows.append("| **distributed** | | |")
     rows += [f"| `{n}` | `{d}` | {c} |" for n, d, c in TORCHRUN]
     return "| variable | default (allowed) | meaning |\n|---|---|---|\n" + "\n".join(rows)

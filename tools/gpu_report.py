@@ -202,7 +202,7 @@ def profile_steps(config: str, steps: int, out: Path) -> None:
     torch.manual_seed(0)
     model = tg.GPT(h).to(rt.device)
     compiled = tg.compile_model(model, rt)
-    x = torch.randint(0, h.vocab_size, (micro_seqs, h.train_seq_len), device=rt.device)
+    x = torch.randint(0, h.model.vocab_size, (micro_seqs, h.model.train_seq_len), device=rt.device)
 
     def micro_step():
         with rt.autocast():
@@ -239,7 +239,7 @@ def profile_steps(config: str, steps: int, out: Path) -> None:
         json.dumps(
             dict(
                 config=config,
-                micro_batch=f"{micro_seqs}x{h.train_seq_len}",
+                micro_batch=f"{micro_seqs}x{h.model.train_seq_len}",
                 steps=steps,
                 timed="device" if cuda else "cpu",
                 ms_per_step=round(total_us / 1000 / steps, 3),

@@ -268,17 +268,17 @@ def train_step(t: Trace, model, optimizers, loader, micro: int) -> int:
     adam_params = [p for g in optimizers[1].param_groups for p in g["params"]]
     saved = 0
     for _ in range(micro):
-        x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len)
+        x, y = loader.next_batch(h.train.train_batch_tokens, h.model.train_seq_len)
         counter = SavedBytes(t.tracer)
         with counter.hooks(), t.autocast():
             loss = model(x, y)
         saved = counter.total()
         (loss / rt.grad_accum).backward()
     muon_sq = optimizers[0].reduce_grads(lambda: tg.all_reduce_grads(adam_params, rt, rt.world_size))
-    if h.grad_clip_norm:
+    if h.train.grad_clip_norm:
         adam_grads = [p.grad for p in adam_params if p.grad is not None]
         norm = (rt.all_reduce(muon_sq) + sum(g.square().sum() for g in adam_grads)).sqrt()
-        optimizers[0].grad_scale = (h.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        optimizers[0].grad_scale = (h.train.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(adam_grads, optimizers[0].grad_scale)
     t.tracer.label("grads", [p.grad for p in model.parameters()])
     for opt in optimizers:
@@ -304,7 +304,7 @@ def build_training(t: Trace):
         g["fused"], g["foreach"] = True, None
     label_optimizer_state(t, optimizers)
     snapshot = None
-    if t.h.warmup_steps:
+    if t.h.train.warmup_steps:
         # copy.deepcopy as train_model does; fake storages cannot be deep-copied, so each tensor is cloned
         def clone(obj):
             return tree_map_only(torch.Tensor, torch.clone, obj)
@@ -322,7 +322,7 @@ def graph_variants(model, h: tg.Hyperparameters) -> list:
     """train_model's graph variants: (recurrence stage, QAT plan) for each stage, and the last stage with late
     QAT when it is on."""
     variants = [(s, None) for s in range(model.n_stages)]
-    return variants + ([(model.n_stages - 1, tg.quant_plan(h))] if h.late_qat_threshold else [])
+    return variants + ([(model.n_stages - 1, tg.quant_plan(h))] if h.train.late_qat_threshold else [])
 
 
 def warmup_variants(variants: list, warmup_steps: int) -> list:
@@ -342,7 +342,7 @@ def trace_training(t: Trace):
     `del`s it) and the EMA is made. Then a step at each recurrence stage, and with late QAT at the last stage
     when it is on, with the EMA live and no snapshot."""
     h = t.h
-    loader = FakeLoader(t.rt, h.vocab_size)
+    loader = FakeLoader(t.rt, h.model.vocab_size)
     model, optimizers, snapshot = build_training(t)
     t.params = sum(p.numel() for p in model.parameters())
     model.train()
@@ -350,7 +350,7 @@ def trace_training(t: Trace):
     variants = graph_variants(model, h)
     train_step(t, model, optimizers, loader, 1)  # the first step: every optimizer state allocated
     if snapshot is not None:
-        warm = warmup_variants(variants, h.warmup_steps)
+        warm = warmup_variants(variants, h.train.warmup_steps)
         t.tracer.phase()
         saved = 0
         for stage, qat in warm:
@@ -377,7 +377,7 @@ def trace_training(t: Trace):
             f"train {variant_name(stage, qat)}",
             saved,
             layers=len(model.active),
-            tokens_per_rank=h.train_batch_tokens // t.rt.micro_batches,
+            tokens_per_rank=h.train.train_batch_tokens // t.rt.micro_batches,
         )
     model.set_qat(None)
     return model, optimizers, loader, averager
@@ -388,9 +388,9 @@ def trace_after_training(t: Trace, model, loader, averager):
     h, rt = t.h, t.rt
     averager.apply_final(tg.Log(None))
     hessians = {}
-    if h.quant_method == "full":
+    if h.export.quant_method == "full":
         t.tracer.phase()
-        calib_h = dataclasses.replace(h, gptq_calib_batches=min(2, h.gptq_calib_batches))
+        calib_h = h.replace(gptq_calib_batches=min(2, h.export.gptq_calib_batches))
         with patched_autocast(rt, t):
             hessians = tg.collect_hessians(model, loader, calib_h, rt)
         t.tracer.label("hessians", hessians.values())
@@ -403,12 +403,12 @@ def trace_after_training(t: Trace, model, loader, averager):
             hessian_storages=len(distinct),
         )
     t.tracer.phase()
-    score(t, model, h.train_seq_len, "score@train_len (diagnostic)")
+    score(t, model, h.model.train_seq_len, "score@train_len (diagnostic)")
     return hessians
 
 
 def fake_luts(h: tg.Hyperparameters):
-    v = h.vocab_size
+    v = h.model.vocab_size
     return (
         torch.zeros(v, dtype=torch.int32),
         torch.zeros(v, dtype=torch.bool),
@@ -420,7 +420,7 @@ def score(t: Trace, model, seq_len: int, name: str) -> None:
     """One forward batch of score_windows at eval_batch's rows, under inference_mode."""
     h, rt = t.h, t.rt
     batch = tg.eval_batch(h, rt.world_size, seq_len)
-    tokens = torch.randint(0, h.vocab_size, (seq_len + 1,), dtype=torch.int32)
+    tokens = torch.randint(0, h.model.vocab_size, (seq_len + 1,), dtype=torch.int32)
     model.eval()
     fn = model.token_nll
     with patched_autocast(rt, t):
@@ -454,21 +454,26 @@ def trace_eval(t: Trace) -> None:
     t.params = t.params or sum(p.numel() for p in model.parameters())
     model.set_stage(model.n_stages - 1)
     adapters = None
-    if h.ttt_enabled and h.ttt_mode != "chunk":
+    if h.ttt.ttt_enabled and h.ttt.ttt_mode != "chunk":
         model.requires_grad_(False)
         adapters = tg.LoRAAdapters(
-            model, h.ttt_docs_per_batch, h.ttt_lora_rank, h.seed, h.ttt_lora_warm_a, h.lora_rows
+            model,
+            h.ttt.ttt_docs_per_batch,
+            h.ttt.ttt_lora_rank,
+            h.run.seed,
+            h.ttt.ttt_lora_warm_a,
+            h.ttt.lora_rows,
         )
         t.tracer.label("lora adapters", adapters.params)
-    elif h.ttt_enabled:
-        tg.ttt_params(model, h.ttt_freeze_blocks)
+    elif h.ttt.ttt_enabled:
+        tg.ttt_params(model, h.ttt.ttt_freeze_blocks)
     t.tracer.phase()
     score(t, model, h.eval_len, "eval scoring (roundtrip/sliding)")
-    if h.ttt_enabled and h.ttt_mode == "chunk":
+    if h.ttt.ttt_enabled and h.ttt.ttt_mode == "chunk":
         trace_ttt_rows(t, model, "chunk TTT train_rows")
     if adapters is not None:
         trace_lora(t, model, adapters)
-        if h.ttt_mode == "phased":
+        if h.ttt.ttt_mode == "phased":
             adapters.attach(False)
             trace_ttt_rows(t, model, "phased global-SGD train_rows")
             model.requires_grad_(False)
@@ -478,11 +483,11 @@ def trace_ttt_rows(t: Trace, model, name: str) -> None:
     """train_rows over one TTT_BATCH_SEQS batch of eval-length rows, twice: the second with SGD's momentum."""
     h, rt = t.h, t.rt
     L = h.eval_len
-    params, _ = tg.ttt_params(model, h.ttt_freeze_blocks)
+    params, _ = tg.ttt_params(model, h.ttt.ttt_freeze_blocks)
     opt = tg.ttt_optimizer(params, h)
-    rows = np.arange(0, L * h.ttt_batch_seqs, L)[:, None] + np.arange(L)
-    rows = rows[: h.ttt_batch_seqs] if h.ttt_mode != "chunk" else rows[: h.ttt_chunk_tokens // L]
-    tokens = torch.randint(0, h.vocab_size, (int(rows.max()) + 2,), dtype=torch.int32)
+    rows = np.arange(0, L * h.ttt.ttt_batch_seqs, L)[:, None] + np.arange(L)
+    rows = rows[: h.ttt.ttt_batch_seqs] if h.ttt.ttt_mode != "chunk" else rows[: h.ttt.ttt_chunk_tokens // L]
+    tokens = torch.randint(0, h.model.vocab_size, (int(rows.max()) + 2,), dtype=torch.int32)
     model.train()
     with patched_autocast(rt, t):
         tg.train_rows(tg.EvalContext(h, rt, None), model, tokens, rows, params, opt)
@@ -500,18 +505,18 @@ def trace_lora(t: Trace, model, adapters) -> None:
     two adapted steps of rows x EVAL_SEQ_LEN (the widest of lora_widths), the second with Adam's state. A pass
     (forward and backward) holds TTT_LORA_ROWS_PER_PASS rows' activations: the saved bytes are one pass's."""
     h, rt = t.h, t.rt
-    L, R = h.eval_len, h.ttt_docs_per_batch
-    wide = dataclasses.replace(h, ttt_lora_chunk=L)
+    L, R = h.eval_len, h.ttt.ttt_docs_per_batch
+    wide = h.replace(ttt_lora_chunk=L)
     opt = tg.lora_optimizer(adapters.params, h)
     for g in opt.param_groups:
         g["foreach"] = True  # as on CUDA (torch's default there)
     batch = np.array([[0, 2 * L + 1]] * R)
-    tokens = torch.randint(0, h.vocab_size, (2 * L + 3,), dtype=torch.int32)
+    tokens = torch.randint(0, h.model.vocab_size, (2 * L + 3,), dtype=torch.int32)
     adapters.attach(True)
     model.eval()
     t.tracer.phase()
     counter = SavedBytes(t.tracer)
-    x = tokens[:L].long().repeat(h.lora_rows, 1)  # one pass: TTT_LORA_ROWS_PER_PASS of the batch's rows
+    x = tokens[:L].long().repeat(h.ttt.lora_rows, 1)  # one pass: TTT_LORA_ROWS_PER_PASS of the batch's rows
     with torch.enable_grad(), counter.hooks(), t.autocast():
         nll = model.token_nll(x, x.flip(1)).float()
     saved = counter.total()
@@ -525,7 +530,7 @@ def trace_lora(t: Trace, model, adapters) -> None:
         )
     state = [v for s in opt.state.values() for v in s.values()]
     t.notes["lora_adapters_grads_adam_gib"] = (2 * sum_bytes(adapters.params) + sum_bytes(state)) / GIB
-    t.record("LoRA TTT lora_batch", saved, rows=h.lora_rows, docs=R, width=L)
+    t.record("LoRA TTT lora_batch", saved, rows=h.ttt.lora_rows, docs=R, width=L)
     adapters.attach(False)
 
 
@@ -578,12 +583,12 @@ def artifact_bytes(env: dict) -> dict:
 
     h, state = bench_quant.trained_like(env)
     code, _ = tg.shipped_code_bytes(tg.read_source(str(REPO / "train_gpt.py")), h)  # what the budget counts
-    limit = min(h.byte_budget, tg.RULE_BYTES)
-    ratio = CODEC_RATIO[h.compressor]
+    limit = min(h.export.byte_budget, tg.RULE_BYTES)
+    ratio = CODEC_RATIO[h.export.compressor]
     ref = sum(state[n].float().square().sum().item() for n in state if tg.quant_group(n, state[n]))
 
     def quantize(plan: dict) -> dict:
-        return tg.add_lqer(state, tg.quantize_state(state, plan), h.lqer_rank, h.lqer_tensors)
+        return tg.add_lqer(state, tg.quantize_state(state, plan), h.export.lqer_rank, h.export.lqer_tensors)
 
     def pack(qstate: dict) -> bytes:  # a stand-in of the estimated size: fit_to_budget reads len()
         return bytes(round(ratio * tg.entropy_bytes(qstate)))
@@ -602,17 +607,23 @@ def artifact_bytes(env: dict) -> dict:
     plan = default_plan
     qstate = default_q
     blob = default_bytes
-    if h.auto_fit != "0":
+    if h.export.auto_fit != "0":
         fitted = tg.fit_to_budget(
-            quantize, pack, default_plan, limit - code, rel_err, lambda msg: None, fill=h.auto_fit == "1"
+            quantize,
+            pack,
+            default_plan,
+            limit - code,
+            rel_err,
+            lambda msg: None,
+            fill=h.export.auto_fit == "1",
         )
         plan = fitted[0]
         qstate = fitted[1]
         blob = len(fitted[2])
     return dict(
-        codec=h.compressor,
+        codec=h.export.compressor,
         ratio=ratio,
-        auto_fit=h.auto_fit,
+        auto_fit=h.export.auto_fit,
         default_plan=tg.fmt_plan(default_plan),
         default_model_bytes_est=default_bytes,
         default_total_bytes_est=default_bytes + code,
@@ -701,10 +712,10 @@ def read_measured_run(path: Path) -> dict | None:
 
 
 def step_shape(hp: dict, world: int) -> dict:
-    """What sets a training step's work per micro-batch: the network (knob(model=True)) but VALUE_ONLY, the
+    """What sets a training step's work per micro-batch: the network (the model group) but VALUE_ONLY, the
     micro-batch's tokens and whether late QAT fake-quantizes. Knobs a measurement's log predates read as
     today's default (the component was not there yet: off)."""
-    defaults = dataclasses.asdict(tg.Hyperparameters.from_env({}))
+    defaults = tg.Hyperparameters.from_env({}).flat()
 
     def get(k):
         return hp.get(k, defaults[k])
@@ -729,7 +740,7 @@ def timeline(h: tg.Hyperparameters, params: int, folder: Path = MEASUREMENTS, wo
     longest such run): its step time x this world's micro-batches per rank / the measurement's. Compute only:
     the collectives (all-reduce, Muon's reduce-scatter and all-gather) and stragglers are not in it, so the
     steps are an upper bound. Else 'not measured', with the nearest run's differences."""
-    mine = step_shape(dataclasses.asdict(h), world)
+    mine = step_shape(h.flat(), world)
     runs = measured_runs(folder)
     same = [r for r in runs if step_shape(r["hp"], r["world"]) == mine]
     if not same:
@@ -750,9 +761,9 @@ def timeline(h: tg.Hyperparameters, params: int, folder: Path = MEASUREMENTS, wo
     def per_rank(hp, w):
         return (hp.get("train_micro_batches") or max(8, w)) // w
 
-    ms = run["step_ms"] * per_rank(dataclasses.asdict(h), world) / per_rank(run["hp"], run["world"])
-    reserve = h.gptq_reserve_seconds if h.quant_method == "full" else 0.0
-    train_s = max((h.max_wallclock_seconds or tg.RULE_TRAIN_S) - reserve, 0.0)
+    ms = run["step_ms"] * per_rank(h.flat(), world) / per_rank(run["hp"], run["world"])
+    reserve = h.export.gptq_reserve_seconds if h.export.quant_method == "full" else 0.0
+    train_s = max((h.train.max_wallclock_seconds or tg.RULE_TRAIN_S) - reserve, 0.0)
     out = dict(
         status="projected",
         source=run["path"],
@@ -760,7 +771,7 @@ def timeline(h: tg.Hyperparameters, params: int, folder: Path = MEASUREMENTS, wo
         world=world,
         ms_per_step=round(ms, 1),
         train_s=train_s,
-        steps=min(int(train_s * 1000 // ms), h.iterations),
+        steps=min(int(train_s * 1000 // ms), h.train.iterations),
         note="compute only (no collectives, no stragglers): an upper bound on the steps; the measured "
         "run's attention was SDPA and its late QAT was on throughout",
     )
@@ -777,12 +788,12 @@ def measured_eval(h: tg.Hyperparameters, params: int, folder: Path, world: int) 
     rows = json.loads(path.read_text()).get("rows", [])
     out = {}
     for row in rows:
-        shape = f"{h.train_batch_tokens // h.micro_batches(8) // h.train_seq_len}x{h.train_seq_len}"
+        shape = f"{h.train.train_batch_tokens // h.micro_batches(8) // h.model.train_seq_len}x{h.model.train_seq_len}"
         if row.get("params") != params or row.get("micro_batch") != shape:
             continue
-        if h.eval_sliding and h.eval_stride == 64 and h.eval_len == h.train_seq_len:
+        if h.eval.eval_sliding and h.eval.eval_stride == 64 and h.eval_len == h.model.train_seq_len:
             out["eval_sliding_s"] = row["sliding_8gpu_full_val_s"]
-        if h.ttt_enabled and h.ttt_mode == "chunk" and h.ttt_epochs == 3:
+        if h.ttt.ttt_enabled and h.ttt.ttt_mode == "chunk" and h.ttt.ttt_epochs == 3:
             out["eval_ttt_s"] = row["ttt3_8gpu_full_val_s"]
         out["eval_source"] = str(path)
     return out
@@ -812,7 +823,7 @@ def shrunk_env(env: dict, data: dict | None = None, **over) -> dict:
     data over both), then SHRUNK, the preset's own WARMUP_STEPS back (preset_cpu.env zeroes them: the compile
     warm-up is what the graph counts check), then `over`."""
     cpu = read_env_file(REPO / "tools" / "preset_cpu.env")
-    warmup = env.get("WARMUP_STEPS", str(tg.Hyperparameters.from_env({}).warmup_steps))
+    warmup = env.get("WARMUP_STEPS", str(tg.Hyperparameters.from_env({}).train.warmup_steps))
     data = data if data is not None else dict(EMBEDDED, VOCAB_SIZE="1024")
     return {k: str(v) for k, v in {**env, **cpu, **data, **SHRUNK, "WARMUP_STEPS": warmup, **over}.items()}
 

@@ -70,7 +70,7 @@ def resolve_points(args) -> tuple[list[str], list[dict]]:
     if "SEED" in fixed or any(k == "SEED" for k, _ in grid):
         raise SweepError("give seeds with --seeds, not as a knob")
     for key in PATH_KNOBS:  # every point runs in its own folder: paths are resolved here, once
-        value = fixed.get(key, base.get(key, getattr(tg.Hyperparameters, key.lower())))
+        value = fixed.get(key, base.get(key, tg.Hyperparameters().flat()[key.lower()]))
         if value:
             fixed[key] = str(Path(value).resolve())
     grid_keys = [k for k, _ in grid]
