@@ -28,14 +28,7 @@ def lora_run(data, tokens=None, world=(0, 1), budget=1e9, **over):
     h, model, rt, val, luts = tiny_setup(data, **{**LORA, **over})
     rt = cpu_runtime(*world)
     model.requires_grad_(False)
-    adapters = tg.LoRAAdapters(
-        model,
-        h.ttt.ttt_docs_per_batch,
-        h.ttt.ttt_lora_rank,
-        h.run.seed,
-        h.ttt.ttt_lora_warm_a,
-        h.ttt.lora_rows,
-    )
+    adapters = tg.LoRAAdapters.for_run(model, h)
     rec = Recorder()
     ctx = tg.EvalContext(h, rt, luts, SILENT, rec)
     totals, info = tg.eval_ttt_lora(ctx, model, adapters, val if tokens is None else tokens, budget)

@@ -456,14 +456,7 @@ def trace_eval(t: Trace) -> None:
     adapters = None
     if h.ttt.ttt_enabled and h.ttt.ttt_mode != "chunk":
         model.requires_grad_(False)
-        adapters = tg.LoRAAdapters(
-            model,
-            h.ttt.ttt_docs_per_batch,
-            h.ttt.ttt_lora_rank,
-            h.run.seed,
-            h.ttt.ttt_lora_warm_a,
-            h.ttt.lora_rows,
-        )
+        adapters = tg.LoRAAdapters.for_run(model, h)
         t.tracer.label("lora adapters", adapters.params)
     elif h.ttt.ttt_enabled:
         tg.ttt_params(model, h.ttt.ttt_freeze_blocks)
