@@ -254,6 +254,12 @@ class ModelConfig(KnobGroup):
     def logical_layers(self) -> int:
         return len(layer_slots(self))
 
+    @property
+    def stage_starts(self) -> list[float]:
+        """The training fraction at which each recurrence pass switches on (one LOOP_ENABLE_AT serves all)."""
+        at = self.loop_enable_at
+        return [at[min(r, len(at) - 1)] for r in range(self.loop_repeats)]
+
     def validate(self) -> None:
         dim = self.model_dim
         heads = self.num_heads
@@ -1865,6 +1871,38 @@ def muon_wd_multiplier(progress: float, h: Hyperparameters) -> float:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The training schedule as data: what one step runs with, all from the step and the agreed time (the
+    slowest rank's), so every rank plans the same step. plan_step writes it; Trainer applies it."""
+
+    progress: float  # of the wallclock cap, or of ITERATIONS without one
+    stage: int  # recurrence passes on: those whose LOOP_ENABLE_AT fraction is reached
+    lr_mul: float  # times every group's base LR (the warmdown)
+    wd_mul: float  # times MUON_WD (the taper)
+    momentum: float  # Muon's, warming up over MUON_MOMENTUM_WARMUP_STEPS
+    qat: bool  # late QAT: the LR multiplier is under LATE_QAT_THRESHOLD
+
+
+def muon_momentum(step: int, h: Hyperparameters) -> float:
+    o = h.optim
+    warm = min(step / o.muon_momentum_warmup_steps, 1.0) if o.muon_momentum_warmup_steps else 1.0
+    return (1 - warm) * o.muon_momentum_warmup_start + warm * o.muon_momentum
+
+
+def plan_step(step: int, elapsed_ms: float, cap_ms: float, h: Hyperparameters) -> StepPlan:
+    progress = elapsed_ms / cap_ms if cap_ms else step / h.train.iterations
+    lr_mul = lr_multiplier(step, elapsed_ms, cap_ms, h)
+    return StepPlan(
+        progress=progress,
+        stage=sum(progress >= f for f in h.model.stage_starts),
+        lr_mul=lr_mul,
+        wd_mul=muon_wd_multiplier(progress, h),
+        momentum=muon_momentum(step, h),
+        qat=lr_mul < h.train.late_qat_threshold,
+    )
+
+
 class WeightAverager:
     """EMA of the weights after every optimizer step and/or SWA: the uniform mean of snapshots (of the
     EMA when it is on) taken every SWA_EVERY steps once the LR multiplier is below SWA_START_LRMUL.
@@ -2575,25 +2613,18 @@ class Trainer:
         self.cap_ms = (
             max(h.train.max_wallclock_seconds - reserve, 0.0) * 1000 if h.train.max_wallclock_seconds else 0.0
         )
-        self.enable_at = [
-            h.model.loop_enable_at[min(r, len(h.model.loop_enable_at) - 1)]
-            for r in range(h.model.loop_repeats)
-        ]
         self.last_batch = []  # the export's calibration tokens: data read inside the cap, never re-read
         self.clock = AgreedClock(rt)
         self.qat_on = False
         self.warned_schedule = False
 
-    def set_hyper(self, step: int, lr_mul: float, wd_mul: float) -> None:
-        h, muon = self.h, self.optimizers[0].param_groups[0]
+    def set_hyper(self, plan: StepPlan) -> None:
+        muon = self.optimizers[0].param_groups[0]
         for opt in self.optimizers:
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_mul
-        muon["weight_decay"] = h.optim.muon_wd * wd_mul
-        warm = (
-            min(step / h.optim.muon_momentum_warmup_steps, 1.0) if h.optim.muon_momentum_warmup_steps else 1.0
-        )
-        muon["momentum"] = (1 - warm) * h.optim.muon_momentum_warmup_start + warm * h.optim.muon_momentum
+                g["lr"] = g["base_lr"] * plan.lr_mul
+        muon["weight_decay"] = self.h.optim.muon_wd * plan.wd_mul
+        muon["momentum"] = plan.momentum
 
     def clip(self, muon_sq: Tensor) -> None:
         """The global norm of the rank-averaged gradients: Muon's shares (muon_sq, this rank's) and the rest."""
@@ -2603,10 +2634,10 @@ class Trainer:
         self.optimizers[0].grad_scale = (self.h.train.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(adam_grads, self.optimizers[0].grad_scale)
 
-    def step(self, step: int, lr_mul: float, wd_mul: float = 1.0) -> Tensor:
+    def step(self, plan: StepPlan) -> Tensor:
         """One optimizer step over this rank's micro-batches; returns this rank's mean loss (on the device)."""
         h, rt = self.h, self.rt
-        self.set_hyper(step, lr_mul, wd_mul)
+        self.set_hyper(plan)
         total = torch.zeros((), device=rt.device)
         for _ in range(rt.grad_accum):
             x, y = self.loader.next_batch(h.train.train_batch_tokens, h.model.train_seq_len)
@@ -2650,7 +2681,7 @@ class Trainer:
             stage, bits = variants[max(0, i - (h.train.warmup_steps - len(variants)))]
             model.set_stage(stage)
             model.set_qat(bits)
-            self.step(0, 1.0)
+            self.step(StepPlan(0.0, stage, 1.0, 1.0, muon_momentum(0, h), False))
             if i < 3 or (i + 1) % 10 == 0 or i + 1 == h.train.warmup_steps:
                 self.log(f"warmup_step:{i + 1}/{h.train.warmup_steps}")
         model.load_state_dict(weights)
@@ -2664,30 +2695,25 @@ class Trainer:
                 f"warmup: {len(variants) - h.train.warmup_steps} graph variants will compile inside the timed run"
             )
 
-    def schedule(self, step: int) -> tuple[float, float]:
-        """The step's recurrence stage and late QAT (switched here) and its LR and Muon WD multipliers, all from
-        the agreed time's progress through the cap (or the step's through ITERATIONS without one)."""
+    def schedule(self, step: int) -> StepPlan:
+        """The step's plan (plan_step, from the agreed time), its stage switch and late QAT's applied here, once."""
         h, model = self.h, self.model
-        elapsed = self.clock.ms
-        progress = elapsed / self.cap_ms if self.cap_ms else step / h.train.iterations
-        stage = sum(progress >= f for f in self.enable_at)
-        if stage != model.stage:
-            model.set_stage(stage)
-            self.log(f"recurrence:stage {stage} active_layers:{len(model.active)} step:{step}")
-        lr_mul = lr_multiplier(step, elapsed, self.cap_ms, h)
-        if lr_mul < 1 and progress < 0.1 and not (self.warned_schedule or h.train.warmdown_frac):
+        plan = plan_step(step, self.clock.ms, self.cap_ms, h)
+        if plan.stage != model.stage:
+            model.set_stage(plan.stage)
+            self.log(f"recurrence:stage {plan.stage} active_layers:{len(model.active)} step:{step}")
+        if plan.lr_mul < 1 and plan.progress < 0.1 and not (self.warned_schedule or h.train.warmdown_frac):
             self.warned_schedule = True
             self.log(
-                f"warning: the LR warmdown starts at step {step}, {progress:.0%} into the run (lr_mul {lr_mul:.3f}"
-                + (", late QAT on at once" if lr_mul < h.train.late_qat_threshold else "")
-                + "): WARMDOWN_ITERS="
+                f"warning: the LR warmdown starts at step {step}, {plan.progress:.0%} into the run (lr_mul "
+                f"{plan.lr_mul:.3f}" + (", late QAT on at once" if plan.qat else "") + "): WARMDOWN_ITERS="
                 f"{h.train.warmdown_iters} is about as long as the whole run; set WARMDOWN_FRAC (e.g. 0.5) for short runs"
             )
-        if h.train.late_qat_threshold and not self.qat_on and lr_mul < h.train.late_qat_threshold:
+        if plan.qat and not self.qat_on:
             model.set_qat(quant_plan(h))
             self.qat_on = True
-            self.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f} grid:{fmt_plan(quant_plan(h))}")
-        return lr_mul, muon_wd_multiplier(progress, h)
+            self.log(f"late_qat:enabled step:{step} scale:{plan.lr_mul:.4f} grid:{fmt_plan(quant_plan(h))}")
+        return plan
 
     def validate(self, step: int, last: bool) -> float:
         """The clock paused (synced, exact) around the VAL_LOSS_EVERY score; returns the training time so far."""
@@ -2723,10 +2749,10 @@ class Trainer:
                 train_ms = self.validate(step, last)
             if last:
                 break
-            lr_mul, wd_mul = self.schedule(step)
-            loss = self.step(step, lr_mul, wd_mul)
+            plan = self.schedule(step)
+            loss = self.step(plan)
             step += 1
-            averager.update(step, lr_mul, self.log)
+            averager.update(step, plan.lr_mul, self.log)
             clock.post(step)
             if stop_after is None and clock.cap_reached(self.cap_ms):
                 stop_after = step

@@ -228,3 +228,34 @@ def test_embedding_weight_decay_is_separate_when_set():
         h = tg.Hyperparameters.from_env({"ADAM_WD": "0.04", **env})
         _, adam = tg.build_optimizers(full_model(), h, cpu_runtime())
         assert [g["weight_decay"] for g in adam.param_groups] == [expected, 0.04]
+
+
+def test_the_schedule_is_one_value_per_step_from_the_agreed_time():
+    """plan_step is the whole schedule: recurrence stages at their fractions, the warmdown, the Muon WD taper,
+    the momentum warm-up and late QAT's switch, read off one (step, agreed time) pair."""
+    h = tg.Hyperparameters.from_env(
+        dict(
+            NUM_LAYERS="4",
+            VE_LAYERS="",
+            LOOP_START="1",
+            LOOP_END="2",
+            LOOP_REPEATS="2",
+            LOOP_ENABLE_AT="0.3,0.6",
+            WARMDOWN_FRAC="0.5",
+            LATE_QAT_THRESHOLD="0.15",
+            MUON_MOMENTUM_WARMUP_STEPS="10",
+            MUON_WD_TAPER_AT="0.8",
+            MUON_WD_TAPER_TO="0.5",
+        )
+    )
+    table = {
+        ms: tg.plan_step(step, ms, 1000.0, h) for step, ms in ((0, 0.0), (5, 300.0), (20, 700.0), (40, 950.0))
+    }
+    assert [p.stage for p in table.values()] == [0, 1, 2, 2]
+    assert [p.lr_mul for p in table.values()] == pytest.approx([1.0, 1.0, 0.6, 0.1])
+    assert [p.wd_mul for p in table.values()] == pytest.approx([1.0, 1.0, 1.0, 0.625])
+    assert [p.momentum for p in table.values()] == pytest.approx([0.92, 0.955, 0.99, 0.99])
+    assert [p.qat for p in table.values()] == [False, False, False, True]
+    # without a cap the same schedule runs on the step's share of ITERATIONS
+    uncapped = h.replace(iterations=100)
+    assert tg.plan_step(60, 123.0, 0.0, uncapped) == tg.plan_step(60, 600.0, 1000.0, uncapped)
