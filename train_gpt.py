@@ -74,11 +74,13 @@ def need(ok, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def knob(default, lo=None, hi=None, choices=None, help=""):
+def knob(default, lo=None, hi=None, choices=None, auto="", help=""):
     """A field of a Hyperparameters group, read from the environment variable of its name in capitals.
-    lo/hi/choices are checked by from_env; help is the README's table (tools/env_reference.py). The packed
-    script drops help (packed_code): documentation, not code."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "help": help}
+    lo/hi/choices are checked by from_env; auto, for a knob whose 0 or -1 lets another knob decide, is the path
+    (from Hyperparameters) of the one property that resolves it, whose value the run uses and logs (resolved:);
+    help is the README's table (tools/env_reference.py). The packed script drops help (packed_code):
+    documentation, not code."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "auto": auto, "help": help}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -188,7 +190,9 @@ class ModelConfig(KnobGroup):
     vocab_size: int = knob(1024, 2, 65536, help="must equal the tokenizer's piece count")
     train_seq_len: int = knob(2048, 2, help="training sequence length")
     num_layers: int = knob(11, 1, help="logical layers of the base schedule")
-    unique_layers: int = knob(0, 0, help="physical blocks (0 = NUM_LAYERS); layer i runs block i % this")
+    unique_layers: int = knob(
+        0, 0, auto="model.blocks", help="physical blocks (0 = NUM_LAYERS); layer i runs block i % this"
+    )
     loop_start: int = knob(-1, -1, help="extra passes over base layers [LOOP_START, LOOP_END] ...")
     loop_end: int = knob(-1, -1, help="... (inclusive) ...")
     loop_repeats: int = knob(0, 0, help="... this many times, inserted after LOOP_END; 0 = no loop")
@@ -249,6 +253,11 @@ class ModelConfig(KnobGroup):
     doc_attention: bool = knob(
         False, help="attend only within the document (from its BOS): training and eval"
     )
+
+    @property
+    def blocks(self) -> int:
+        """Physical blocks: UNIQUE_LAYERS, or one per base layer."""
+        return self.unique_layers or self.num_layers
 
     @property
     def logical_layers(self) -> int:
@@ -345,10 +354,20 @@ class OptimConfig(KnobGroup):
         1.0, 0.0, help="... to this multiple of itself at the end (#1729: 0.7 -> 0.5)"
     )
     adam_wd: float = knob(0.04, 0.0, help="AdamW weight decay")
-    embed_wd: float = knob(-1.0, -1.0, help="AdamW weight decay of the embedding tables (-1 = ADAM_WD)")
+    embed_wd: float = knob(
+        -1.0,
+        -1.0,
+        auto="optim.embedding_wd",
+        help="AdamW weight decay of the embedding tables (-1 = ADAM_WD)",
+    )
     beta1: float = knob(0.9, 0.0, 1.0, help="AdamW beta1 (also TTT with AdamW)")
     beta2: float = knob(0.95, 0.0, 1.0, help="AdamW beta2")
     adam_eps: float = knob(1e-8, 1e-30, help="AdamW epsilon (0 gives 0/0 = nan on a zero gradient)")
+
+    @property
+    def embedding_wd(self) -> float:
+        """AdamW's weight decay of the embedding tables: EMBED_WD, or ADAM_WD when it is < 0."""
+        return self.adam_wd if self.embed_wd < 0 else self.embed_wd
 
     def validate(self) -> None:
         need(
@@ -434,7 +453,7 @@ class ExportConfig(KnobGroup):
 class EvalConfig(KnobGroup):
     """Evaluation: the scoring windows and the eval budget."""
 
-    eval_seq_len: int = knob(0, 0, help="scoring window (0 = TRAIN_SEQ_LEN)")
+    eval_seq_len: int = knob(0, 0, auto="eval_len", help="scoring window (0 = TRAIN_SEQ_LEN)")
     eval_stride: int = knob(64, 1, help="sliding-window stride: new targets per window")
     eval_sliding: bool = knob(True, help="the sliding-window pass (TTT's scoring pass is one too)")
     eval_budget_seconds: float = knob(600.0, 0.0, help="timed eval budget; TTT cuts epochs to fit")
@@ -455,7 +474,9 @@ class TTTConfig(KnobGroup):
     ttt_optimizer: str = knob("sgd", choices=("sgd", "adamw"), help="TTT optimizer (one, across chunks)")
     ttt_lr: float = knob(0.002, 0.0, help="peak TTT LR, cosine-decayed across chunks")
     ttt_momentum: float = knob(0.9, 0.0, 1.0, help="SGD momentum")
-    ttt_beta2: float = knob(-1.0, -1.0, 1.0, help="AdamW beta2 of TTT (-1 = BETA2; #490 used 0.999)")
+    ttt_beta2: float = knob(
+        -1.0, -1.0, 1.0, auto="ttt_adam_beta2", help="AdamW beta2 of TTT (-1 = BETA2; #490 used 0.999)"
+    )
     ttt_freeze_blocks: int = knob(0, 0, help="first N logical layers stay fixed")
     ttt_grad_clip: float = knob(1.0, 0.0, help="global-norm clip of TTT gradients; 0 = off")
     ttt_batch_seqs: int = knob(32, 1, help="sequences per TTT step, all ranks together")
@@ -464,7 +485,10 @@ class TTTConfig(KnobGroup):
         1e-4, 0.0, help="LoRA TTT: Adam LR (beta1 0, TTT_BETA2), one step per scored chunk"
     )
     ttt_lora_alpha: float = knob(
-        0.0, 0.0, help="LoRA TTT: adapters scaled by alpha/rank (0 = rank: by 1; #1787: 144)"
+        0.0,
+        0.0,
+        auto="ttt.lora_alpha",
+        help="LoRA TTT: adapters scaled by alpha/rank (0 = rank: by 1; #1787: 144)",
     )
     ttt_lora_wd: float = knob(0.0, 0.0, help="LoRA TTT: decoupled weight decay of the adapters (#1787: 0.5)")
     ttt_lora_warm_a: bool = knob(
@@ -477,12 +501,20 @@ class TTTConfig(KnobGroup):
         64, 1, help="LoRA TTT: documents adapted side by side on each rank, longest first"
     )
     ttt_lora_rows_per_pass: int = knob(
-        0, 0, help="LoRA TTT: documents per forward and backward (0 = all; bounds the saved activations)"
+        0,
+        0,
+        auto="ttt.lora_rows",
+        help="LoRA TTT: documents per forward and backward (0 = all; bounds the saved activations)",
     )
     ttt_phase_docs: int = knob(2500, 1, help="phased: after this many documents (the longest) ...")
     ttt_phases: int = knob(
         3, 1, help="... in this many equal steps, base weights take one SGD epoch on all scored docs"
     )
+
+    @property
+    def lora_alpha(self) -> float:
+        """LoRA TTT's alpha: TTT_LORA_ALPHA, or the rank (adapters scaled by 1)."""
+        return self.ttt_lora_alpha or self.ttt_lora_rank
 
     @property
     def lora_rows(self) -> int:
@@ -537,6 +569,14 @@ class Hyperparameters:
             mine = {f.name: values[f.name] for f in dataclasses.fields(group) if f.name in values}
             groups[name] = dataclasses.replace(getattr(self, name), **mine)
         return dataclasses.replace(self, **groups)
+
+    def resolved(self) -> dict:
+        """Every 'auto' knob (knob(auto=...)) with the value that the run uses in its place."""
+        return {
+            f.name: functools.reduce(getattr, f.metadata["auto"].split("."), self)
+            for _, f in self.knobs()
+            if f.metadata["auto"]
+        }
 
     def flat(self) -> dict:
         """Every knob by field name, groups flattened: the hyperparameters log line, the run's JSON and its hash."""
@@ -1088,7 +1128,7 @@ def layer_slots(cfg: ModelConfig) -> list[tuple[int, int]]:
     """The full depth schedule, one (physical block, stage) per logical layer. Base layer i runs block
     i % UNIQUE_LAYERS; LOOP_REPEATS extra passes over base layers [LOOP_START, LOOP_END] follow LOOP_END,
     the r-th pass in stage r, which joins at LOOP_ENABLE_AT of training."""
-    physical = cfg.unique_layers or cfg.num_layers
+    physical = cfg.blocks
     base = [(i % physical, 0) for i in range(cfg.num_layers)]
     if not cfg.loop_repeats:
         return base
@@ -1816,10 +1856,9 @@ def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime) -> list[torch.
     scalars = [p for p in model.parameters() if id(p) not in taken]
     ns = MuonNS(h.optim.muon_backend_steps, h.optim.muon_ns == "polar", h.optim.muon_eq_r)
     muon = Muon(matrices, h.optim.matrix_lr, h.optim.muon_momentum, h.optim.muon_wd, ns, rt)
-    embed_wd = h.optim.adam_wd if h.optim.embed_wd < 0 else h.optim.embed_wd
     adam = torch.optim.AdamW(
         [
-            dict(params=embeds, lr=h.optim.tied_embed_lr, weight_decay=embed_wd),
+            dict(params=embeds, lr=h.optim.tied_embed_lr, weight_decay=h.optim.embedding_wd),
             dict(params=scalars, lr=h.optim.scalar_lr),
         ],
         betas=(h.optim.beta1, h.optim.beta2),
@@ -3332,7 +3371,7 @@ def lora_optimizer(params: list[Tensor], h: Hyperparameters) -> torch.optim.Adam
     times s, its decay over s: Adam's step ignores a gradient's scale, so A steps alike, B's move x A B s times as far."""
     lr = h.ttt.ttt_lora_lr
     wd = h.ttt.ttt_lora_wd
-    s = (h.ttt.ttt_lora_alpha or h.ttt.ttt_lora_rank) / h.ttt.ttt_lora_rank
+    s = h.ttt.lora_alpha / h.ttt.ttt_lora_rank
     return torch.optim.AdamW(
         [dict(params=params[0::2]), dict(params=params[1::2], lr=lr * s, weight_decay=wd / s)],
         lr=lr,
@@ -3915,7 +3954,8 @@ def log_model(model: GPT, h: Hyperparameters, rt: Runtime, log: Log) -> int:
         f"(logical:physical[@stage]) {schedule}"
     )
     log(f"XSA:last_{h.model.xsa_last_n} active_layers:{[i for i, on in enumerate(model.xsa) if on]}")
-    log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum}")
+    log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum} compile:{int(rt.compile)}")
+    log("resolved: " + " ".join(f"{k}:{v}" for k, v in h.resolved().items()))
     log(
         f"attention_mode:{'gqa' if h.model.num_kv_heads < h.model.num_heads else 'mha'} num_heads:{h.model.num_heads} "
         f"num_kv_heads:{h.model.num_kv_heads} kernel:{model.attn_kernel} (ATTN_KERNEL={h.run.attn_kernel}) "

@@ -269,3 +269,28 @@ def test_each_group_checks_its_own_rules_and_the_whole_checks_across_groups():
         tg.TTTConfig(ttt_docs_per_batch=64, ttt_lora_rows_per_pass=5).validate()
     with pytest.raises(tg.ConfigError, match="TTT_FREEZE_BLOCKS"):
         tg.Hyperparameters.from_env({"NUM_LAYERS": "4", "VE_LAYERS": "3", "TTT_FREEZE_BLOCKS": "5"})
+
+
+def test_every_auto_knob_is_resolved_by_one_property_and_logged():
+    h = tg.Hyperparameters.from_env({"TRAIN_SEQ_LEN": "512", "ADAM_WD": "0.02", "BETA2": "0.99"})
+    assert h.resolved() == dict(
+        unique_layers=11,
+        embed_wd=0.02,
+        eval_seq_len=512,
+        ttt_beta2=0.99,
+        ttt_lora_alpha=80,
+        ttt_lora_rows_per_pass=64,
+    )
+    given = dict(
+        UNIQUE_LAYERS="4",
+        EMBED_WD="0.1",
+        EVAL_SEQ_LEN="1024",
+        TTT_BETA2="0.999",
+        TTT_LORA_ALPHA="144",
+        TTT_LORA_ROWS_PER_PASS="16",
+    )
+    h = tg.Hyperparameters.from_env(given)
+    assert h.resolved() == {k.lower(): type(v)(given[k.upper()]) for k, v in h.resolved().items()}
+    # the values the code runs with are these properties
+    assert (h.model.blocks, h.eval_len, h.optim.embedding_wd) == (4, 1024, 0.1)
+    assert (h.ttt_adam_beta2, h.ttt.lora_alpha, h.ttt.lora_rows) == (0.999, 144, 16)

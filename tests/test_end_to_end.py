@@ -47,7 +47,8 @@ def test_smoke_run_logs_the_official_lines(smoke):
     assert log.startswith('"""\nParameter Golf')  # the log opens with the full source
     for line in (
         "model_params:",
-        "world_size:1 grad_accum_steps:8",
+        "world_size:1 grad_accum_steps:8 compile:0",
+        "resolved: unique_layers:3 embed_wd:",
         "step:0/6 val_loss:",
         "step:4/6 val_loss:",
         "step:6/6 val_loss:",
