@@ -58,9 +58,10 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # =====================================================================================================
 # HYPERPARAMETERS
-# Every knob is an env var named like its field, upper-cased. Parsed in from_env (never at import),
-# validated before any work, so a typo fails in a second with the variable's name, not after a compile.
-# Defaults are the 8xH100 record configuration.
+# Every knob is an env var named like its field, upper-cased, in one of seven small frozen groups (h.run, h.train,
+# h.model, h.optim, h.export, h.eval, h.ttt); h.model is what the artifact stores. Parsed in from_env (never at
+# import), validated before any work (each group its own rules, then the rules across groups), so a typo fails
+# in a second with the variable's name, not after a compile. Defaults are the 8xH100 record configuration.
 # =====================================================================================================
 
 
