@@ -121,7 +121,7 @@ class KnobGroup:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig(KnobGroup):
-    """Data and run: data, tokenizer, seed, compile and kernel: where and how the run runs."""
+    """Data and run: the data, the tokenizer, the seed, and how the run compiles and which attention it runs."""
 
     data_path: str = knob(
         "./data/datasets/fineweb10B_sp1024", help="folder of fineweb_{train,val}_*.bin shards"
@@ -155,7 +155,7 @@ class RunConfig(KnobGroup):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(KnobGroup):
-    """Training: the training run: steps, batch, LR schedule, init, weight averaging and late QAT."""
+    """Training: steps, batch, the LR schedule, the init, weight averaging and late QAT."""
 
     iterations: int = knob(20000, 1, help="step limit (the wallclock cap usually stops training first)")
     max_wallclock_seconds: float = knob(600.0, 0.0, help="training time cap; 0 = none (iteration warmdown)")
@@ -186,7 +186,8 @@ class TrainConfig(KnobGroup):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(KnobGroup):
-    """Model: what shapes the network: the group the artifact and the float checkpoint store whole, so that a verifier rebuilds exactly the network that was scored."""
+    """Model: what shapes the network. The artifact and the float checkpoint store this group whole, so that a
+    verifier rebuilds exactly the network that was scored."""
 
     vocab_size: int = knob(1024, 2, 65536, help="must equal the tokenizer's piece count")
     train_seq_len: int = knob(2048, 2, help="training sequence length")
@@ -462,7 +463,7 @@ class EvalConfig(KnobGroup):
 
 @dataclasses.dataclass(frozen=True)
 class TTTConfig(KnobGroup):
-    """Test-time training: legal score-first TTT: full-weight chunks, per-document LoRA, phases."""
+    """Test-time training: legal, score-first; full-weight chunks, per-document LoRA, or LoRA with phases."""
 
     ttt_enabled: bool = knob(True, help="legal score-first test-time training")
     ttt_mode: str = knob(
