@@ -290,7 +290,14 @@ def test_every_auto_knob_is_resolved_by_one_property_and_logged():
         TTT_LORA_ROWS_PER_PASS="16",
     )
     h = tg.Hyperparameters.from_env(given)
-    assert h.resolved() == {k.lower(): type(v)(given[k.upper()]) for k, v in h.resolved().items()}
+    assert h.resolved() == dict(
+        unique_layers=4,
+        embed_wd=0.1,
+        eval_seq_len=1024,
+        ttt_beta2=0.999,
+        ttt_lora_alpha=144.0,
+        ttt_lora_rows_per_pass=16,
+    )
     # the values the code runs with are these properties
     assert (h.model.blocks, h.eval_len, h.optim.embedding_wd) == (4, 1024, 0.1)
     assert (h.ttt_adam_beta2, h.ttt.lora_alpha, h.ttt.lora_rows) == (0.999, 144, 16)

@@ -49,7 +49,8 @@ def plan_for(h, clip: str, bits: int, mlp_bits: int = 0, k: float | None = None)
     over = dict(QUANT_CLIP=clip, QUANT_BITS=str(bits), QUANT_BITS_MLP=str(mlp_bits))
     if k is not None:
         over["QUANT_CLIP_K"] = str(k)
-    return tg.quant_plan(h.replace(**{k.lower(): type(h.flat()[k.lower()])(v) for k, v in over.items()}))
+    knobs = {f.name.upper(): f for _, f in h.knobs()}
+    return tg.quant_plan(h.replace(**{k.lower(): tg.parse_knob(knobs[k], v) for k, v in over.items()}))
 
 
 def symbol_stats(qstate, state) -> dict:

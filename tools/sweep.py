@@ -69,8 +69,9 @@ def resolve_points(args) -> tuple[list[str], list[dict]]:
     check_keys(list(fixed) + [k for k, _ in grid], "command line")
     if "SEED" in fixed or any(k == "SEED" for k, _ in grid):
         raise SweepError("give seeds with --seeds, not as a knob")
+    defaults = tg.Hyperparameters().flat()
     for key in PATH_KNOBS:  # every point runs in its own folder: paths are resolved here, once
-        value = fixed.get(key, base.get(key, tg.Hyperparameters().flat()[key.lower()]))
+        value = fixed.get(key, base.get(key, defaults[key.lower()]))
         if value:
             fixed[key] = str(Path(value).resolve())
     grid_keys = [k for k, _ in grid]
