@@ -173,6 +173,80 @@ def test_package_writes_a_verified_folder(two_runs, tmp_path, packed):
             package_record.verify(out)
 
 
+TRICKY_LOCALS = """
+x, k, counter = 10, 3, 0
+
+
+def shadow(ys):
+    doubled = [x * 2 for x in ys]  # the comprehension's x; the x returned is the global
+    return doubled, x
+
+
+def handler(v):
+    try:
+        ratio = 1 / v
+    except ZeroDivisionError as e:
+        ratio = str(e)
+    return ratio
+
+
+def debug(v):
+    width = v + 1
+    return f"{width=}"
+
+
+def defaults(v, m=k):  # the default reads the global k, the body a local one
+    k = v * m
+    return k
+
+
+def bump(v):
+    global counter
+    counter += v
+    return counter
+
+
+def outer(v):
+    scale = 2
+
+    def inner(w):
+        return w * scale
+
+    return inner(v)
+
+
+def local_import(v):
+    import math as mth
+
+    root = mth.sqrt(v)
+    del v
+    return (total := root + 1), total
+"""
+
+
+def test_packer_renames_locals_without_changing_behaviour():
+    tree = tg.short_locals(ast.parse(TRICKY_LOCALS))
+    renamed = ast.unparse(tree)
+    before, after = {}, {}
+    exec(TRICKY_LOCALS, before)
+    exec(renamed, after)
+    for name, arg in [("shadow", [1, 2]), ("handler", 0), ("handler", 4), ("debug", 1), ("defaults", 2)]:
+        assert before[name](arg) == after[name](arg), name
+    for name in ("bump", "outer", "local_import"):
+        assert before[name](4) == after[name](4), name
+    module = tg.code_shape(compile(TRICKY_LOCALS, "a", "exec"))
+    assert module == tg.code_shape(compile(renamed, "b", "exec"))
+    body = {f.name: ast.unparse(f) for f in tree.body if isinstance(f, ast.FunctionDef)}
+    assert "doubled" in body["shadow"]  # renaming the comprehension's x would read an unbound local: kept
+    assert "global counter" in body["bump"] and "scale = 2" in body["outer"]  # skipped: global, inner scope
+    assert (
+        "ratio" not in body["handler"]
+        and "width =" not in body["debug"]
+        and "root" not in body["local_import"]
+    )
+    assert "mth" in body["local_import"] and "m=k" in body["defaults"].replace(" ", "")
+
+
 def test_packer_strips_comments_and_docstrings():
     """The packed payload is the same program minified: smaller than packing the source verbatim, it
     compiles, and has no comment and no docstring on the module or any class or function."""

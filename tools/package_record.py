@@ -8,8 +8,8 @@
 The folder holds README.md (generated), submission.json, train_gpt.py (the self-extracting packed form,
 which the runs' budget counted by default; with --raw the readable source, for runs with CODE_SHIPPED=raw) and train_seed{S}.log for every seed. Verification
 (run after writing, and on its own with --verify) rejects a folder with a missing file, a log whose
-embedded source is not the shipped script (or, packed, not the program it packs: same AST without
-docstrings), a seed without a log, or bytes_model + bytes of train_gpt.py over 16,000,000.
+embedded source is not the shipped script (or, packed, not the program it packs: the same bytecode,
+local names aside), a seed without a log, or bytes_model + bytes of train_gpt.py over 16,000,000.
 """
 
 import argparse
@@ -66,8 +66,8 @@ def verify(folder: Path) -> dict:
         )
     if ran[0] is not script and not same_program(script, ran[0]):
         raise Rejected(
-            f"{folder}/train_gpt.py does not pack the code the runs used (its AST differs beyond "
-            "docstrings); re-run tools/package_record.py"
+            f"{folder}/train_gpt.py does not pack the code the runs used (its bytecode differs "
+            "beyond local names); re-run tools/package_record.py"
         )
     code_bytes = len(script.encode())
     if sub["bytes_code"] != code_bytes or sub["bytes_total"] != sub["bytes_model"] + code_bytes:
