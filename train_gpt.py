@@ -2325,78 +2325,135 @@ def cheapest_bit(plan: dict, base_q: dict, quantize, calib_loss, ratio: float, l
     return best
 
 
-def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log, fill: bool = True):
-    """Rate control: the plan (group -> (bits, k)) whose packed artifact fits `limit` bytes. Bytes fall monotonically
-    with k (entropy ~ bits - log2 k), so a common factor s on every SDClip k is bisected against the symbols' entropy
-    times the measured compressed/entropy ratio; only the result is compressed for real, and a miss corrects the ratio
-    and searches again. Over the limit, s in [1, 2] (s = 2 is worth about one bit); when that is not enough, the group
-    whose calibration loss rises least per byte saved loses a bit, and k is searched again. Under it (`fill`), s in
-    [FILL_MIN_S, 1] and the MSE clip (k = 0) are the candidates: whichever fits with the lowest calibration loss, else
-    (also after three real misses) the plan as given. Returns (plan, qstate, blob)."""
-    t0, steps = now(), [0]
+@dataclasses.dataclass
+class Fit:
+    """A rate-control candidate: the plan (group -> (bits, SDClip k)), its quantized weights and, once packed
+    for real, the artifact's bytes."""
 
-    def step(p: dict, real: bool, what: str, q=None):
-        q = quantize(p) if q is None else q
-        blob = pack(q) if real else None
-        size = len(blob) if real else ratio * entropy_bytes(q)
-        steps[0] += 1
-        log(
-            f"auto_fit:step {steps[0]} {what} plan:{fmt_plan(p)} {'bytes' if real else 'est_bytes'}:{size:.0f} "
-            f"limit:{limit} elapsed:{now() - t0:.1f}s"
+    plan: dict
+    qstate: dict
+    blob: bytes | None = None
+
+
+class RateControl:
+    """The searches of fit_to_budget. Bytes fall monotonically with k (entropy ~ bits - log2 k), so a common
+    factor s on every SDClip k is bisected against the symbols' entropy times `ratio`, the measured
+    compressed/entropy ratio; only a search's result is packed for real, and a miss corrects the ratio (it was
+    low) and searches again. Every step and candidate is logged as auto_fit:..."""
+
+    def __init__(self, quantize, pack, limit: int, calib_loss, log: Log):
+        self.quantize = quantize
+        self.pack = pack
+        self.limit = limit
+        self.calib_loss = calib_loss
+        self.log = log
+        self.t0 = now()
+        self.steps = 0
+        self.ratio = 0.0  # set by the first real step
+
+    def step(self, plan: dict, real: bool, what: str, q=None) -> tuple[dict, float, bytes | None]:
+        """The plan's qstate (q, when already quantized), its size (packed for real, else estimated) and blob."""
+        q = self.quantize(plan) if q is None else q
+        blob = self.pack(q) if real else None
+        size = len(blob) if real else self.ratio * entropy_bytes(q)
+        self.steps += 1
+        self.log(
+            f"auto_fit:step {self.steps} {what} plan:{fmt_plan(plan)} {'bytes' if real else 'est_bytes'}:{size:.0f} "
+            f"limit:{self.limit} elapsed:{now() - self.t0:.1f}s"
         )
         return q, size, blob
 
-    def smallest_fit(lo: float, hi: float, q_hi):  # the estimate fits at s = hi, not at lo: bisect
+    def correct(self, size: int, q: dict) -> None:
+        """A real pack came out over its estimate: raise the ratio to what it measured (+0.2 %)."""
+        self.ratio *= size / (self.ratio * entropy_bytes(q)) * 1.002
+
+    def smallest_scale(self, plan: dict, lo: float, hi: float, q_hi) -> tuple[float, dict]:
+        """Bisect s in [lo, hi] (the estimate fits at hi, not at lo): the smallest s that fits, and its qstate."""
         for _ in range(7):
             mid = (lo + hi) / 2
-            q, est, _ = step(scaled_plan(plan, mid), False, f"k x{mid:.3f}")
-            lo, hi, q_hi = (lo, mid, q) if est <= limit else (mid, hi, q_hi)
+            q, est, _ = self.step(scaled_plan(plan, mid), False, f"k x{mid:.3f}")
+            if est <= self.limit:
+                hi, q_hi = mid, q
+            else:
+                lo = mid
         return hi, q_hi
 
-    qstate, size, blob = step(plan, True, "start")
-    base_q, ratio = qstate, size / entropy_bytes(qstate)
-    for _ in range(3 if fill and size < limit and any(k for _, k in plan.values()) else 0):  # up to 3 tries
-        q, est, _ = step(scaled_plan(plan, FILL_MIN_S), False, f"k x{FILL_MIN_S:.3f}")
-        s, q = (FILL_MIN_S, q) if est <= limit else smallest_fit(FILL_MIN_S, 1.0, qstate)
-        mse = {g: (b, 0.0) for g, (b, _) in plan.items()}
-        q_mse, est_mse, _ = step(mse, False, "mse clip")
-        options = [(scaled_plan(plan, s), q)] * (s < 1) + [(mse, q_mse)] * (est_mse <= limit)
-        best = None
-        for p, q in [(plan, qstate)] * bool(options) + options:
-            loss = calib_loss(q)
-            log(
-                f"auto_fit:candidate {fmt_plan(p)} est_bytes:{ratio * entropy_bytes(q):.0f} calib_loss:{loss:.5f} "
-                f"elapsed:{now() - t0:.1f}s"
+    def least_loss(self, fits: list[Fit]) -> Fit:
+        """The candidate of lowest calibration loss (the first of equals), every one logged."""
+        losses = []
+        for fit in fits:
+            losses.append(self.calib_loss(fit.qstate))
+            self.log(
+                f"auto_fit:candidate {fmt_plan(fit.plan)} est_bytes:{self.ratio * entropy_bytes(fit.qstate):.0f} "
+                f"calib_loss:{losses[-1]:.5f} elapsed:{now() - self.t0:.1f}s"
             )
-            if best is None or p is plan or loss < best[0]:
-                best = (loss, p, q)
-        if not options or best[1] is plan:
-            break
-        q, real, b = step(best[1], True, "fill", best[2])
-        if real <= limit:
-            return best[1], q, b
-        ratio *= real / (ratio * entropy_bytes(q)) * 1.002  # the estimate was low: correct, search again
-    while size > limit:
-        if (
-            any(k for _, k in plan.values())
-            and (top := step(scaled_plan(plan, 2.0), False, "k x2.000"))[1] <= limit
-        ):
-            s, q = smallest_fit(1.0, 2.0, top[0])
-            qstate, size, blob = step(scaled_plan(plan, s), True, f"k x{s:.3f}", q)
-            if size <= limit:
-                plan = scaled_plan(plan, s)
+        return fits[losses.index(min(losses))]
+
+    def fill(self, start: Fit) -> Fit:
+        """Under the limit: the smallest s in [FILL_MIN_S, 1] that fits and the MSE clip (k = 0) are the
+        candidates; whichever fits with a calibration loss below the start's is packed for real. Up to three
+        real misses; else the start."""
+        plan = start.plan
+        for _ in range(3):
+            q, est, _ = self.step(scaled_plan(plan, FILL_MIN_S), False, f"k x{FILL_MIN_S:.3f}")
+            s = FILL_MIN_S
+            if est > self.limit:
+                s, q = self.smallest_scale(plan, FILL_MIN_S, 1.0, start.qstate)
+            mse = {g: (b, 0.0) for g, (b, _) in plan.items()}
+            q_mse, est_mse, _ = self.step(mse, False, "mse clip")
+            options = [Fit(scaled_plan(plan, s), q)] * (s < 1) + [Fit(mse, q_mse)] * (est_mse <= self.limit)
+            if not options:
                 break
-            ratio *= size / (ratio * entropy_bytes(qstate)) * 1.002  # the estimate was low: correct, again
-            continue
-        best = cheapest_bit(plan, base_q, quantize, calib_loss, ratio, log)
-        need(
-            best is not None,
-            f"AUTO_FIT: nothing fits {limit} bytes: even {fmt_plan(plan)} with k x2 is over "
-            f"(last packed {size} bytes); raise BYTE_BUDGET or shrink the model",
-        )
-        plan, base_q = best[1], best[2]
-        qstate, size, blob = step(plan, True, "bits", base_q)
-    return plan, qstate, blob
+            best = self.least_loss([start, *options])
+            if best is start:
+                break
+            q, size, blob = self.step(best.plan, True, "fill", best.qstate)
+            if size <= self.limit:
+                return Fit(best.plan, q, blob)
+            self.correct(size, q)
+        return start
+
+    def shrink(self, fit: Fit, size: int) -> Fit:
+        """Over the limit: s in [1, 2] (s = 2 is worth about one bit); when even s = 2 is over, the group whose
+        calibration loss rises least per byte saved loses a bit (cheapest_bit), and k is searched again."""
+        plan = fit.plan
+        base_q = fit.qstate
+        while size > self.limit:
+            if any(k for _, k in plan.values()):
+                top, est, _ = self.step(scaled_plan(plan, 2.0), False, "k x2.000")
+                if est <= self.limit:
+                    s, q = self.smallest_scale(plan, 1.0, 2.0, top)
+                    q, size, blob = self.step(scaled_plan(plan, s), True, f"k x{s:.3f}", q)
+                    fit = Fit(scaled_plan(plan, s), q, blob)
+                    if size <= self.limit:
+                        return fit
+                    self.correct(size, q)
+                    continue
+            best = cheapest_bit(plan, base_q, self.quantize, self.calib_loss, self.ratio, self.log)
+            need(
+                best is not None,
+                f"AUTO_FIT: nothing fits {self.limit} bytes: even {fmt_plan(plan)} with k x2 is over "
+                f"(last packed {size} bytes); raise BYTE_BUDGET or shrink the model",
+            )
+            plan, base_q = best[1], best[2]
+            q, size, blob = self.step(plan, True, "bits", base_q)
+            fit = Fit(plan, q, blob)
+        return fit
+
+
+def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log, fill: bool = True) -> Fit:
+    """Rate control: the plan (group -> (bits, k)) whose packed artifact fits `limit` bytes, searched by
+    RateControl. Over the limit, it shrinks (RateControl.shrink); under it, with `fill` and some SDClip k in the
+    plan, it spends what is left on a lower calibration loss (RateControl.fill); else the plan as given."""
+    control = RateControl(quantize, pack, limit, calib_loss, log)
+    q, size, blob = control.step(plan, True, "start")
+    control.ratio = size / entropy_bytes(q)
+    start = Fit(plan, q, blob)
+    if size > limit:
+        return control.shrink(start, size)
+    if fill and size < limit and any(k for _, k in plan.values()):
+        return control.fill(start)
+    return start
 
 
 def fmt_plan(plan: dict) -> str:
@@ -2885,9 +2942,33 @@ def log_peak_memory(rt: Runtime, log: Log) -> None:
         log(f"peak memory rss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
 
 
+@dataclasses.dataclass
+class TrainStats:
+    """Training's facts, the run summary's "train" (tools/submission.py reads it): steps taken, training time
+    (ms, every training-data read included), the final weights (e.g. "ema(0.9965)"), graphs compiled after the
+    warm-up (inside the timer), whether the wallclock cap stopped it, and the float weights' val score."""
+
+    steps: int
+    train_ms: float
+    weights: str
+    compiled_after_warmup: int
+    stopped_early: bool
+    pre_quant: dict
+
+
+@dataclasses.dataclass
+class Trained:
+    """train_model's result: its facts, and what the export reads beside the weights: GPTQ's Hessians
+    (QUANT_METHOD=full, else None) and the last training micro-batch [x, y], the calibration loss's tokens."""
+
+    stats: TrainStats
+    hessians: dict | None
+    calib: list
+
+
 def train_model(
     model: GPT, h: Hyperparameters, rt: Runtime, loader: TrainLoader, val_tokens: Tensor, luts, log: Log
-) -> dict:
+) -> Trained:
     """Warm-up, the timed loop, the final weights (EMA/SWA), GPTQ calibration, the diagnostic score."""
     trainer = Trainer(model, h, rt, loader, (val_tokens, luts), log)
     trainer.warm_up()
@@ -2908,16 +2989,8 @@ def train_model(
     log(
         f"DIAGNOSTIC post_{weights.split('(')[0]} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{(now() - t) * 1000:.0f}ms"
     )
-    return dict(
-        steps=steps,
-        train_ms=train_ms,
-        weights=weights,
-        hessians=hessians,
-        calib=trainer.last_batch,
-        compiled_after_warmup=graphs,
-        stopped_early=stopped,
-        pre_quant=dict(val_loss=loss, val_bpb=bpb),
-    )
+    stats = TrainStats(steps, train_ms, weights, graphs, stopped, dict(val_loss=loss, val_bpb=bpb))
+    return Trained(stats, hessians, trainer.last_batch)
 
 
 # =====================================================================================================
@@ -3729,23 +3802,37 @@ def model_from_qstate(qstate: dict[str, QTensor], h: Hyperparameters, rt: Runtim
     return model
 
 
-def export_artifact(ck: dict, h: Hyperparameters, rt: Runtime, log: Log, code: str, meta: dict) -> dict:
-    """Quantize the float weights (ck: train_phase's or a checkpoint's state, stage, Hessians and calibration
-    tokens) on QUANT_PLAN's grids, pack, fit the budget (AUTO_FIT), write."""
-    state = ck["state"]
-    stage = ck["stage"]
-    hessians = ck["hessians"]
+@dataclasses.dataclass
+class Checkpoint:
+    """What the export reads, train_phase's or EXPORT_FROM's (FINAL_MODEL_PATH saves it): the float weights,
+    their recurrence stage and averaging ("ema(0.9965)"), the training run's id and tokenizer, the calibration
+    tokens [x, y] and GPTQ's Hessians (None under QUANT_METHOD=lite), all on the host."""
+
+    state: dict
+    stage: int
+    weights: str
+    run_id: str
+    tokenizer_sha256: str
+    calib: list
+    hessians: dict | None
+
+
+def export_artifact(ck: Checkpoint, h: Hyperparameters, rt: Runtime, log: Log, code: str, meta: dict) -> dict:
+    """Quantize the float weights (ck: train_phase's or a checkpoint's) on QUANT_PLAN's grids, pack, fit the
+    budget (AUTO_FIT), write."""
+    state = ck.state
+    hessians = ck.hessians
     t = now()
     raw_bytes, (code_bytes, shipped) = len(code.encode()), shipped_code_bytes(code, h)
     limit = min(h.export.byte_budget, RULE_BYTES)
     trial = GPT(h).to(rt.device)
-    trial.set_stage(stage)
+    trial.set_stage(ck.stage)
 
     @torch.no_grad()
     def calib_loss(weights: dict) -> float:  # mean NLL of the last training micro-batch (rank 0's)
         trial.load_state_dict(dequantized(weights))
         with rt.autocast():
-            return trial(*(c.to(rt.device) for c in ck["calib"])).item()
+            return trial(*(c.to(rt.device) for c in ck.calib)).item()
 
     def pack(qstate: dict) -> bytes:
         return pack_artifact(qstate, meta, h.export.compressor)
@@ -3769,21 +3856,21 @@ def export_artifact(ck: dict, h: Hyperparameters, rt: Runtime, log: Log, code: s
         fit = fit_to_budget(
             quantize, pack, quant_plan(h), fit_limit, calib_loss, log, fill=h.export.auto_fit == "1"
         )
-        fits.append((calib_loss(fit[1]), *fit))
+        fits.append((calib_loss(fit.qstate), fit))
     if len(fits) > 1:
         log(
             f"lqer:{'kept' if fits[0][0] <= fits[1][0] else 'dropped'} calib_loss with:{fits[0][0]:.5f} "
             f"without:{fits[1][0]:.5f} (each fitted to {fit_limit} bytes)"
         )
-    q_loss, plan, qstate, blob = min(fits, key=lambda f: f[0])
-    write_atomic(h.export.artifact_path, blob)
+    q_loss, fit = min(fits, key=lambda f: f[0])
+    write_atomic(h.export.artifact_path, fit.blob)
     export_s = now() - t
-    n_params, total = sum(t.numel() for t in state.values()), len(blob) + code_bytes
+    n_params, total = sum(t.numel() for t in state.values()), len(fit.blob) + code_bytes
     base_loss = calib_loss(state)
-    tag = f"int{export_bits(qstate)}+{h.export.compressor}"
+    tag = f"int{export_bits(fit.qstate)}+{h.export.compressor}"
     log(
-        f"quant:plan {fmt_plan(plan)} method:{h.export.quant_method} prune_frac:{h.export.prune_frac} "
-        f"bytes_per_param:{len(blob) / n_params:.4f} calib_loss float:{base_loss:.5f} quantized:{q_loss:.5f} "
+        f"quant:plan {fmt_plan(fit.plan)} method:{h.export.quant_method} prune_frac:{h.export.prune_frac} "
+        f"bytes_per_param:{len(fit.blob) / n_params:.4f} calib_loss float:{base_loss:.5f} quantized:{q_loss:.5f} "
         f"({q_loss - base_loss:+.5f})"
     )
     log(f"Serialized model: {sum(t.numel() * t.element_size() for t in state.values())} bytes")
@@ -3791,7 +3878,7 @@ def export_artifact(ck: dict, h: Hyperparameters, rt: Runtime, log: Log, code: s
         f"Code size: {code_bytes} bytes ({shipped}: the shipped train_gpt.py, counted; raw source {raw_bytes})"
     )
     log(
-        f"Serialized model {tag}: {len(blob)} bytes (export: calibrate+search+compress+write {export_s:.1f}s)"
+        f"Serialized model {tag}: {len(fit.blob)} bytes (export: calibrate+search+compress+write {export_s:.1f}s)"
     )
     log(f"Total submission size {tag}: {total} bytes")
     verdict = "PASS" if total <= limit else "FAIL"
@@ -3801,13 +3888,13 @@ def export_artifact(ck: dict, h: Hyperparameters, rt: Runtime, log: Log, code: s
         + ("" if verdict == "PASS" else " -- OVER THE CAP: set AUTO_FIT=1 or shrink the model")
     )
     return dict(
-        model=len(blob),
+        model=len(fit.blob),
         code=code_bytes,
         code_shipped=shipped,
         code_raw=raw_bytes,
         total=total,
         limit=limit,
-        plan=fmt_plan(plan),
+        plan=fmt_plan(fit.plan),
         calib_loss_cost=q_loss - base_loss,
         export_s=export_s,
     )
@@ -3821,34 +3908,27 @@ def export_bits(qstate: dict[str, QTensor]) -> int:
 CHECKPOINT_FORMAT = "pgolf-float-1"
 
 
-def save_checkpoint(path: str, state: dict[str, Tensor], h: Hyperparameters, extra: dict) -> None:
-    """The exported float weights with what re-exporting needs: torch.save of plain tensors, lists and
-    dicts (no code objects), read back with weights_only=True."""
+def save_checkpoint(path: str, ck: Checkpoint, h: Hyperparameters) -> None:
+    """The float weights with what re-exporting needs: torch.save of plain tensors, lists and dicts (no code
+    objects), read back with weights_only=True."""
     buf = io.BytesIO()
-    torch.save(
-        dict(
-            format=CHECKPOINT_FORMAT,
-            model=h.model_config(),
-            state={k: v.detach().float().cpu() for k, v in state.items()},
-            **extra,
-        ),
-        buf,
-    )
+    state = {k: v.detach().float().cpu() for k, v in ck.state.items()}
+    torch.save(dict(format=CHECKPOINT_FORMAT, model=h.model_config(), **{**vars(ck), "state": state}), buf)
     write_atomic(path, buf.getvalue())
 
 
-def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
+def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> Checkpoint:
     need(os.path.isfile(path), f"EXPORT_FROM={path}: file not found")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        if ck.get("format") != CHECKPOINT_FORMAT:  # a rule, not an assert: it must survive python -O
-            raise ValueError(f"format {ck.get('format')!r}")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("format") != CHECKPOINT_FORMAT:  # a rule, not an assert: it must survive python -O
+            raise ValueError(f"format {saved.get('format')!r}")
     except Exception as e:
         raise ConfigError(
             f"EXPORT_FROM={path}: not a {CHECKPOINT_FORMAT} checkpoint written by FINAL_MODEL_PATH "
             f"({type(e).__name__}: {e})"
         ) from None
-    stored, _ = stored_model_config(ck["model"], f"EXPORT_FROM={path}")
+    stored, _ = stored_model_config(saved["model"], f"EXPORT_FROM={path}")
     for key, value in h.model_config().items():
         need(
             stored[key] == value,
@@ -3856,16 +3936,16 @@ def load_checkpoint(path: str, h: Hyperparameters, tokenizer_sha: str) -> dict:
             f"{stored[key]!r}, this run {key.upper()}={value!r}; run with the training configuration",
         )
     need(
-        ck["tokenizer_sha256"] == tokenizer_sha,
+        saved["tokenizer_sha256"] == tokenizer_sha,
         f"EXPORT_FROM={path}: trained with tokenizer sha256 "
-        f"{ck['tokenizer_sha256']}, but TOKENIZER_PATH={h.run.tokenizer_path} has {tokenizer_sha}",
+        f"{saved['tokenizer_sha256']}, but TOKENIZER_PATH={h.run.tokenizer_path} has {tokenizer_sha}",
     )
     need(
-        h.export.quant_method != "full" or ck["hessians"],
+        h.export.quant_method != "full" or saved["hessians"],
         f"EXPORT_FROM={path}: QUANT_METHOD=full needs Hessians, and this "
         "checkpoint has none (its run used QUANT_METHOD=lite): use QUANT_METHOD=lite",
     )
-    return ck
+    return Checkpoint(**{f.name: saved[f.name] for f in dataclasses.fields(Checkpoint)})
 
 
 # =====================================================================================================
@@ -3949,6 +4029,10 @@ def config_hash(h: Hyperparameters) -> str:
 
 # =====================================================================================================
 # MAIN
+# run() is its phases, each a function with a named result: load_data (RunData), train_phase (TrainPhase: the
+# TrainStats the summary keeps, the parameter count, the Checkpoint) or EXPORT_FROM's load_checkpoint,
+# export_phase (the byte counts), load_eval_model (the scored model, read back from the artifact),
+# run_evaluations (every score and its time), report (compliance lines, the JSON summary, the final line).
 # =====================================================================================================
 
 
@@ -4012,12 +4096,19 @@ def log_model(model: GPT, h: Hyperparameters, rt: Runtime, log: Log) -> int:
     return params
 
 
-def train_phase(
-    h: Hyperparameters, rt: Runtime, data: RunData, run_id: str, log: Log
-) -> tuple[dict, dict, int]:
-    """Build and train the model; returns the training info, what the export reads (the float weights, their
-    stage and averaging, the Hessians and calibration tokens moved to the host), saved first as FINAL_MODEL_PATH,
-    and the parameter count."""
+@dataclasses.dataclass
+class TrainPhase:
+    """train_phase's result: training's facts, the model's parameter count and the export's input."""
+
+    stats: TrainStats
+    params: int
+    checkpoint: Checkpoint
+
+
+def train_phase(h: Hyperparameters, rt: Runtime, data: RunData, run_id: str, log: Log) -> TrainPhase:
+    """Build and train the model; returns its facts and the checkpoint the export reads (the float weights,
+    their stage and averaging, the Hessians and calibration tokens moved to the host), saved first as
+    FINAL_MODEL_PATH."""
     log.phase("model")
     torch.manual_seed(h.run.seed)
     np.random.seed(h.run.seed)
@@ -4026,41 +4117,36 @@ def train_phase(
     loader = TrainLoader(data.train_files[0], rt)
     loader.check_docs = model.attn_kernel in ATTN_LIBS and h.model.doc_attention
     log.phase("train")
-    train_info = train_model(model, h, rt, loader, data.val_tokens, data.luts, log)
-    hessians = train_info.pop("hessians")
-    on_cpu = {}
-    ck = dict(
-        state=model.state_dict(),
-        stage=model.stage,
-        weights=train_info["weights"],
-        run_id=run_id,
-        tokenizer_sha256=data.tokenizer_sha,
-        calib=[c.cpu() for c in train_info.pop("calib")],
-        hessians=hessians
-        and {k: on_cpu.setdefault(id(v), v.cpu()) for k, v in hessians.items()},  # aliases kept
+    trained = train_model(model, h, rt, loader, data.val_tokens, data.luts, log)
+    stats = trained.stats
+    on_cpu = {}  # one host copy per tensor: the Hessians of matrices that read the same input stay aliases
+    hessians = trained.hessians and {
+        k: on_cpu.setdefault(id(v), v.cpu()) for k, v in trained.hessians.items()
+    }
+    calib = [c.cpu() for c in trained.calib]
+    ck = Checkpoint(
+        model.state_dict(), model.stage, stats.weights, run_id, data.tokenizer_sha, calib, hessians
     )
-    del hessians  # the GPU copies: not kept through the eval
+    del trained  # the GPU copies of the Hessians: not kept through the eval
     if rt.rank == 0 and h.export.final_model_path:
-        save_checkpoint(
-            h.export.final_model_path, ck["state"], h, {k: v for k, v in ck.items() if k != "state"}
-        )
+        save_checkpoint(h.export.final_model_path, ck, h)
         log(
-            f"final_model: {h.export.final_model_path} (post-{train_info['weights'].split('(')[0]} float weights; "
+            f"final_model: {h.export.final_model_path} (post-{stats.weights.split('(')[0]} float weights; "
             f"EXPORT_FROM={h.export.final_model_path} re-exports them)"
         )
-    return train_info, ck, params
+    return TrainPhase(stats, params, ck)
 
 
-def export_phase(h: Hyperparameters, rt: Runtime, ck: dict, code: str, log: Log) -> dict | None:
+def export_phase(h: Hyperparameters, rt: Runtime, ck: Checkpoint, code: str, log: Log) -> dict | None:
     """Rank 0 writes the artifact (sizes returned there, None elsewhere) while the others wait without a
     timeout that the export could outlast."""
     log.phase("export")
     meta = dict(
         model=h.model_config(),
-        stage=ck["stage"],
-        tokenizer_sha256=ck["tokenizer_sha256"],
-        run_id=ck["run_id"],
-        weights=ck["weights"],
+        stage=ck.stage,
+        tokenizer_sha256=ck.tokenizer_sha256,
+        run_id=ck.run_id,
+        weights=ck.weights,
         quant=dict(
             method=h.export.quant_method,
             clip=h.export.quant_clip,
@@ -4157,12 +4243,12 @@ def run(h: Hyperparameters, rt: Runtime, code: str, misspelt: list[tuple[str, st
     )
     if h.export.export_from:
         ck = load_checkpoint(h.export.export_from, h, data.tokenizer_sha)
-        ck["state"] = {k: v.to(rt.device) for k, v in ck["state"].items()}  # quantize where training would
-        log(
-            f"export_from: {h.export.export_from} (run {ck['run_id']}, weights {ck['weights']}, stage {ck['stage']})"
-        )
+        ck.state = {k: v.to(rt.device) for k, v in ck.state.items()}  # quantize where training would
+        log(f"export_from: {h.export.export_from} (run {ck.run_id}, weights {ck.weights}, stage {ck.stage})")
     elif not h.export.eval_only_artifact:
-        summary["train"], ck, summary["model_params"] = train_phase(h, rt, data, run_id, log)
+        trained = train_phase(h, rt, data, run_id, log)
+        summary.update(train=dataclasses.asdict(trained.stats), model_params=trained.params)
+        ck = trained.checkpoint
     if not h.export.eval_only_artifact:
         summary["bytes"] = export_phase(h, rt, ck, code, log)
         del ck  # the float weights and Hessians: not kept through the eval

@@ -193,17 +193,17 @@ def rate_control_setup():
 
 def test_rate_control_hits_a_budget_and_refuses_an_impossible_one():
     quantize, pack, loss, full, _ = rate_control_setup()
-    plan, qstate, blob = tg.fit_to_budget(quantize, pack, PLAN, int(0.6 * full), loss, SILENT)
-    assert len(blob) <= 0.6 * full and blob == pack(qstate) and plan != PLAN
-    assert any(b < PLAN[g][0] for g, (b, _) in plan.items())  # k x2 alone saves ~1 bit of 6: bits had to drop
-    assert plan["attn"][0] == 6  # the groups whose bits cost no calibration loss went first
-    plan2, _, blob2 = tg.fit_to_budget(
-        quantize, pack, PLAN, int(0.9 * full), loss, SILENT
-    )  # k alone suffices
-    assert len(blob2) <= 0.9 * full and all(
-        plan2[g][0] == PLAN[g][0] and plan2[g][1] > PLAN[g][1] for g in PLAN
+    fit = tg.fit_to_budget(quantize, pack, PLAN, int(0.6 * full), loss, SILENT)
+    assert len(fit.blob) <= 0.6 * full and fit.blob == pack(fit.qstate) and fit.plan != PLAN
+    assert any(
+        b < PLAN[g][0] for g, (b, _) in fit.plan.items()
+    )  # k x2 alone saves ~1 bit of 6: bits had to drop
+    assert fit.plan["attn"][0] == 6  # the groups whose bits cost no calibration loss went first
+    fit2 = tg.fit_to_budget(quantize, pack, PLAN, int(0.9 * full), loss, SILENT)  # k alone suffices
+    assert len(fit2.blob) <= 0.9 * full and all(
+        fit2.plan[g][0] == PLAN[g][0] and fit2.plan[g][1] > PLAN[g][1] for g in PLAN
     )
-    assert tg.fit_to_budget(quantize, pack, PLAN, full, loss, SILENT)[0] == PLAN  # fits: nothing changes
+    assert tg.fit_to_budget(quantize, pack, PLAN, full, loss, SILENT).plan == PLAN  # fits: nothing changes
     with pytest.raises(tg.ConfigError, match="AUTO_FIT: nothing fits 1000 bytes"):
         tg.fit_to_budget(quantize, pack, PLAN, 1000, loss, SILENT)
 
@@ -224,12 +224,16 @@ def test_rate_control_spends_spare_bytes_on_a_finer_grid():
         return wrapped
 
     start_loss = error(quantize(PLAN))
-    plan, qstate, blob = tg.fit_to_budget(
+    fit = tg.fit_to_budget(
         counted("quantize", quantize), counted("pack", pack), PLAN, int(1.3 * full), error, lines.append
     )
-    assert full < len(blob) <= 1.3 * full and blob == pack(qstate) and error(qstate) < 0.7 * start_loss
+    assert (
+        full < len(fit.blob) <= 1.3 * full
+        and fit.blob == pack(fit.qstate)
+        and error(fit.qstate) < 0.7 * start_loss
+    )
     assert all(
-        plan[g][0] == PLAN[g][0] and 0.25 * PLAN[g][1] < plan[g][1] < PLAN[g][1] for g in PLAN
+        fit.plan[g][0] == PLAN[g][0] and 0.25 * PLAN[g][1] < fit.plan[g][1] < PLAN[g][1] for g in PLAN
     )  # s bisected
     tries = sum(
         " fill plan:" in line for line in lines
@@ -242,17 +246,17 @@ def test_rate_control_spends_spare_bytes_on_a_finer_grid():
         sum(line.startswith("auto_fit:candidate") for line in lines) == 2 * tries
     )  # start, finer k (mse: too big)
     # room for everything: the finest SDClip (s = 1/4) and the MSE clip both fit; the lower loss wins
-    plan, qstate, blob = tg.fit_to_budget(quantize, pack, PLAN, 3 * full, error, SILENT)
+    fit = tg.fit_to_budget(quantize, pack, PLAN, 3 * full, error, SILENT)
     finest = {g: (b, k / 4) for g, (b, k) in PLAN.items()}
-    assert plan == min((finest, MSE), key=lambda p: error(quantize(p))) and len(blob) <= 3 * full
+    assert fit.plan == min((finest, MSE), key=lambda p: error(quantize(p))) and len(fit.blob) <= 3 * full
 
     # exactly at the start size, with a loss that does not fall, or with fill off: the plan as given
     def no_gain(q):
         return 0.0
 
     for limit, loss, fill in ((full, error, True), (3 * full, no_gain, True), (3 * full, error, False)):
-        plan, _, blob = tg.fit_to_budget(quantize, pack, PLAN, limit, loss, SILENT, fill=fill)
-        assert plan == PLAN and len(blob) == full
+        fit = tg.fit_to_budget(quantize, pack, PLAN, limit, loss, SILENT, fill=fill)
+        assert fit.plan == PLAN and len(fit.blob) == full
 
 
 def test_rate_control_never_returns_a_miss():
@@ -268,15 +272,15 @@ def test_rate_control_never_returns_a_miss():
     def mild(q):
         return pack(q) + bytes(max(0, len(pack(q)) - full) // 10)
 
-    plan, qstate, blob = tg.fit_to_budget(quantize, mild, PLAN, limit, error, lines.append)
-    assert full < len(blob) <= limit and blob == mild(qstate) and plan != PLAN
+    fit = tg.fit_to_budget(quantize, mild, PLAN, limit, error, lines.append)
+    assert full < len(fit.blob) <= limit and fit.blob == mild(fit.qstate) and fit.plan != PLAN
     assert sum(" fill plan:" in line for line in lines) >= 2
 
     def always(q):
         return pack(q) + bytes(limit * (len(pack(q)) > full))
 
-    plan, qstate, blob = tg.fit_to_budget(quantize, always, PLAN, limit, error, SILENT)
-    assert plan == PLAN and len(blob) == full
+    fit = tg.fit_to_budget(quantize, always, PLAN, limit, error, SILENT)
+    assert fit.plan == PLAN and len(fit.blob) == full
 
 
 def test_lqer_adds_back_the_largest_errors_low_rank_and_round_trips(tmp_path):

@@ -73,7 +73,7 @@ def train_skewed(rank, world, data, cap_s):
     info = tg.train_model(model, h, rt, loader, tg.load_val_tokens(h, rt), luts, log)
     decisions = lines_with(log, "recurrence:", "late_qat:", "stopping_early:")
     decisions = [line.split(" train_time:")[0] for line in decisions]  # the log's own times differ by rank
-    return decisions, info["steps"], model.state_dict()
+    return decisions, info.stats.steps, model.state_dict()
 
 
 @pytest.mark.parametrize("world, cap_s", [(2, 4.0), (8, 10.0)])

@@ -88,7 +88,7 @@ def train_ranks(rank, world, data):
     info = tg.train_model(
         model, h, rt, tg.TrainLoader(tg.find_shards(h, "train")[0], rt), tokens, luts, SILENT
     )
-    return info["pre_quant"]["val_loss"], [p.detach().clone() for p in model.parameters()]
+    return info.stats.pre_quant["val_loss"], [p.detach().clone() for p in model.parameters()]
 
 
 def test_eight_ranks_train_like_one(small_data, tmp_path):

@@ -188,7 +188,7 @@ def fit_mode(args) -> None:
         return (err(q) / ref) ** 0.5
 
     t = time.time()
-    plan, qstate, blob = tg.fit_to_budget(
+    fit = tg.fit_to_budget(
         lambda p: tg.quantize_state(state, p),
         pack,
         tg.quant_plan(h),
@@ -198,14 +198,14 @@ def fit_mode(args) -> None:
     )
     row = dict(
         model=args.fit,
-        plan=tg.fmt_plan(plan),
+        plan=tg.fmt_plan(fit.plan),
         codec=h.export.compressor,
-        model_bytes=len(blob),
+        model_bytes=len(fit.blob),
         code_bytes=code,
         code_shipped=args.code,
         estimated_from_start_bytes=args.fit_start_bytes,
-        total=len(blob) + code,
-        **symbol_stats(qstate, state),
+        total=len(fit.blob) + code,
+        **symbol_stats(fit.qstate, state),
         seconds=round(time.time() - t, 1),
     )
     print(json.dumps(row), flush=True)
@@ -259,7 +259,7 @@ def quality_mode(args) -> None:
         )[1]
 
     float_bpb = bpb_of(model)
-    calib = [c for c in info["calib"]]
+    calib = [c for c in info.calib]
 
     def calib_loss(qstate) -> float:
         with torch.no_grad():
@@ -299,7 +299,7 @@ def quality_mode(args) -> None:
             def pack(q):
                 return tg.pack_artifact(q, {}, "brotli")
 
-            plan, q, _ = tg.fit_to_budget(
+            fit = tg.fit_to_budget(
                 quantize,
                 pack,
                 plan_for(h, "sd", bits, k=2.0),
@@ -308,14 +308,14 @@ def quality_mode(args) -> None:
                 tg.Log(None),
                 fill=False,
             )  # SDClip only: filling could pick the MSE clip
-            measure(bits, f"sd rate@mse {gptq}", plan, hess, q)
+            measure(bits, f"sd rate@mse {gptq}", fit.plan, hess, fit.qstate)
     args.json.parent.mkdir(exist_ok=True)
     args.json.write_text(
         json.dumps(
             dict(
                 float_bpb=float_bpb,
                 params=n_params,
-                steps=info["steps"],
+                steps=info.stats.steps,
                 val_tokens=args.val_tokens,
                 train_seconds=args.train_seconds,
                 rows=rows,
@@ -324,7 +324,7 @@ def quality_mode(args) -> None:
         )
     )
     print(
-        f"float (post-EMA) val_bpb {float_bpb:.5f}; {n_params} params; {info['steps']} steps; brotli-11; "
+        f"float (post-EMA) val_bpb {float_bpb:.5f}; {n_params} params; {info.stats.steps} steps; brotli-11; "
         f"{args.val_tokens or 'all'} val targets"
     )
     print(

@@ -610,9 +610,9 @@ def artifact_bytes(env: dict) -> dict:
             lambda msg: None,
             fill=h.export.auto_fit == "1",
         )
-        plan = fitted[0]
-        qstate = fitted[1]
-        blob = len(fitted[2])
+        plan = fitted.plan
+        qstate = fitted.qstate
+        blob = len(fitted.blob)
     return dict(
         codec=h.export.compressor,
         ratio=ratio,
