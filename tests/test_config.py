@@ -301,3 +301,15 @@ def test_every_auto_knob_is_resolved_by_one_property_and_logged():
     # the values the code runs with are these properties
     assert (h.model.blocks, h.eval_len, h.optim.embedding_wd) == (4, 1024, 0.1)
     assert (h.ttt_adam_beta2, h.ttt.lora_alpha, h.ttt.lora_rows) == (0.999, 144, 16)
+
+
+def test_knobs_that_pick_a_registered_function_offer_exactly_the_registry():
+    """A block form, attention kernel or codec added to its registry and not to its knob's choices (or the other
+    way round) fails here, not as a rejected value or a KeyError in somebody's run. CODECS' order is the
+    artifact's codec id: only appending keeps old artifacts readable."""
+    choices = {f.name: set(f.metadata["choices"] or ()) for _, f in tg.Hyperparameters.knobs()}
+    assert choices["parallel_form"] | {"sequential"} == set(tg.BLOCK_FORMS)
+    assert choices["attn_kernel"] == {"auto", *tg.ATTENTION_KERNELS}
+    assert choices["compressor"] == set(tg.CODECS) and tg.CODECS[:3] == ("zstd", "brotli", "lzma")
+    for gate in choices["attn_gate"]:  # LayerControl builds each gate by name
+        assert (tg.LayerControl(8, False, "sequential", False, gate, 2).attn_gate is None) == (gate == "off")
