@@ -2305,26 +2305,6 @@ def scaled_plan(plan: dict, factor: float) -> dict:
     return {g: (b, k * factor) for g, (b, k) in plan.items()}
 
 
-def cheapest_bit(plan: dict, base_q: dict, quantize, calib_loss, ratio: float, log: Log):
-    """The group whose calibration loss rises least per byte saved when it loses a bit: (cost per byte, its plan,
-    its qstate), or None when no group can lose one (none above int2) or none saves bytes."""
-    base_bytes = entropy_bytes(base_q)
-    base_loss = calib_loss(base_q)
-    best = None
-    for g, (b, k) in plan.items():
-        if b > 2:
-            trial = {**plan, g: (b - 1, k)}
-            q = quantize(trial)
-            saved = base_bytes - entropy_bytes(q)
-            cost = calib_loss(q) - base_loss
-            log(
-                f"auto_fit:candidate {g} int{b}->int{b - 1} saves ~{ratio * saved:.0f} bytes, calib loss {cost:+.5f}"
-            )
-            if saved > 0 and (best is None or cost / saved < best[0]):
-                best = (cost / saved, trial, q)
-    return best
-
-
 @dataclasses.dataclass
 class Fit:
     """A rate-control candidate: the plan (group -> (bits, SDClip k)), its quantized weights and, once packed
@@ -2413,31 +2393,50 @@ class RateControl:
             self.correct(size, q)
         return start
 
+    def cheapest_bit(self, base: Fit) -> Fit | None:
+        """The plan with one bit less in the group whose calibration loss rises least per byte saved, and its
+        qstate; None when no group can lose one (none above int2) or none saves bytes."""
+        base_bytes = entropy_bytes(base.qstate)
+        base_loss = self.calib_loss(base.qstate)
+        best = None
+        best_cost = math.inf  # calibration loss per byte saved
+        for g, (b, k) in base.plan.items():
+            if b > 2:
+                trial = {**base.plan, g: (b - 1, k)}
+                q = self.quantize(trial)
+                saved = base_bytes - entropy_bytes(q)
+                cost = self.calib_loss(q) - base_loss
+                self.log(
+                    f"auto_fit:candidate {g} int{b}->int{b - 1} saves ~{self.ratio * saved:.0f} bytes, "
+                    f"calib loss {cost:+.5f}"
+                )
+                if saved > 0 and (best is None or cost / saved < best_cost):
+                    best, best_cost = Fit(trial, q), cost / saved
+        return best
+
     def shrink(self, fit: Fit, size: int) -> Fit:
         """Over the limit: s in [1, 2] (s = 2 is worth about one bit); when even s = 2 is over, the group whose
         calibration loss rises least per byte saved loses a bit (cheapest_bit), and k is searched again."""
-        plan = fit.plan
-        base_q = fit.qstate
+        base = fit  # the plan with unscaled k, and its qstate: what loses the next bit
         while size > self.limit:
-            if any(k for _, k in plan.values()):
-                top, est, _ = self.step(scaled_plan(plan, 2.0), False, "k x2.000")
+            if any(k for _, k in base.plan.values()):
+                top, est, _ = self.step(scaled_plan(base.plan, 2.0), False, "k x2.000")
                 if est <= self.limit:
-                    s, q = self.smallest_scale(plan, 1.0, 2.0, top)
-                    q, size, blob = self.step(scaled_plan(plan, s), True, f"k x{s:.3f}", q)
-                    fit = Fit(scaled_plan(plan, s), q, blob)
+                    s, q = self.smallest_scale(base.plan, 1.0, 2.0, top)
+                    q, size, blob = self.step(scaled_plan(base.plan, s), True, f"k x{s:.3f}", q)
+                    fit = Fit(scaled_plan(base.plan, s), q, blob)
                     if size <= self.limit:
                         return fit
                     self.correct(size, q)
                     continue
-            best = cheapest_bit(plan, base_q, self.quantize, self.calib_loss, self.ratio, self.log)
+            fewer = self.cheapest_bit(base)
             need(
-                best is not None,
-                f"AUTO_FIT: nothing fits {self.limit} bytes: even {fmt_plan(plan)} with k x2 is over "
+                fewer is not None,
+                f"AUTO_FIT: nothing fits {self.limit} bytes: even {fmt_plan(base.plan)} with k x2 is over "
                 f"(last packed {size} bytes); raise BYTE_BUDGET or shrink the model",
             )
-            plan, base_q = best[1], best[2]
-            q, size, blob = self.step(plan, True, "bits", base_q)
-            fit = Fit(plan, q, blob)
+            q, size, blob = self.step(fewer.plan, True, "bits", fewer.qstate)
+            fit = base = Fit(fewer.plan, q, blob)
         return fit
 
 
