@@ -2329,7 +2329,7 @@ class RateControl:
         self.log = log
         self.t0 = now()
         self.steps = 0
-        self.ratio = 0.0  # set by the first real step
+        self.ratio = 0.0  # compressed bytes per entropy byte: fit_to_budget measures it on the first pack
 
     def step(self, plan: dict, real: bool, what: str, q=None) -> tuple[dict, float, bytes | None]:
         """The plan's qstate (q, when already quantized), its size (packed for real, else estimated) and blob."""
