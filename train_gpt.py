@@ -2331,8 +2331,9 @@ class RateControl:
         self.steps = 0
         self.ratio = 0.0  # compressed bytes per entropy byte: fit_to_budget measures it on the first pack
 
-    def step(self, plan: dict, real: bool, what: str, q=None) -> tuple[dict, float, bytes | None]:
-        """The plan's qstate (q, when already quantized), its size (packed for real, else estimated) and blob."""
+    def step(self, plan: dict, real: bool, what: str, q=None) -> tuple[Fit, float]:
+        """The plan as a Fit (quantized, or q when it already is; packed when `real`) and its size: the packed
+        bytes, or else the estimate."""
         q = self.quantize(plan) if q is None else q
         blob = self.pack(q) if real else None
         size = len(blob) if real else self.ratio * entropy_bytes(q)
@@ -2341,22 +2342,23 @@ class RateControl:
             f"auto_fit:step {self.steps} {what} plan:{fmt_plan(plan)} {'bytes' if real else 'est_bytes'}:{size:.0f} "
             f"limit:{self.limit} elapsed:{now() - self.t0:.1f}s"
         )
-        return q, size, blob
+        return Fit(plan, q, blob), size
 
-    def correct(self, size: int, q: dict) -> None:
+    def correct(self, size: int, fit: Fit) -> None:
         """A real pack came out over its estimate: raise the ratio to what it measured (+0.2 %)."""
-        self.ratio *= size / (self.ratio * entropy_bytes(q)) * 1.002
+        self.ratio *= size / (self.ratio * entropy_bytes(fit.qstate)) * 1.002
 
-    def smallest_scale(self, plan: dict, lo: float, hi: float, q_hi) -> tuple[float, dict]:
-        """Bisect s in [lo, hi] (the estimate fits at hi, not at lo): the smallest s that fits, and its qstate."""
+    def smallest_scale(self, plan: dict, lo: float, hi: float, at_hi: Fit) -> tuple[float, Fit]:
+        """Bisect s in [lo, hi] (the estimate fits at hi, whose Fit is at_hi, and not at lo): the smallest s that
+        fits, and its Fit."""
         for _ in range(7):
             mid = (lo + hi) / 2
-            q, est, _ = self.step(scaled_plan(plan, mid), False, f"k x{mid:.3f}")
+            trial, est = self.step(scaled_plan(plan, mid), False, f"k x{mid:.3f}")
             if est <= self.limit:
-                hi, q_hi = mid, q
+                hi, at_hi = mid, trial
             else:
                 lo = mid
-        return hi, q_hi
+        return hi, at_hi
 
     def least_loss(self, fits: list[Fit]) -> Fit:
         """The candidate of lowest calibration loss (the first of equals), every one logged."""
@@ -2375,22 +2377,21 @@ class RateControl:
         real misses; else the start."""
         plan = start.plan
         for _ in range(3):
-            q, est, _ = self.step(scaled_plan(plan, FILL_MIN_S), False, f"k x{FILL_MIN_S:.3f}")
+            finer, est = self.step(scaled_plan(plan, FILL_MIN_S), False, f"k x{FILL_MIN_S:.3f}")
             s = FILL_MIN_S
             if est > self.limit:
-                s, q = self.smallest_scale(plan, FILL_MIN_S, 1.0, start.qstate)
-            mse = {g: (b, 0.0) for g, (b, _) in plan.items()}
-            q_mse, est_mse, _ = self.step(mse, False, "mse clip")
-            options = [Fit(scaled_plan(plan, s), q)] * (s < 1) + [Fit(mse, q_mse)] * (est_mse <= self.limit)
+                s, finer = self.smallest_scale(plan, FILL_MIN_S, 1.0, start)
+            mse, est_mse = self.step({g: (b, 0.0) for g, (b, _) in plan.items()}, False, "mse clip")
+            options = [finer] * (s < 1) + [mse] * (est_mse <= self.limit)
             if not options:
                 break
             best = self.least_loss([start, *options])
             if best is start:
                 break
-            q, size, blob = self.step(best.plan, True, "fill", best.qstate)
+            packed, size = self.step(best.plan, True, "fill", best.qstate)
             if size <= self.limit:
-                return Fit(best.plan, q, blob)
-            self.correct(size, q)
+                return packed
+            self.correct(size, packed)
         return start
 
     def cheapest_bit(self, base: Fit) -> Fit | None:
@@ -2420,14 +2421,13 @@ class RateControl:
         base = fit  # the plan with unscaled k, and its qstate: what loses the next bit
         while size > self.limit:
             if any(k for _, k in base.plan.values()):
-                top, est, _ = self.step(scaled_plan(base.plan, 2.0), False, "k x2.000")
+                top, est = self.step(scaled_plan(base.plan, 2.0), False, "k x2.000")
                 if est <= self.limit:
-                    s, q = self.smallest_scale(base.plan, 1.0, 2.0, top)
-                    q, size, blob = self.step(scaled_plan(base.plan, s), True, f"k x{s:.3f}", q)
-                    fit = Fit(scaled_plan(base.plan, s), q, blob)
+                    s, finer = self.smallest_scale(base.plan, 1.0, 2.0, top)
+                    fit, size = self.step(finer.plan, True, f"k x{s:.3f}", finer.qstate)
                     if size <= self.limit:
                         return fit
-                    self.correct(size, q)
+                    self.correct(size, fit)
                     continue
             fewer = self.cheapest_bit(base)
             need(
@@ -2435,8 +2435,8 @@ class RateControl:
                 f"AUTO_FIT: nothing fits {self.limit} bytes: even {fmt_plan(base.plan)} with k x2 is over "
                 f"(last packed {size} bytes); raise BYTE_BUDGET or shrink the model",
             )
-            q, size, blob = self.step(fewer.plan, True, "bits", fewer.qstate)
-            fit = base = Fit(fewer.plan, q, blob)
+            fit, size = self.step(fewer.plan, True, "bits", fewer.qstate)
+            base = fit
         return fit
 
 
@@ -2445,9 +2445,8 @@ def fit_to_budget(quantize, pack, plan: dict, limit: int, calib_loss, log: Log, 
     RateControl. Over the limit, it shrinks (RateControl.shrink); under it, with `fill` and some SDClip k in the
     plan, it spends what is left on a lower calibration loss (RateControl.fill); else the plan as given."""
     control = RateControl(quantize, pack, limit, calib_loss, log)
-    q, size, blob = control.step(plan, True, "start")
-    control.ratio = size / entropy_bytes(q)
-    start = Fit(plan, q, blob)
+    start, size = control.step(plan, True, "start")
+    control.ratio = size / entropy_bytes(start.qstate)
     if size > limit:
         return control.shrink(start, size)
     if fill and size < limit and any(k for _, k in plan.values()):
@@ -2511,6 +2510,8 @@ def short_locals(tree: ast.Module) -> ast.Module:
         fresh = iter([n for n in names if n not in used])
         order = collections.Counter(n.id for n in refs if n.id in bound).most_common()
         new = {name: next(fresh) for name, _ in order}
+        if not new:
+            continue
         before = code_shape(compile(ast.Module([f], []), "", "exec"))
         old = [n.id for n in refs]
         for n in refs:
@@ -3806,7 +3807,8 @@ def model_from_qstate(qstate: dict[str, QTensor], h: Hyperparameters, rt: Runtim
 class Checkpoint:
     """What the export reads, train_phase's or EXPORT_FROM's (FINAL_MODEL_PATH saves it): the float weights,
     their recurrence stage and averaging ("ema(0.9965)"), the training run's id and tokenizer, the calibration
-    tokens [x, y] and GPTQ's Hessians (None under QUANT_METHOD=lite), all on the host."""
+    tokens [x, y] and GPTQ's Hessians (None under QUANT_METHOD=lite). The weights are on the device that
+    quantizes them; the calibration tokens and Hessians wait on the host."""
 
     state: dict
     stage: int
